@@ -1,0 +1,70 @@
+//! Stable error codes. The number of each code is part of the wire protocol and never reused;
+//! the PostgreSQL extension maps each to one SQLSTATE.
+
+use serde::{Deserialize, Serialize};
+
+/// Every error a tob component reports to a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// The request could not be decoded.
+    Malformed = 1,
+    /// A key, payload, name or batch is over its limit (see [`crate::Limits`]).
+    TooLarge = 2,
+    /// A required argument is empty.
+    Empty = 3,
+    /// This node is not the leader; retry at the leader.
+    NotLeader = 10,
+    /// The cluster did not answer in time; the request may or may not have happened.
+    Timeout = 11,
+    /// The cluster could not be reached at all.
+    Unavailable = 12,
+    /// The session does not exist or has expired.
+    UnknownSession = 20,
+    /// A retry of a request whose answer the cluster has already forgotten: it was applied once
+    /// and will not be applied again.
+    RequestForgotten = 21,
+    /// The messages asked for were trimmed by retention.
+    Compacted = 22,
+    /// A claim needs a session for its kind but none was given.
+    SessionRequired = 23,
+}
+
+impl ErrorCode {
+    /// The stable number of this code.
+    pub fn code(self) -> u16 {
+        self as u16
+    }
+
+    /// A short, stable name (used in JSON output and logs).
+    pub fn name(self) -> &'static str {
+        match self {
+            ErrorCode::Malformed => "malformed",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Empty => "empty",
+            ErrorCode::NotLeader => "not_leader",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::UnknownSession => "unknown_session",
+            ErrorCode::RequestForgotten => "request_forgotten",
+            ErrorCode::Compacted => "compacted",
+            ErrorCode::SessionRequired => "session_required",
+        }
+    }
+
+    /// Whether retrying the same request (same request id) elsewhere may succeed.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::NotLeader | ErrorCode::Timeout | ErrorCode::Unavailable
+        )
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (E{})", self.name(), self.code())
+    }
+}
+
+impl std::error::Error for ErrorCode {}

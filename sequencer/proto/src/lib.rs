@@ -1,0 +1,181 @@
+//! Wire types shared by every part of tob: identifiers, the commands the replicated state
+//! machine applies and the outcomes it returns, the stable error codes, and request limits.
+//!
+//! This crate is the one place that defines each of these types. The consensus core does not
+//! know them (it carries opaque bytes); the state machine decodes [`Request`] from log entries;
+//! the node runtime, the client library and the PostgreSQL extension speak them on the wire.
+
+use serde::{Deserialize, Serialize};
+
+mod error;
+mod limits;
+
+pub use error::ErrorCode;
+pub use limits::Limits;
+
+/// Dense, gap-free position of a message in the total order (1, 2, 3, … across all topics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Seq(pub u64);
+
+/// A fencing token: the log index of the entry that granted a claim. Strictly increasing
+/// across the whole cluster, so a storage system can reject a request carrying an older one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct FencingToken(pub u64);
+
+/// Identifies one client (a process, or a PostgreSQL instance) for request de-duplication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ClientId(pub u128);
+
+/// Per-client request number; a retry reuses it so the cluster applies the request once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RequestId(pub u64);
+
+/// A lease-bound session. Its id is the log index of the `OpenSession` entry, so ids are unique
+/// and identical on every replica without coordination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SessionId(pub u64);
+
+/// How a granted claim lives on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClaimKind {
+    /// Final at once and never expires (a claim made outside a transaction).
+    Held,
+    /// Pending in a transaction: blocks others, expires with its session unless prepared.
+    Transactional,
+    /// Held while its session lives (a lock); released when the session expires.
+    Ephemeral,
+}
+
+/// Where a claim is in its life. A key with no record is free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClaimState {
+    /// Claimed inside a transaction that has not reached commit yet.
+    Pending,
+    /// The transaction is committing: the claim can no longer expire.
+    Prepared,
+    /// Final.
+    Held,
+}
+
+impl ClaimState {
+    /// The lower-case name used in SQL, JSON and the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClaimState::Pending => "pending",
+            ClaimState::Prepared => "prepared",
+            ClaimState::Held => "held",
+        }
+    }
+}
+
+/// A claimed key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ClaimKey {
+    pub namespace: String,
+    pub key: String,
+}
+
+/// A command for the replicated state machine. Applied in log order on every replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Append a message to the total order; returns its [`Seq`].
+    Append { topic: Option<String>, payload: Vec<u8> },
+    /// First claim in log order wins.
+    Claim {
+        key: ClaimKey,
+        owner: String,
+        /// Who may prepare, finalize and release it: a transaction id, or the owner itself.
+        holder: String,
+        kind: ClaimKind,
+        /// Required for `Transactional` and `Ephemeral` claims.
+        session: Option<SessionId>,
+    },
+    /// Move all listed pending claims of `holder` to prepared, all or none.
+    Prepare { holder: String, keys: Vec<ClaimKey> },
+    /// Prepared claims of `holder` become held.
+    Finalize { holder: String, keys: Vec<ClaimKey> },
+    /// Release a claim owned by `owner` (and, if given, held by `holder`).
+    Release { key: ClaimKey, owner: String, holder: Option<String> },
+    /// Read the owner of a key at this position in the log.
+    Read { key: ClaimKey },
+    /// Gap-free increment-and-get of a named counter.
+    Next { counter: String },
+    /// Open a session that lives while kept alive within `ttl_ms`.
+    OpenSession { ttl_ms: u64 },
+    /// Renew a session.
+    KeepAlive { session: SessionId },
+    /// Proposed by the leader when it saw no keep-alive for a TTL. Applies only if the session
+    /// has had exactly `keepalives_seen` keep-alives, so a renewal that raced it wins.
+    Expire { session: SessionId, keepalives_seen: u64 },
+}
+
+impl Command {
+    /// A short operation name for logs, metrics and histories.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Append { .. } => "append",
+            Command::Claim { .. } => "claim",
+            Command::Prepare { .. } => "prepare",
+            Command::Finalize { .. } => "finalize",
+            Command::Release { .. } => "release",
+            Command::Read { .. } => "read",
+            Command::Next { .. } => "next",
+            Command::OpenSession { .. } => "open_session",
+            Command::KeepAlive { .. } => "keep_alive",
+            Command::Expire { .. } => "expire",
+        }
+    }
+}
+
+/// A client's request as it is written into the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    /// `None` for commands the cluster proposes itself (`Expire`): never de-duplicated.
+    pub client: Option<ClientId>,
+    pub request_id: RequestId,
+    /// Every request of this client below this id has had its answer: the cluster may forget
+    /// them (Raft dissertation §6.3).
+    pub first_incomplete: RequestId,
+    pub command: Command,
+}
+
+impl Request {
+    /// Encodes for a log entry.
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("serialising to a Vec cannot fail")
+    }
+
+    /// Decodes a log entry.
+    pub fn decode(bytes: &[u8]) -> Result<Request, ErrorCode> {
+        postcard::from_bytes(bytes).map_err(|_| ErrorCode::Malformed)
+    }
+}
+
+/// The owner of a key as a read sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerInfo {
+    pub owner: String,
+    pub holder: String,
+    pub token: FencingToken,
+    pub state: ClaimState,
+}
+
+/// What applying a command produced. Identical on every replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Appended { seq: Seq },
+    Claimed { token: FencingToken },
+    Taken { current: OwnerInfo },
+    Prepared,
+    Finalized,
+    Released,
+    NotOwner,
+    Owner { current: Option<OwnerInfo> },
+    Counter { value: u64 },
+    SessionOpened { session: SessionId },
+    KeptAlive,
+    Expired { released: Vec<ClaimKey> },
+    /// Prepare failed: these claims are no longer pending for the holder.
+    Lost { keys: Vec<ClaimKey> },
+    Error { code: ErrorCode },
+}

@@ -1,0 +1,102 @@
+//! Size limits on requests. Checked by the state machine (so every replica refuses the same
+//! requests) and earlier by clients and the node (so oversized requests never reach the log).
+
+use crate::{ClaimKey, Command, ErrorCode};
+
+/// Bounds on what one request may carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub key_bytes_max: usize,
+    pub name_bytes_max: usize,
+    pub payload_bytes_max: usize,
+    pub batch_keys_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            key_bytes_max: 1024,
+            name_bytes_max: 256,
+            payload_bytes_max: 1024 * 1024,
+            batch_keys_max: 10_000,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks a command against the limits.
+    pub fn check(&self, command: &Command) -> Result<(), ErrorCode> {
+        match command {
+            Command::Append { topic, payload } => {
+                if let Some(topic) = topic {
+                    self.name(topic)?;
+                }
+                bounded(payload.len(), self.payload_bytes_max)
+            }
+            Command::Claim { key, owner, holder, .. } => {
+                self.key(key)?;
+                self.name(owner)?;
+                bounded(holder.len(), self.name_bytes_max)
+            }
+            Command::Prepare { holder, keys } | Command::Finalize { holder, keys } => {
+                bounded(holder.len(), self.name_bytes_max)?;
+                bounded(keys.len(), self.batch_keys_max)?;
+                keys.iter().try_for_each(|key| self.key(key))
+            }
+            Command::Release { key, owner, .. } => {
+                self.key(key)?;
+                bounded(owner.len(), self.name_bytes_max)
+            }
+            Command::Read { key } => self.key(key),
+            Command::Next { counter } => self.name(counter),
+            Command::OpenSession { .. } | Command::KeepAlive { .. } | Command::Expire { .. } => {
+                Ok(())
+            }
+        }
+    }
+
+    fn key(&self, key: &ClaimKey) -> Result<(), ErrorCode> {
+        self.name(&key.namespace)?;
+        nonempty(&key.key)?;
+        bounded(key.key.len(), self.key_bytes_max)
+    }
+
+    fn name(&self, name: &str) -> Result<(), ErrorCode> {
+        nonempty(name)?;
+        bounded(name.len(), self.name_bytes_max)
+    }
+}
+
+fn nonempty(value: &str) -> Result<(), ErrorCode> {
+    if value.is_empty() { Err(ErrorCode::Empty) } else { Ok(()) }
+}
+
+fn bounded(len: usize, max: usize) -> Result<(), ErrorCode> {
+    if len > max { Err(ErrorCode::TooLarge) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> ClaimKey {
+        ClaimKey { namespace: "users".into(), key: k.into() }
+    }
+
+    #[test]
+    fn refuses_empty_and_oversized_keys() {
+        let limits = Limits::default();
+        let read = |k: &str| limits.check(&Command::Read { key: key(k) });
+        assert_eq!(read(""), Err(ErrorCode::Empty));
+        assert_eq!(read(&"x".repeat(1025)), Err(ErrorCode::TooLarge));
+        assert_eq!(read(&"x".repeat(1024)), Ok(()));
+    }
+
+    #[test]
+    fn refuses_oversized_payload() {
+        let limits = Limits { payload_bytes_max: 4, ..Limits::default() };
+        let append = |n| limits.check(&Command::Append { topic: None, payload: vec![0; n] });
+        assert_eq!(append(4), Ok(()));
+        assert_eq!(append(5), Err(ErrorCode::TooLarge));
+    }
+}
