@@ -1,1 +1,493 @@
+//! tob's replicated state machine.
+//!
+//! Every replica applies the same committed log entries in the same order and so reaches the
+//! same state: the total order of messages (dense `seq`), claims with fencing tokens, gap-free
+//! counters, sessions with leases, and the client de-duplication table. Nothing here reads a
+//! clock: session expiry is itself a command (`Expire`) that the leader proposes, and it only
+//! takes effect if no keep-alive was applied in between.
+//!
+//! Snapshots are the `postcard` encoding of [`MachineState`], whose collections are all ordered
+//! (`BTreeMap`, `VecDeque`), so replicas at the same index produce byte-identical snapshots.
 
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use serde::{Deserialize, Serialize};
+use tob_proto::{
+    ClaimKey, ClaimKind, ClaimState, ClientId, Command, ErrorCode, FencingToken, Limits, Outcome,
+    OwnerInfo, Request, RequestId, Seq, SessionId,
+};
+
+/// Deliberately wrong behaviour for the simulator's self-tests (`planted-bugs` feature only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MachineBugs {
+    /// Apply a retried request again instead of answering from the de-duplication table.
+    pub apply_retries_twice: bool,
+}
+
+/// Settings that must be identical on every replica (they change what commands do).
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    pub limits: Limits,
+    /// Remembered answers per client; older ones are forgotten (a retry of one gets
+    /// [`ErrorCode::RequestForgotten`], never a second application).
+    pub dedup_per_client_max: usize,
+    /// Clients remembered; the least recently active is forgotten beyond this.
+    pub dedup_clients_max: usize,
+    /// Messages kept for `read`; older ones are trimmed (reads of them get `Compacted`).
+    pub messages_retained_max: usize,
+    pub bugs: MachineBugs,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            limits: Limits::default(),
+            dedup_per_client_max: 1024,
+            dedup_clients_max: 100_000,
+            messages_retained_max: 1_000_000,
+            bugs: MachineBugs::default(),
+        }
+    }
+}
+
+/// A message in the total order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub seq: Seq,
+    pub topic: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ClaimRecord {
+    owner: String,
+    holder: String,
+    state: ClaimState,
+    token: FencingToken,
+    /// The session whose expiry releases this claim (pending or ephemeral claims only).
+    session: Option<SessionId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub ttl_ms: u64,
+    /// Keep-alives applied so far; `Expire` must name this count to take effect.
+    pub keepalives: u64,
+    claims: BTreeSet<ClaimKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ClientRecord {
+    /// Requests below this id are answered and forgotten.
+    floor: RequestId,
+    answers: BTreeMap<RequestId, Outcome>,
+    last_active_index: u64,
+}
+
+/// Everything replicated. Its encoding is the snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineState {
+    applied_index: u64,
+    last_seq: u64,
+    messages: VecDeque<StoredMessage>,
+    claims: BTreeMap<ClaimKey, ClaimRecord>,
+    counters: BTreeMap<String, u64>,
+    sessions: BTreeMap<SessionId, SessionRecord>,
+    clients: BTreeMap<ClientId, ClientRecord>,
+}
+
+/// The result of applying one log entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub request: Request,
+    pub outcome: Outcome,
+    /// The answer came from the de-duplication table: nothing changed.
+    pub duplicate: bool,
+}
+
+/// A replica of the state machine.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    config: MachineConfig,
+    state: MachineState,
+}
+
+impl Machine {
+    pub fn new(config: MachineConfig) -> Machine {
+        Machine {
+            config,
+            state: MachineState::default(),
+        }
+    }
+
+    /// The last log index applied (including no-ops).
+    pub fn applied_index(&self) -> u64 {
+        self.state.applied_index
+    }
+
+    /// Marks a log entry that carries no command (a leader's no-op) as applied.
+    pub fn apply_noop(&mut self, index: u64) {
+        self.advance_to(index);
+    }
+
+    /// Applies the command bytes of the entry at `index`. Returns `None` only for bytes that do
+    /// not decode (nobody can be answered; the entry is skipped identically everywhere).
+    pub fn apply(&mut self, index: u64, bytes: &[u8]) -> Option<Applied> {
+        self.advance_to(index);
+        let request = Request::decode(bytes).ok()?;
+        let Some(client) = request.client else {
+            let outcome = self.execute(index, &request.command);
+            return Some(Applied {
+                request,
+                outcome,
+                duplicate: false,
+            });
+        };
+        if let Some(answer) = self.dedup_lookup(client, &request, index) {
+            return Some(Applied {
+                request,
+                outcome: answer,
+                duplicate: true,
+            });
+        }
+        let outcome = self.execute(index, &request.command);
+        self.remember(client, request.request_id, outcome.clone());
+        Some(Applied {
+            request,
+            outcome,
+            duplicate: false,
+        })
+    }
+
+    fn advance_to(&mut self, index: u64) {
+        assert!(
+            index > self.state.applied_index,
+            "entries applied out of order"
+        );
+        self.state.applied_index = index;
+    }
+
+    /// The remembered answer to a retried request, or an error if it was forgotten.
+    fn dedup_lookup(&mut self, client: ClientId, request: &Request, index: u64) -> Option<Outcome> {
+        let record = self
+            .state
+            .clients
+            .entry(client)
+            .or_insert_with(|| ClientRecord {
+                floor: RequestId(0),
+                answers: BTreeMap::new(),
+                last_active_index: index,
+            });
+        record.last_active_index = index;
+        if request.first_incomplete > record.floor {
+            record.floor = request.first_incomplete;
+            let keep = record.answers.split_off(&request.first_incomplete);
+            record.answers = keep;
+        }
+        if cfg!(feature = "planted-bugs") && self.config.bugs.apply_retries_twice {
+            return None;
+        }
+        if let Some(answer) = record.answers.get(&request.request_id) {
+            return Some(answer.clone());
+        }
+        if request.request_id < record.floor {
+            return Some(Outcome::Error {
+                code: ErrorCode::RequestForgotten,
+            });
+        }
+        None
+    }
+
+    fn remember(&mut self, client: ClientId, request_id: RequestId, outcome: Outcome) {
+        let per_client_max = self.config.dedup_per_client_max;
+        let record = self
+            .state
+            .clients
+            .get_mut(&client)
+            .expect("created by dedup_lookup");
+        record.answers.insert(request_id, outcome);
+        while record.answers.len() > per_client_max {
+            let (&oldest, _) = record.answers.iter().next().expect("non-empty");
+            record.answers.remove(&oldest);
+            record.floor = record.floor.max(RequestId(oldest.0 + 1));
+        }
+        if self.state.clients.len() > self.config.dedup_clients_max {
+            let idlest = self
+                .state
+                .clients
+                .iter()
+                .min_by_key(|(id, r)| (r.last_active_index, **id))
+                .map(|(id, _)| *id)
+                .expect("non-empty");
+            self.state.clients.remove(&idlest);
+        }
+    }
+
+    fn execute(&mut self, index: u64, command: &Command) -> Outcome {
+        if let Err(code) = self.config.limits.check(command) {
+            return Outcome::Error { code };
+        }
+        match command {
+            Command::Append { topic, payload } => self.append(topic.clone(), payload.clone()),
+            Command::Claim {
+                key,
+                owner,
+                holder,
+                kind,
+                session,
+            } => self.claim(index, key, owner, holder, *kind, *session),
+            Command::Prepare { holder, keys } => self.prepare(holder, keys),
+            Command::Finalize { holder, keys } => self.finalize(holder, keys),
+            Command::Release { key, owner, holder } => self.release(key, owner, holder.as_deref()),
+            Command::Read { key } => Outcome::Owner {
+                current: self.owner(key),
+            },
+            Command::Next { counter } => {
+                let value = self.state.counters.entry(counter.clone()).or_insert(0);
+                *value += 1;
+                Outcome::Counter { value: *value }
+            }
+            Command::OpenSession { ttl_ms } => {
+                let session = SessionId(index);
+                let record = SessionRecord {
+                    ttl_ms: *ttl_ms,
+                    keepalives: 0,
+                    claims: BTreeSet::new(),
+                };
+                self.state.sessions.insert(session, record);
+                Outcome::SessionOpened { session }
+            }
+            Command::KeepAlive { session } => match self.state.sessions.get_mut(session) {
+                Some(record) => {
+                    record.keepalives += 1;
+                    Outcome::KeptAlive
+                }
+                None => Outcome::Error {
+                    code: ErrorCode::UnknownSession,
+                },
+            },
+            Command::Expire {
+                session,
+                keepalives_seen,
+            } => self.expire(*session, *keepalives_seen),
+        }
+    }
+
+    fn append(&mut self, topic: Option<String>, payload: Vec<u8>) -> Outcome {
+        self.state.last_seq += 1;
+        let seq = Seq(self.state.last_seq);
+        self.state.messages.push_back(StoredMessage {
+            seq,
+            topic,
+            payload,
+        });
+        while self.state.messages.len() > self.config.messages_retained_max {
+            self.state.messages.pop_front();
+        }
+        Outcome::Appended { seq }
+    }
+
+    fn claim(
+        &mut self,
+        index: u64,
+        key: &ClaimKey,
+        owner: &str,
+        holder: &str,
+        kind: ClaimKind,
+        session: Option<SessionId>,
+    ) -> Outcome {
+        let session = match (kind, session) {
+            (ClaimKind::Held, _) => None,
+            (_, None) => {
+                return Outcome::Error {
+                    code: ErrorCode::SessionRequired,
+                };
+            }
+            (_, Some(s)) if !self.state.sessions.contains_key(&s) => {
+                return Outcome::Error {
+                    code: ErrorCode::UnknownSession,
+                };
+            }
+            (_, Some(s)) => Some(s),
+        };
+        if let Some(existing) = self.state.claims.get(key) {
+            if existing.owner == owner && existing.holder == holder {
+                return Outcome::Claimed {
+                    token: existing.token,
+                };
+            }
+            return Outcome::Taken {
+                current: info(existing),
+            };
+        }
+        let state = match kind {
+            ClaimKind::Transactional => ClaimState::Pending,
+            ClaimKind::Held | ClaimKind::Ephemeral => ClaimState::Held,
+        };
+        let token = FencingToken(index);
+        if let Some(s) = session {
+            self.session_mut(s).claims.insert(key.clone());
+        }
+        let record = ClaimRecord {
+            owner: owner.into(),
+            holder: holder.into(),
+            state,
+            token,
+            session,
+        };
+        self.state.claims.insert(key.clone(), record);
+        Outcome::Claimed { token }
+    }
+
+    fn prepare(&mut self, holder: &str, keys: &[ClaimKey]) -> Outcome {
+        let lost: Vec<ClaimKey> = keys
+            .iter()
+            .filter(|key| {
+                !self.state.claims.get(*key).is_some_and(|c| {
+                    c.holder == holder
+                        && matches!(c.state, ClaimState::Pending | ClaimState::Prepared)
+                })
+            })
+            .cloned()
+            .collect();
+        if !lost.is_empty() {
+            return Outcome::Lost { keys: lost };
+        }
+        for key in keys {
+            let claim = self.state.claims.get_mut(key).expect("checked above");
+            claim.state = ClaimState::Prepared;
+            // A prepared claim never expires: its fate is the transaction's.
+            if let Some(session) = claim.session.take() {
+                self.session_mut(session).claims.remove(key);
+            }
+        }
+        Outcome::Prepared
+    }
+
+    fn finalize(&mut self, holder: &str, keys: &[ClaimKey]) -> Outcome {
+        for key in keys {
+            if let Some(claim) = self.state.claims.get_mut(key) {
+                if claim.holder == holder && claim.state == ClaimState::Prepared {
+                    claim.state = ClaimState::Held;
+                }
+            }
+        }
+        Outcome::Finalized
+    }
+
+    fn release(&mut self, key: &ClaimKey, owner: &str, holder: Option<&str>) -> Outcome {
+        let owned = self
+            .state
+            .claims
+            .get(key)
+            .is_some_and(|c| c.owner == owner && holder.is_none_or(|h| c.holder == h));
+        if !owned {
+            return Outcome::NotOwner;
+        }
+        let claim = self.state.claims.remove(key).expect("checked above");
+        if let Some(session) = claim.session {
+            self.session_mut(session).claims.remove(key);
+        }
+        Outcome::Released
+    }
+
+    fn expire(&mut self, session: SessionId, keepalives_seen: u64) -> Outcome {
+        match self.state.sessions.get(&session) {
+            None => Outcome::Error {
+                code: ErrorCode::UnknownSession,
+            },
+            Some(record) if record.keepalives != keepalives_seen => Outcome::KeptAlive,
+            Some(_) => {
+                let record = self.state.sessions.remove(&session).expect("checked above");
+                for key in &record.claims {
+                    self.state.claims.remove(key);
+                }
+                Outcome::Expired {
+                    released: record.claims.into_iter().collect(),
+                }
+            }
+        }
+    }
+
+    fn session_mut(&mut self, session: SessionId) -> &mut SessionRecord {
+        self.state
+            .sessions
+            .get_mut(&session)
+            .expect("claim bound to a live session")
+    }
+
+    // ----- local reads (after ReadIndex or under a lease) -----------------------------------
+
+    /// The current owner of a key.
+    pub fn owner(&self, key: &ClaimKey) -> Option<OwnerInfo> {
+        self.state.claims.get(key).map(info)
+    }
+
+    /// The last `seq` assigned.
+    pub fn last_seq(&self) -> Seq {
+        Seq(self.state.last_seq)
+    }
+
+    /// Up to `max` messages with `seq >= from`, optionally of one topic.
+    pub fn messages(
+        &self,
+        from: Seq,
+        max: usize,
+        topic: Option<&str>,
+    ) -> Result<Vec<StoredMessage>, ErrorCode> {
+        let first = self
+            .state
+            .messages
+            .front()
+            .map(|m| m.seq.0)
+            .unwrap_or(self.state.last_seq + 1);
+        if from.0 < first && from.0 <= self.state.last_seq {
+            return Err(ErrorCode::Compacted);
+        }
+        let skip = from.0.saturating_sub(first) as usize;
+        Ok(self
+            .state
+            .messages
+            .iter()
+            .skip(skip)
+            .filter(|m| topic.is_none_or(|t| m.topic.as_deref() == Some(t)))
+            .take(max)
+            .cloned()
+            .collect())
+    }
+
+    /// The current value of a counter (0 if never incremented).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.state.counters.get(name).copied().unwrap_or(0)
+    }
+
+    /// Live sessions: what the leader's expiry timer watches.
+    pub fn sessions(&self) -> impl Iterator<Item = (SessionId, &SessionRecord)> {
+        self.state.sessions.iter().map(|(id, r)| (*id, r))
+    }
+
+    // ----- snapshots ------------------------------------------------------------------------
+
+    /// The whole state, byte-identical on every replica at the same applied index.
+    pub fn snapshot(&self) -> Vec<u8> {
+        postcard::to_allocvec(&self.state).expect("serialising to a Vec cannot fail")
+    }
+
+    /// Replaces the state with a snapshot.
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), ErrorCode> {
+        self.state = postcard::from_bytes(bytes).map_err(|_| ErrorCode::Malformed)?;
+        Ok(())
+    }
+}
+
+fn info(record: &ClaimRecord) -> OwnerInfo {
+    OwnerInfo {
+        owner: record.owner.clone(),
+        holder: record.holder.clone(),
+        token: record.token,
+        state: record.state,
+    }
+}
+
+#[cfg(test)]
+mod tests;

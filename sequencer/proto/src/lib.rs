@@ -79,7 +79,10 @@ pub struct ClaimKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Append a message to the total order; returns its [`Seq`].
-    Append { topic: Option<String>, payload: Vec<u8> },
+    Append {
+        topic: Option<String>,
+        payload: Vec<u8>,
+    },
     /// First claim in log order wins.
     Claim {
         key: ClaimKey,
@@ -95,7 +98,11 @@ pub enum Command {
     /// Prepared claims of `holder` become held.
     Finalize { holder: String, keys: Vec<ClaimKey> },
     /// Release a claim owned by `owner` (and, if given, held by `holder`).
-    Release { key: ClaimKey, owner: String, holder: Option<String> },
+    Release {
+        key: ClaimKey,
+        owner: String,
+        holder: Option<String>,
+    },
     /// Read the owner of a key at this position in the log.
     Read { key: ClaimKey },
     /// Gap-free increment-and-get of a named counter.
@@ -106,7 +113,10 @@ pub enum Command {
     KeepAlive { session: SessionId },
     /// Proposed by the leader when it saw no keep-alive for a TTL. Applies only if the session
     /// has had exactly `keepalives_seen` keep-alives, so a renewal that raced it wins.
-    Expire { session: SessionId, keepalives_seen: u64 },
+    Expire {
+        session: SessionId,
+        keepalives_seen: u64,
+    },
 }
 
 impl Command {
@@ -163,19 +173,37 @@ pub struct OwnerInfo {
 /// What applying a command produced. Identical on every replica.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    Appended { seq: Seq },
-    Claimed { token: FencingToken },
-    Taken { current: OwnerInfo },
+    Appended {
+        seq: Seq,
+    },
+    Claimed {
+        token: FencingToken,
+    },
+    Taken {
+        current: OwnerInfo,
+    },
     Prepared,
     Finalized,
     Released,
     NotOwner,
-    Owner { current: Option<OwnerInfo> },
-    Counter { value: u64 },
-    SessionOpened { session: SessionId },
+    Owner {
+        current: Option<OwnerInfo>,
+    },
+    Counter {
+        value: u64,
+    },
+    SessionOpened {
+        session: SessionId,
+    },
     KeptAlive,
-    Expired { released: Vec<ClaimKey> },
+    Expired {
+        released: Vec<ClaimKey>,
+    },
     /// Prepare failed: these claims are no longer pending for the holder.
-    Lost { keys: Vec<ClaimKey> },
-    Error { code: ErrorCode },
+    Lost {
+        keys: Vec<ClaimKey>,
+    },
+    Error {
+        code: ErrorCode,
+    },
 }

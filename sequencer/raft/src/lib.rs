@@ -49,4 +49,7 @@ pub use config::{Config, PlantedBugs};
 pub use raft::{NotLeader, Raft, ReadMode, Recovered, Role};
 pub use ready::{ReadState, Ready};
 pub use rng::SplitMix64;
-pub use types::{AppendResult, Entry, EntryKind, HardState, LogIndex, Message, MessageBody, NodeId, Snapshot, Term};
+pub use types::{
+    AppendResult, Entry, EntryKind, HardState, LogIndex, Message, MessageBody, NodeId, Snapshot,
+    Term,
+};

@@ -28,11 +28,20 @@ pub(crate) struct RaftLog {
 
 impl RaftLog {
     pub fn new(snapshot: Option<Snapshot>, entries: Vec<Entry>, committed: LogIndex) -> RaftLog {
-        let (snapshot_index, snapshot_term) =
-            snapshot.as_ref().map(|s| (s.index, s.term)).unwrap_or_default();
-        let entries: Vec<Entry> = entries.into_iter().filter(|e| e.index > snapshot_index).collect();
+        let (snapshot_index, snapshot_term) = snapshot
+            .as_ref()
+            .map(|s| (s.index, s.term))
+            .unwrap_or_default();
+        let entries: Vec<Entry> = entries
+            .into_iter()
+            .filter(|e| e.index > snapshot_index)
+            .collect();
         for (i, entry) in entries.iter().enumerate() {
-            assert_eq!(entry.index.0, snapshot_index.0 + 1 + i as u64, "recovered log has a gap");
+            assert_eq!(
+                entry.index.0,
+                snapshot_index.0 + 1 + i as u64,
+                "recovered log has a gap"
+            );
         }
         let last = LogIndex(snapshot_index.0 + entries.len() as u64);
         RaftLog {
@@ -53,7 +62,10 @@ impl RaftLog {
     }
 
     pub fn last_term(&self) -> Term {
-        self.entries.last().map(|e| e.term).unwrap_or(self.snapshot_term)
+        self.entries
+            .last()
+            .map(|e| e.term)
+            .unwrap_or(self.snapshot_term)
     }
 
     /// The term at `index`, if the log still knows it (not compacted away, not beyond the end).
@@ -68,7 +80,8 @@ impl RaftLog {
         if index <= self.snapshot_index {
             return None;
         }
-        self.entries.get((index.0 - self.snapshot_index.0 - 1) as usize)
+        self.entries
+            .get((index.0 - self.snapshot_index.0 - 1) as usize)
     }
 
     /// Entries in `from..=to`, at most `max_bytes` (but at least one).
@@ -77,7 +90,9 @@ impl RaftLog {
         let mut bytes = 0;
         let mut index = from;
         while index <= to {
-            let Some(entry) = self.entry(index) else { break };
+            let Some(entry) = self.entry(index) else {
+                break;
+            };
             bytes += entry.size_bytes();
             if !out.is_empty() && bytes > max_bytes {
                 break;
@@ -90,7 +105,8 @@ impl RaftLog {
 
     /// §5.4.1: is a log ending at (`last_index`, `last_term`) at least as up to date as ours?
     pub fn is_up_to_date(&self, last_index: LogIndex, last_term: Term) -> bool {
-        last_term > self.last_term() || (last_term == self.last_term() && last_index >= self.last_index())
+        last_term > self.last_term()
+            || (last_term == self.last_term() && last_index >= self.last_index())
     }
 
     pub fn append(&mut self, entry: Entry) {
@@ -109,7 +125,10 @@ impl RaftLog {
             match self.term(entry.index) {
                 Some(term) if term == entry.term => continue,
                 Some(_) => {
-                    assert!(entry.index > self.committed, "leader tried to overwrite a committed entry");
+                    assert!(
+                        entry.index > self.committed,
+                        "leader tried to overwrite a committed entry"
+                    );
                     self.truncate_from(entry.index);
                     self.append(entry);
                 }
@@ -138,7 +157,11 @@ impl RaftLog {
 
     /// Last index whose entry has `term`, if any.
     pub fn last_index_of_term(&self, term: Term) -> Option<LogIndex> {
-        self.entries.iter().rev().find(|e| e.term == term).map(|e| e.index)
+        self.entries
+            .iter()
+            .rev()
+            .find(|e| e.term == term)
+            .map(|e| e.index)
     }
 
     pub fn commit_to(&mut self, index: LogIndex) -> bool {
@@ -166,7 +189,10 @@ impl RaftLog {
 
     /// Drops entries up to `snapshot.index`, which the application has already applied.
     pub fn compact(&mut self, snapshot: Snapshot) {
-        assert!(snapshot.index <= self.applied, "compacting beyond what was applied");
+        assert!(
+            snapshot.index <= self.applied,
+            "compacting beyond what was applied"
+        );
         if snapshot.index <= self.snapshot_index {
             return;
         }

@@ -7,11 +7,15 @@ use serde::{Deserialize, Serialize};
 pub struct NodeId(pub u64);
 
 /// A Raft term: at most one leader per term.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct Term(pub u64);
 
 /// A position in the replicated log, starting at 1. `LogIndex(0)` is "before the first entry".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct LogIndex(pub u64);
 
 impl LogIndex {
@@ -87,10 +91,20 @@ pub struct Message {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MessageBody {
     /// §9.6: would you vote for me? Changes no state on either side.
-    PreVote { last_index: LogIndex, last_term: Term },
-    PreVoteResponse { granted: bool },
-    Vote { last_index: LogIndex, last_term: Term },
-    VoteResponse { granted: bool },
+    PreVote {
+        last_index: LogIndex,
+        last_term: Term,
+    },
+    PreVoteResponse {
+        granted: bool,
+    },
+    Vote {
+        last_index: LogIndex,
+        last_term: Term,
+    },
+    VoteResponse {
+        granted: bool,
+    },
     Append {
         prev_index: LogIndex,
         prev_term: Term,
@@ -99,9 +113,16 @@ pub enum MessageBody {
     },
     AppendResponse(AppendResult),
     /// Keeps followers quiet and confirms leadership for reads: `round` is echoed back.
-    Heartbeat { commit: LogIndex, round: u64 },
-    HeartbeatResponse { round: u64 },
-    InstallSnapshot { snapshot: Snapshot },
+    Heartbeat {
+        commit: LogIndex,
+        round: u64,
+    },
+    HeartbeatResponse {
+        round: u64,
+    },
+    InstallSnapshot {
+        snapshot: Snapshot,
+    },
 }
 
 /// A follower's answer to `Append` or `InstallSnapshot`.
