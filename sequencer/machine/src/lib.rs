@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 use tob_proto::{
     ClaimKey, ClaimKind, ClaimState, ClientId, Command, ErrorCode, FencingToken, Limits, Outcome,
-    OwnerInfo, Request, RequestId, Seq, SessionId,
+    OwnerInfo, ReleasedClaim, Request, RequestId, Seq, SessionId,
 };
 
 /// Deliberately wrong behaviour for the simulator's self-tests (`planted-bugs` feature only).
@@ -114,10 +114,7 @@ pub struct Machine {
 
 impl Machine {
     pub fn new(config: MachineConfig) -> Machine {
-        Machine {
-            config,
-            state: MachineState::default(),
-        }
+        Machine { config, state: MachineState::default() }
     }
 
     /// The last log index applied (including no-ops).
@@ -137,47 +134,28 @@ impl Machine {
         let request = Request::decode(bytes).ok()?;
         let Some(client) = request.client else {
             let outcome = self.execute(index, &request.command);
-            return Some(Applied {
-                request,
-                outcome,
-                duplicate: false,
-            });
+            return Some(Applied { request, outcome, duplicate: false });
         };
         if let Some(answer) = self.dedup_lookup(client, &request, index) {
-            return Some(Applied {
-                request,
-                outcome: answer,
-                duplicate: true,
-            });
+            return Some(Applied { request, outcome: answer, duplicate: true });
         }
         let outcome = self.execute(index, &request.command);
         self.remember(client, request.request_id, outcome.clone());
-        Some(Applied {
-            request,
-            outcome,
-            duplicate: false,
-        })
+        Some(Applied { request, outcome, duplicate: false })
     }
 
     fn advance_to(&mut self, index: u64) {
-        assert!(
-            index > self.state.applied_index,
-            "entries applied out of order"
-        );
+        assert!(index > self.state.applied_index, "entries applied out of order");
         self.state.applied_index = index;
     }
 
     /// The remembered answer to a retried request, or an error if it was forgotten.
     fn dedup_lookup(&mut self, client: ClientId, request: &Request, index: u64) -> Option<Outcome> {
-        let record = self
-            .state
-            .clients
-            .entry(client)
-            .or_insert_with(|| ClientRecord {
-                floor: RequestId(0),
-                answers: BTreeMap::new(),
-                last_active_index: index,
-            });
+        let record = self.state.clients.entry(client).or_insert_with(|| ClientRecord {
+            floor: RequestId(0),
+            answers: BTreeMap::new(),
+            last_active_index: index,
+        });
         record.last_active_index = index;
         if request.first_incomplete > record.floor {
             record.floor = request.first_incomplete;
@@ -191,20 +169,14 @@ impl Machine {
             return Some(answer.clone());
         }
         if request.request_id < record.floor {
-            return Some(Outcome::Error {
-                code: ErrorCode::RequestForgotten,
-            });
+            return Some(Outcome::Error { code: ErrorCode::RequestForgotten });
         }
         None
     }
 
     fn remember(&mut self, client: ClientId, request_id: RequestId, outcome: Outcome) {
         let per_client_max = self.config.dedup_per_client_max;
-        let record = self
-            .state
-            .clients
-            .get_mut(&client)
-            .expect("created by dedup_lookup");
+        let record = self.state.clients.get_mut(&client).expect("created by dedup_lookup");
         record.answers.insert(request_id, outcome);
         while record.answers.len() > per_client_max {
             let (&oldest, _) = record.answers.iter().next().expect("non-empty");
@@ -229,19 +201,13 @@ impl Machine {
         }
         match command {
             Command::Append { topic, payload } => self.append(topic.clone(), payload.clone()),
-            Command::Claim {
-                key,
-                owner,
-                holder,
-                kind,
-                session,
-            } => self.claim(index, key, owner, holder, *kind, *session),
+            Command::Claim { key, owner, holder, kind, session } => {
+                self.claim(index, key, owner, holder, *kind, *session)
+            }
             Command::Prepare { holder, keys } => self.prepare(holder, keys),
             Command::Finalize { holder, keys } => self.finalize(holder, keys),
             Command::Release { key, owner, holder } => self.release(key, owner, holder.as_deref()),
-            Command::Read { key } => Outcome::Owner {
-                current: self.owner(key),
-            },
+            Command::Read { key } => Outcome::Owner { current: self.owner(key) },
             Command::Next { counter } => {
                 let value = self.state.counters.entry(counter.clone()).or_insert(0);
                 *value += 1;
@@ -249,11 +215,8 @@ impl Machine {
             }
             Command::OpenSession { ttl_ms } => {
                 let session = SessionId(index);
-                let record = SessionRecord {
-                    ttl_ms: *ttl_ms,
-                    keepalives: 0,
-                    claims: BTreeSet::new(),
-                };
+                let record =
+                    SessionRecord { ttl_ms: *ttl_ms, keepalives: 0, claims: BTreeSet::new() };
                 self.state.sessions.insert(session, record);
                 Outcome::SessionOpened { session }
             }
@@ -262,25 +225,16 @@ impl Machine {
                     record.keepalives += 1;
                     Outcome::KeptAlive
                 }
-                None => Outcome::Error {
-                    code: ErrorCode::UnknownSession,
-                },
+                None => Outcome::Error { code: ErrorCode::UnknownSession },
             },
-            Command::Expire {
-                session,
-                keepalives_seen,
-            } => self.expire(*session, *keepalives_seen),
+            Command::Expire { session, keepalives_seen } => self.expire(*session, *keepalives_seen),
         }
     }
 
     fn append(&mut self, topic: Option<String>, payload: Vec<u8>) -> Outcome {
         self.state.last_seq += 1;
         let seq = Seq(self.state.last_seq);
-        self.state.messages.push_back(StoredMessage {
-            seq,
-            topic,
-            payload,
-        });
+        self.state.messages.push_back(StoredMessage { seq, topic, payload });
         while self.state.messages.len() > self.config.messages_retained_max {
             self.state.messages.pop_front();
         }
@@ -299,26 +253,18 @@ impl Machine {
         let session = match (kind, session) {
             (ClaimKind::Held, _) => None,
             (_, None) => {
-                return Outcome::Error {
-                    code: ErrorCode::SessionRequired,
-                };
+                return Outcome::Error { code: ErrorCode::SessionRequired };
             }
             (_, Some(s)) if !self.state.sessions.contains_key(&s) => {
-                return Outcome::Error {
-                    code: ErrorCode::UnknownSession,
-                };
+                return Outcome::Error { code: ErrorCode::UnknownSession };
             }
             (_, Some(s)) => Some(s),
         };
         if let Some(existing) = self.state.claims.get(key) {
             if existing.owner == owner && existing.holder == holder {
-                return Outcome::Claimed {
-                    token: existing.token,
-                };
+                return Outcome::Claimed { token: existing.token };
             }
-            return Outcome::Taken {
-                current: info(existing),
-            };
+            return Outcome::Taken { current: info(existing) };
         }
         let state = match kind {
             ClaimKind::Transactional => ClaimState::Pending,
@@ -328,13 +274,8 @@ impl Machine {
         if let Some(s) = session {
             self.session_mut(s).claims.insert(key.clone());
         }
-        let record = ClaimRecord {
-            owner: owner.into(),
-            holder: holder.into(),
-            state,
-            token,
-            session,
-        };
+        let record =
+            ClaimRecord { owner: owner.into(), holder: holder.into(), state, token, session };
         self.state.claims.insert(key.clone(), record);
         Outcome::Claimed { token }
     }
@@ -393,27 +334,25 @@ impl Machine {
 
     fn expire(&mut self, session: SessionId, keepalives_seen: u64) -> Outcome {
         match self.state.sessions.get(&session) {
-            None => Outcome::Error {
-                code: ErrorCode::UnknownSession,
-            },
+            None => Outcome::Error { code: ErrorCode::UnknownSession },
             Some(record) if record.keepalives != keepalives_seen => Outcome::KeptAlive,
             Some(_) => {
                 let record = self.state.sessions.remove(&session).expect("checked above");
-                for key in &record.claims {
-                    self.state.claims.remove(key);
-                }
-                Outcome::Expired {
-                    released: record.claims.into_iter().collect(),
-                }
+                let released = record
+                    .claims
+                    .into_iter()
+                    .filter_map(|key| {
+                        let claim = self.state.claims.remove(&key)?;
+                        Some(ReleasedClaim { key, owner: claim.owner })
+                    })
+                    .collect();
+                Outcome::Expired { released }
             }
         }
     }
 
     fn session_mut(&mut self, session: SessionId) -> &mut SessionRecord {
-        self.state
-            .sessions
-            .get_mut(&session)
-            .expect("claim bound to a live session")
+        self.state.sessions.get_mut(&session).expect("claim bound to a live session")
     }
 
     // ----- local reads (after ReadIndex or under a lease) -----------------------------------
@@ -435,12 +374,7 @@ impl Machine {
         max: usize,
         topic: Option<&str>,
     ) -> Result<Vec<StoredMessage>, ErrorCode> {
-        let first = self
-            .state
-            .messages
-            .front()
-            .map(|m| m.seq.0)
-            .unwrap_or(self.state.last_seq + 1);
+        let first = self.state.messages.front().map(|m| m.seq.0).unwrap_or(self.state.last_seq + 1);
         if from.0 < first && from.0 <= self.state.last_seq {
             return Err(ErrorCode::Compacted);
         }

@@ -1,10 +1,7 @@
 use super::*;
 
 fn key(k: &str) -> ClaimKey {
-    ClaimKey {
-        namespace: "users".into(),
-        key: k.into(),
-    }
+    ClaimKey { namespace: "users".into(), key: k.into() }
 }
 
 /// Drives one replica with consecutive log indexes, as a client with id 7.
@@ -16,29 +13,19 @@ struct Driver {
 
 impl Driver {
     fn new() -> Driver {
-        Driver {
-            machine: Machine::new(MachineConfig::default()),
-            index: 0,
-            next_request: 1,
-        }
+        Driver { machine: Machine::new(MachineConfig::default()), index: 0, next_request: 1 }
     }
 
     fn apply_request(&mut self, request: &Request) -> Applied {
         self.index += 1;
-        self.machine
-            .apply(self.index, &request.encode())
-            .expect("decodes")
+        self.machine.apply(self.index, &request.encode()).expect("decodes")
     }
 
     fn run(&mut self, command: Command) -> Outcome {
         let id = RequestId(self.next_request);
         self.next_request += 1;
-        let request = Request {
-            client: Some(ClientId(7)),
-            request_id: id,
-            first_incomplete: id,
-            command,
-        };
+        let request =
+            Request { client: Some(ClientId(7)), request_id: id, first_incomplete: id, command };
         self.apply_request(&request).outcome
     }
 
@@ -64,9 +51,7 @@ fn first_claim_wins_and_token_is_the_log_index() {
     let mut d = Driver::new();
     assert_eq!(
         d.claim("alice", "u1", ClaimKind::Held, None),
-        Outcome::Claimed {
-            token: FencingToken(1)
-        }
+        Outcome::Claimed { token: FencingToken(1) }
     );
     match d.claim("alice", "u2", ClaimKind::Held, None) {
         Outcome::Taken { current } => {
@@ -79,15 +64,11 @@ fn first_claim_wins_and_token_is_the_log_index() {
     // A re-claim by the same owner is idempotent and keeps the original token.
     assert_eq!(
         d.claim("alice", "u1", ClaimKind::Held, None),
-        Outcome::Claimed {
-            token: FencingToken(1)
-        }
+        Outcome::Claimed { token: FencingToken(1) }
     );
     assert_eq!(
         d.claim("bob", "u2", ClaimKind::Held, None),
-        Outcome::Claimed {
-            token: FencingToken(4)
-        }
+        Outcome::Claimed { token: FencingToken(4) }
     );
 }
 
@@ -95,22 +76,14 @@ fn first_claim_wins_and_token_is_the_log_index() {
 fn release_frees_the_key_only_for_its_owner() {
     let mut d = Driver::new();
     d.claim("alice", "u1", ClaimKind::Held, None);
-    let release = |owner: &str| Command::Release {
-        key: key("alice"),
-        owner: owner.into(),
-        holder: None,
-    };
+    let release =
+        |owner: &str| Command::Release { key: key("alice"), owner: owner.into(), holder: None };
     assert_eq!(d.run(release("u2")), Outcome::NotOwner);
     assert_eq!(d.run(release("u1")), Outcome::Released);
-    assert_eq!(
-        d.run(Command::Read { key: key("alice") }),
-        Outcome::Owner { current: None }
-    );
+    assert_eq!(d.run(Command::Read { key: key("alice") }), Outcome::Owner { current: None });
     assert_eq!(
         d.claim("alice", "u2", ClaimKind::Held, None),
-        Outcome::Claimed {
-            token: FencingToken(5)
-        }
+        Outcome::Claimed { token: FencingToken(5) }
     );
 }
 
@@ -128,39 +101,18 @@ fn transaction_lifecycle_pending_prepared_held() {
         session: Some(session),
     };
     assert!(matches!(d.run(claim), Outcome::Claimed { .. }));
-    assert_eq!(
-        d.machine.owner(&key("alice")).unwrap().state,
-        ClaimState::Pending
-    );
+    assert_eq!(d.machine.owner(&key("alice")).unwrap().state, ClaimState::Pending);
     let keys = vec![key("alice")];
     assert_eq!(
-        d.run(Command::Prepare {
-            holder: "tx1".into(),
-            keys: keys.clone()
-        }),
+        d.run(Command::Prepare { holder: "tx1".into(), keys: keys.clone() }),
         Outcome::Prepared
     );
     // A prepared claim survives its session's expiry.
-    let expired = d.run(Command::Expire {
-        session,
-        keepalives_seen: 0,
-    });
+    let expired = d.run(Command::Expire { session, keepalives_seen: 0 });
     assert_eq!(expired, Outcome::Expired { released: vec![] });
-    assert_eq!(
-        d.machine.owner(&key("alice")).unwrap().state,
-        ClaimState::Prepared
-    );
-    assert_eq!(
-        d.run(Command::Finalize {
-            holder: "tx1".into(),
-            keys
-        }),
-        Outcome::Finalized
-    );
-    assert_eq!(
-        d.machine.owner(&key("alice")).unwrap().state,
-        ClaimState::Held
-    );
+    assert_eq!(d.machine.owner(&key("alice")).unwrap().state, ClaimState::Prepared);
+    assert_eq!(d.run(Command::Finalize { holder: "tx1".into(), keys }), Outcome::Finalized);
+    assert_eq!(d.machine.owner(&key("alice")).unwrap().state, ClaimState::Held);
 }
 
 #[test]
@@ -173,43 +125,28 @@ fn pending_claim_of_expired_session_is_lost_at_prepare() {
     d.claim("lock", "u1", ClaimKind::Ephemeral, Some(session));
     // A keep-alive that raced the leader's decision wins.
     assert_eq!(d.run(Command::KeepAlive { session }), Outcome::KeptAlive);
+    assert_eq!(d.run(Command::Expire { session, keepalives_seen: 0 }), Outcome::KeptAlive);
     assert_eq!(
-        d.run(Command::Expire {
-            session,
-            keepalives_seen: 0
-        }),
-        Outcome::KeptAlive
-    );
-    assert_eq!(
-        d.run(Command::Expire {
-            session,
-            keepalives_seen: 1
-        }),
+        d.run(Command::Expire { session, keepalives_seen: 1 }),
         Outcome::Expired {
-            released: vec![key("alice"), key("lock")]
+            released: vec![
+                ReleasedClaim { key: key("alice"), owner: "u1".into() },
+                ReleasedClaim { key: key("lock"), owner: "u1".into() },
+            ]
         }
     );
     assert_eq!(
-        d.run(Command::Prepare {
-            holder: "u1".into(),
-            keys: vec![key("alice")]
-        }),
-        Outcome::Lost {
-            keys: vec![key("alice")]
-        }
+        d.run(Command::Prepare { holder: "u1".into(), keys: vec![key("alice")] }),
+        Outcome::Lost { keys: vec![key("alice")] }
     );
     assert_eq!(d.machine.owner(&key("lock")), None);
     assert_eq!(
         d.claim("x", "u1", ClaimKind::Transactional, Some(session)),
-        Outcome::Error {
-            code: ErrorCode::UnknownSession
-        }
+        Outcome::Error { code: ErrorCode::UnknownSession }
     );
     assert_eq!(
         d.claim("x", "u1", ClaimKind::Ephemeral, None),
-        Outcome::Error {
-            code: ErrorCode::SessionRequired
-        }
+        Outcome::Error { code: ErrorCode::SessionRequired }
     );
 }
 
@@ -220,9 +157,7 @@ fn a_retried_request_is_answered_not_applied_twice() {
         client: Some(ClientId(9)),
         request_id: RequestId(1),
         first_incomplete: RequestId(1),
-        command: Command::Next {
-            counter: "orders".into(),
-        },
+        command: Command::Next { counter: "orders".into() },
     };
     let first = d.apply_request(&request);
     let retry = d.apply_request(&request);
@@ -231,106 +166,65 @@ fn a_retried_request_is_answered_not_applied_twice() {
     assert!(retry.duplicate);
     assert_eq!(d.machine.counter("orders"), 1);
     // Once the client says request 1 is done, the answer is forgotten but never re-applied.
-    let next = Request {
-        request_id: RequestId(2),
-        first_incomplete: RequestId(2),
-        ..request.clone()
-    };
-    assert_eq!(
-        d.apply_request(&next).outcome,
-        Outcome::Counter { value: 2 }
-    );
+    let next =
+        Request { request_id: RequestId(2), first_incomplete: RequestId(2), ..request.clone() };
+    assert_eq!(d.apply_request(&next).outcome, Outcome::Counter { value: 2 });
     assert_eq!(
         d.apply_request(&request).outcome,
-        Outcome::Error {
-            code: ErrorCode::RequestForgotten
-        }
+        Outcome::Error { code: ErrorCode::RequestForgotten }
     );
     assert_eq!(d.machine.counter("orders"), 2);
 }
 
 #[test]
 fn per_client_dedup_table_is_bounded() {
-    let mut config = MachineConfig {
-        dedup_per_client_max: 2,
-        ..MachineConfig::default()
-    };
+    let mut config = MachineConfig { dedup_per_client_max: 2, ..MachineConfig::default() };
     config.dedup_clients_max = 1;
     let mut machine = Machine::new(config);
     let request = |client: u128, id: u64| Request {
         client: Some(ClientId(client)),
         request_id: RequestId(id),
         first_incomplete: RequestId(1),
-        command: Command::Next {
-            counter: "c".into(),
-        },
+        command: Command::Next { counter: "c".into() },
     };
     for (index, id) in (1..=3).enumerate() {
         machine.apply(index as u64 + 1, &request(1, id).encode());
     }
     assert_eq!(machine.state.clients[&ClientId(1)].answers.len(), 2);
     let forgotten = machine.apply(4, &request(1, 1).encode()).unwrap();
-    assert_eq!(
-        forgotten.outcome,
-        Outcome::Error {
-            code: ErrorCode::RequestForgotten
-        }
-    );
+    assert_eq!(forgotten.outcome, Outcome::Error { code: ErrorCode::RequestForgotten });
     machine.apply(5, &request(2, 1).encode());
-    assert_eq!(
-        machine.state.clients.len(),
-        1,
-        "least recently active client evicted"
-    );
+    assert_eq!(machine.state.clients.len(), 1, "least recently active client evicted");
 }
 
 #[test]
 fn appends_get_dense_sequence_numbers_and_can_be_read_by_topic() {
     let mut d = Driver::new();
     for (i, topic) in ["a", "b", "a"].iter().enumerate() {
-        let outcome = d.run(Command::Append {
-            topic: Some(topic.to_string()),
-            payload: vec![i as u8],
-        });
-        assert_eq!(
-            outcome,
-            Outcome::Appended {
-                seq: Seq(i as u64 + 1)
-            }
-        );
+        let outcome =
+            d.run(Command::Append { topic: Some(topic.to_string()), payload: vec![i as u8] });
+        assert_eq!(outcome, Outcome::Appended { seq: Seq(i as u64 + 1) });
     }
     let all = d.machine.messages(Seq(1), 10, None).unwrap();
-    assert_eq!(
-        all.iter().map(|m| m.seq.0).collect::<Vec<_>>(),
-        vec![1, 2, 3]
-    );
+    assert_eq!(all.iter().map(|m| m.seq.0).collect::<Vec<_>>(), vec![1, 2, 3]);
     let a = d.machine.messages(Seq(2), 10, Some("a")).unwrap();
     assert_eq!(a.iter().map(|m| m.seq.0).collect::<Vec<_>>(), vec![3]);
 }
 
 #[test]
 fn trimmed_messages_are_reported_compacted() {
-    let config = MachineConfig {
-        messages_retained_max: 2,
-        ..MachineConfig::default()
-    };
+    let config = MachineConfig { messages_retained_max: 2, ..MachineConfig::default() };
     let mut machine = Machine::new(config);
     for index in 1..=3 {
         let request = Request {
             client: None,
             request_id: RequestId(0),
             first_incomplete: RequestId(0),
-            command: Command::Append {
-                topic: None,
-                payload: vec![],
-            },
+            command: Command::Append { topic: None, payload: vec![] },
         };
         machine.apply(index, &request.encode());
     }
-    assert_eq!(
-        machine.messages(Seq(1), 10, None),
-        Err(ErrorCode::Compacted)
-    );
+    assert_eq!(machine.messages(Seq(1), 10, None), Err(ErrorCode::Compacted));
     assert_eq!(machine.messages(Seq(2), 10, None).unwrap().len(), 2);
     assert_eq!(machine.messages(Seq(4), 10, None).unwrap().len(), 0);
 }
@@ -339,18 +233,11 @@ fn trimmed_messages_are_reported_compacted() {
 fn bad_input_is_refused_identically_and_changes_nothing() {
     let mut d = Driver::new();
     let before = d.machine.snapshot();
-    assert_eq!(
-        d.claim("", "u1", ClaimKind::Held, None),
-        Outcome::Error {
-            code: ErrorCode::Empty
-        }
-    );
+    assert_eq!(d.claim("", "u1", ClaimKind::Held, None), Outcome::Error { code: ErrorCode::Empty });
     let huge = "k".repeat(2000);
     assert_eq!(
         d.claim(&huge, "u1", ClaimKind::Held, None),
-        Outcome::Error {
-            code: ErrorCode::TooLarge
-        }
+        Outcome::Error { code: ErrorCode::TooLarge }
     );
     assert_eq!(d.machine.apply(99, b"\xff\xff garbage"), None);
     let mut after = d.machine.clone();
@@ -367,10 +254,7 @@ fn snapshots_are_byte_identical_across_replicas() {
     // rest. Same index, same bytes.
     let commands: Vec<Command> = (0..50)
         .map(|i| match i % 5 {
-            0 => Command::Append {
-                topic: Some(format!("t{}", i % 3)),
-                payload: vec![i as u8],
-            },
+            0 => Command::Append { topic: Some(format!("t{}", i % 3)), payload: vec![i as u8] },
             1 => Command::Claim {
                 key: key(&format!("k{}", i % 7)),
                 owner: format!("u{i}"),
@@ -378,9 +262,7 @@ fn snapshots_are_byte_identical_across_replicas() {
                 kind: ClaimKind::Held,
                 session: None,
             },
-            2 => Command::Next {
-                counter: format!("c{}", i % 2),
-            },
+            2 => Command::Next { counter: format!("c{}", i % 2) },
             3 => Command::OpenSession { ttl_ms: 100 },
             _ => Command::Release {
                 key: key(&format!("k{}", i % 7)),

@@ -54,10 +54,7 @@ impl ErrorCode {
 
     /// Whether retrying the same request (same request id) elsewhere may succeed.
     pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            ErrorCode::NotLeader | ErrorCode::Timeout | ErrorCode::Unavailable
-        )
+        matches!(self, ErrorCode::NotLeader | ErrorCode::Timeout | ErrorCode::Unavailable)
     }
 }
 

@@ -79,10 +79,7 @@ pub struct ClaimKey {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Append a message to the total order; returns its [`Seq`].
-    Append {
-        topic: Option<String>,
-        payload: Vec<u8>,
-    },
+    Append { topic: Option<String>, payload: Vec<u8> },
     /// First claim in log order wins.
     Claim {
         key: ClaimKey,
@@ -98,11 +95,7 @@ pub enum Command {
     /// Prepared claims of `holder` become held.
     Finalize { holder: String, keys: Vec<ClaimKey> },
     /// Release a claim owned by `owner` (and, if given, held by `holder`).
-    Release {
-        key: ClaimKey,
-        owner: String,
-        holder: Option<String>,
-    },
+    Release { key: ClaimKey, owner: String, holder: Option<String> },
     /// Read the owner of a key at this position in the log.
     Read { key: ClaimKey },
     /// Gap-free increment-and-get of a named counter.
@@ -113,10 +106,7 @@ pub enum Command {
     KeepAlive { session: SessionId },
     /// Proposed by the leader when it saw no keep-alive for a TTL. Applies only if the session
     /// has had exactly `keepalives_seen` keep-alives, so a renewal that raced it wins.
-    Expire {
-        session: SessionId,
-        keepalives_seen: u64,
-    },
+    Expire { session: SessionId, keepalives_seen: u64 },
 }
 
 impl Command {
@@ -170,6 +160,13 @@ pub struct OwnerInfo {
     pub state: ClaimState,
 }
 
+/// A claim released by a session's expiry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleasedClaim {
+    pub key: ClaimKey,
+    pub owner: String,
+}
+
 /// What applying a command produced. Identical on every replica.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
@@ -196,8 +193,9 @@ pub enum Outcome {
         session: SessionId,
     },
     KeptAlive,
+    /// The session expired; these claims (pending or ephemeral) were released with it.
     Expired {
-        released: Vec<ClaimKey>,
+        released: Vec<ReleasedClaim>,
     },
     /// Prepare failed: these claims are no longer pending for the holder.
     Lost {

@@ -33,9 +33,7 @@ impl Limits {
                 }
                 bounded(payload.len(), self.payload_bytes_max)
             }
-            Command::Claim {
-                key, owner, holder, ..
-            } => {
+            Command::Claim { key, owner, holder, .. } => {
                 self.key(key)?;
                 self.name(owner)?;
                 bounded(holder.len(), self.name_bytes_max)
@@ -70,19 +68,11 @@ impl Limits {
 }
 
 fn nonempty(value: &str) -> Result<(), ErrorCode> {
-    if value.is_empty() {
-        Err(ErrorCode::Empty)
-    } else {
-        Ok(())
-    }
+    if value.is_empty() { Err(ErrorCode::Empty) } else { Ok(()) }
 }
 
 fn bounded(len: usize, max: usize) -> Result<(), ErrorCode> {
-    if len > max {
-        Err(ErrorCode::TooLarge)
-    } else {
-        Ok(())
-    }
+    if len > max { Err(ErrorCode::TooLarge) } else { Ok(()) }
 }
 
 #[cfg(test)]
@@ -90,10 +80,7 @@ mod tests {
     use super::*;
 
     fn key(k: &str) -> ClaimKey {
-        ClaimKey {
-            namespace: "users".into(),
-            key: k.into(),
-        }
+        ClaimKey { namespace: "users".into(), key: k.into() }
     }
 
     #[test]
@@ -107,16 +94,8 @@ mod tests {
 
     #[test]
     fn refuses_oversized_payload() {
-        let limits = Limits {
-            payload_bytes_max: 4,
-            ..Limits::default()
-        };
-        let append = |n| {
-            limits.check(&Command::Append {
-                topic: None,
-                payload: vec![0; n],
-            })
-        };
+        let limits = Limits { payload_bytes_max: 4, ..Limits::default() };
+        let append = |n| limits.check(&Command::Append { topic: None, payload: vec![0; n] });
         assert_eq!(append(4), Ok(()));
         assert_eq!(append(5), Err(ErrorCode::TooLarge));
     }

@@ -60,10 +60,7 @@ impl Config {
     }
 
     pub(crate) fn validate(&self) {
-        assert!(
-            self.voters.contains(&self.id),
-            "a node must be one of the voters"
-        );
+        assert!(self.voters.contains(&self.id), "a node must be one of the voters");
         assert!(self.heartbeat_ticks >= 1 && self.heartbeat_ticks < self.election_ticks);
         assert!(self.max_inflight_appends >= 1);
     }

@@ -28,20 +28,12 @@ pub(crate) struct RaftLog {
 
 impl RaftLog {
     pub fn new(snapshot: Option<Snapshot>, entries: Vec<Entry>, committed: LogIndex) -> RaftLog {
-        let (snapshot_index, snapshot_term) = snapshot
-            .as_ref()
-            .map(|s| (s.index, s.term))
-            .unwrap_or_default();
-        let entries: Vec<Entry> = entries
-            .into_iter()
-            .filter(|e| e.index > snapshot_index)
-            .collect();
+        let (snapshot_index, snapshot_term) =
+            snapshot.as_ref().map(|s| (s.index, s.term)).unwrap_or_default();
+        let entries: Vec<Entry> =
+            entries.into_iter().filter(|e| e.index > snapshot_index).collect();
         for (i, entry) in entries.iter().enumerate() {
-            assert_eq!(
-                entry.index.0,
-                snapshot_index.0 + 1 + i as u64,
-                "recovered log has a gap"
-            );
+            assert_eq!(entry.index.0, snapshot_index.0 + 1 + i as u64, "recovered log has a gap");
         }
         let last = LogIndex(snapshot_index.0 + entries.len() as u64);
         RaftLog {
@@ -62,10 +54,7 @@ impl RaftLog {
     }
 
     pub fn last_term(&self) -> Term {
-        self.entries
-            .last()
-            .map(|e| e.term)
-            .unwrap_or(self.snapshot_term)
+        self.entries.last().map(|e| e.term).unwrap_or(self.snapshot_term)
     }
 
     /// The term at `index`, if the log still knows it (not compacted away, not beyond the end).
@@ -80,8 +69,7 @@ impl RaftLog {
         if index <= self.snapshot_index {
             return None;
         }
-        self.entries
-            .get((index.0 - self.snapshot_index.0 - 1) as usize)
+        self.entries.get((index.0 - self.snapshot_index.0 - 1) as usize)
     }
 
     /// Entries in `from..=to`, at most `max_bytes` (but at least one).
@@ -157,11 +145,7 @@ impl RaftLog {
 
     /// Last index whose entry has `term`, if any.
     pub fn last_index_of_term(&self, term: Term) -> Option<LogIndex> {
-        self.entries
-            .iter()
-            .rev()
-            .find(|e| e.term == term)
-            .map(|e| e.index)
+        self.entries.iter().rev().find(|e| e.term == term).map(|e| e.index)
     }
 
     pub fn commit_to(&mut self, index: LogIndex) -> bool {
@@ -189,10 +173,7 @@ impl RaftLog {
 
     /// Drops entries up to `snapshot.index`, which the application has already applied.
     pub fn compact(&mut self, snapshot: Snapshot) {
-        assert!(
-            snapshot.index <= self.applied,
-            "compacting beyond what was applied"
-        );
+        assert!(snapshot.index <= self.applied, "compacting beyond what was applied");
         if snapshot.index <= self.snapshot_index {
             return;
         }

@@ -129,15 +129,18 @@ impl Raft {
         let mut rng = SplitMix64::new(config.seed ^ config.id.0.wrapping_mul(0x9E37_79B9));
         let election_ticks = u64::from(config.election_ticks);
         let randomized = rng.range(election_ticks, 2 * election_ticks);
-        let log = RaftLog::new(
-            recovered.snapshot,
-            recovered.entries,
-            recovered.hard_state.commit,
-        );
+        let log = RaftLog::new(recovered.snapshot, recovered.entries, recovered.hard_state.commit);
+        // A crash can keep entries whose term update it lost (both were unsynced): never run
+        // behind the log. Dropping the vote is safe: no vote was ever cast in that newer term.
+        let (term, voted_for) = if log.last_term() > recovered.hard_state.term {
+            (log.last_term(), None)
+        } else {
+            (recovered.hard_state.term, recovered.hard_state.voted_for)
+        };
         Raft {
             rng,
-            term: recovered.hard_state.term,
-            voted_for: recovered.hard_state.voted_for,
+            term,
+            voted_for,
             role: Role::Follower,
             leader: None,
             log,
@@ -222,11 +225,7 @@ impl Raft {
             return Err(self.not_leader());
         }
         let index = self.log.last_index().next();
-        self.log.append(Entry {
-            term: self.term,
-            index,
-            kind: EntryKind::Command(data),
-        });
+        self.log.append(Entry { term: self.term, index, kind: EntryKind::Command(data) });
         self.broadcast_needed = true;
         if self.config.voters.len() == 1 {
             self.maybe_commit();
@@ -273,20 +272,16 @@ impl Raft {
             return;
         }
         match &message.body {
-            MessageBody::PreVote {
-                last_index,
-                last_term,
-            } => {
+            MessageBody::PreVote { last_index, last_term } => {
                 let granted = message.term > self.term
                     && !self.in_leader_contact()
                     && self.log_ok_for_vote(*last_index, *last_term);
                 let term = if granted { message.term } else { self.term };
                 self.send_now(message.from, term, MessageBody::PreVoteResponse { granted });
             }
-            MessageBody::Vote {
-                last_index,
-                last_term,
-            } => self.step_vote(message.from, *last_index, *last_term),
+            MessageBody::Vote { last_index, last_term } => {
+                self.step_vote(message.from, *last_index, *last_term)
+            }
             _ => match self.role {
                 Role::Leader => self.step_leader(message),
                 Role::Candidate | Role::PreCandidate => self.step_candidate(message),
@@ -325,10 +320,7 @@ impl Raft {
     /// Takes the work accumulated since the last call. See [`Ready`] for the order in which the
     /// caller must carry it out; call [`Raft::advance`] when done.
     pub fn ready(&mut self) -> Ready {
-        assert!(
-            self.in_flight.is_none(),
-            "ready() called again before advance()"
-        );
+        assert!(self.in_flight.is_none(), "ready() called again before advance()");
         if self.role == Role::Leader {
             if self.reads.round_needed {
                 self.broadcast_heartbeat();
@@ -506,22 +498,11 @@ impl Raft {
         self.election_elapsed = 0;
         self.leader_contact_elapsed = 0;
         let next = self.log.last_index().next();
-        self.progress = self
-            .peers()
-            .into_iter()
-            .map(|p| (p, Progress::new(next)))
-            .collect();
-        self.reads = ReadRounds {
-            round: self.reads.round,
-            ..ReadRounds::default()
-        };
+        self.progress = self.peers().into_iter().map(|p| (p, Progress::new(next))).collect();
+        self.reads = ReadRounds { round: self.reads.round, ..ReadRounds::default() };
         // §5.4.2 / §6.4: commit something of our own term to learn the commit index.
         let index = self.log.last_index().next();
-        self.log.append(Entry {
-            term: self.term,
-            index,
-            kind: EntryKind::Noop,
-        });
+        self.log.append(Entry { term: self.term, index, kind: EntryKind::Noop });
         self.broadcast_needed = true;
         if self.config.voters.len() == 1 {
             self.maybe_commit();
@@ -539,12 +520,7 @@ impl Raft {
     fn step_follower(&mut self, message: Message) {
         let from = message.from;
         match message.body {
-            MessageBody::Append {
-                prev_index,
-                prev_term,
-                entries,
-                commit,
-            } => {
+            MessageBody::Append { prev_index, prev_term, entries, commit } => {
                 self.heard_from_leader(from);
                 self.handle_append(from, prev_index, prev_term, entries, commit);
             }
@@ -591,15 +567,11 @@ impl Raft {
         commit: LogIndex,
     ) {
         let result = if prev_index < self.log.committed {
-            AppendResult::Accepted {
-                match_index: self.log.committed,
-            }
+            AppendResult::Accepted { match_index: self.log.committed }
         } else if self.log.term(prev_index) == Some(prev_term) {
             let last_new = self.log.append_from_leader(prev_index, entries);
             self.log.commit_to(commit.min(last_new));
-            AppendResult::Accepted {
-                match_index: last_new,
-            }
+            AppendResult::Accepted { match_index: last_new }
         } else if prev_index > self.log.last_index() {
             AppendResult::Rejected {
                 rejected_index: prev_index,
@@ -620,11 +592,7 @@ impl Raft {
     fn step_stale(&mut self, message: Message) {
         match message.body {
             MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => {
-                self.send_now(
-                    message.from,
-                    self.term,
-                    MessageBody::HeartbeatResponse { round: 0 },
-                );
+                self.send_now(message.from, self.term, MessageBody::HeartbeatResponse { round: 0 });
             }
             MessageBody::PreVote { .. } => {
                 self.send_now(
@@ -764,14 +732,8 @@ impl Raft {
         let prev_index = progress.next_index.prev();
         let Some(prev_term) = self.log.term(prev_index) else {
             // The follower needs entries we compacted away.
-            let snapshot = self
-                .log
-                .snapshot
-                .clone()
-                .expect("compacted log has a snapshot");
-            progress.state = ReplicationState::Snapshot {
-                index: snapshot.index,
-            };
+            let snapshot = self.log.snapshot.clone().expect("compacted log has a snapshot");
+            progress.state = ReplicationState::Snapshot { index: snapshot.index };
             progress.inflight.clear();
             self.messages.push(Message {
                 from: self.config.id,
@@ -794,12 +756,7 @@ impl Raft {
             from: self.config.id,
             to,
             term,
-            body: MessageBody::Append {
-                prev_index,
-                prev_term,
-                entries,
-                commit,
-            },
+            body: MessageBody::Append { prev_index, prev_term, entries, commit },
         });
     }
 
@@ -829,11 +786,7 @@ impl Raft {
             self.read_states.push(ReadState { context, index });
         } else {
             let round = self.reads.round + 1;
-            self.reads.pending.push_back(PendingRead {
-                context,
-                index,
-                round,
-            });
+            self.reads.pending.push_back(PendingRead { context, index, round });
             self.reads.round_needed = true;
         }
     }
@@ -855,17 +808,9 @@ impl Raft {
             self.reads.confirmed = Some((round, tick));
             self.reads.sent_at_tick.pop_front();
         }
-        while self
-            .reads
-            .pending
-            .front()
-            .is_some_and(|r| r.round <= confirmed)
-        {
+        while self.reads.pending.front().is_some_and(|r| r.round <= confirmed) {
             let read = self.reads.pending.pop_front().expect("checked non-empty");
-            self.read_states.push(ReadState {
-                context: read.context,
-                index: read.index,
-            });
+            self.read_states.push(ReadState { context: read.context, index: read.index });
         }
     }
 
@@ -878,10 +823,8 @@ impl Raft {
 
     fn abort_reads(&mut self) {
         let reads = std::mem::take(&mut self.reads);
-        self.aborted_reads
-            .extend(reads.pending.into_iter().map(|r| r.context));
-        self.aborted_reads
-            .extend(reads.waiting_for_noop.into_iter().map(|(c, _)| c));
+        self.aborted_reads.extend(reads.pending.into_iter().map(|r| r.context));
+        self.aborted_reads.extend(reads.waiting_for_noop.into_iter().map(|(c, _)| c));
         self.reads.round = reads.round;
     }
 
@@ -893,28 +836,17 @@ impl Raft {
 
     fn peers(&self) -> Vec<NodeId> {
         let me = self.config.id;
-        let peers: BTreeSet<NodeId> = self
-            .config
-            .voters
-            .iter()
-            .copied()
-            .filter(|&p| p != me)
-            .collect();
+        let peers: BTreeSet<NodeId> =
+            self.config.voters.iter().copied().filter(|&p| p != me).collect();
         peers.into_iter().collect()
     }
 
     fn not_leader(&self) -> NotLeader {
-        NotLeader {
-            leader: self.leader,
-        }
+        NotLeader { leader: self.leader }
     }
 
     fn current_hard_state(&self) -> HardState {
-        HardState {
-            term: self.term,
-            voted_for: self.voted_for,
-            commit: self.log.committed,
-        }
+        HardState { term: self.term, voted_for: self.voted_for, commit: self.log.committed }
     }
 
     /// Term or vote changed since last handed out (a commit change alone is not worth an fsync).
@@ -924,22 +856,12 @@ impl Raft {
     }
 
     fn send_now(&mut self, to: NodeId, term: Term, body: MessageBody) {
-        self.messages.push(Message {
-            from: self.config.id,
-            to,
-            term,
-            body,
-        });
+        self.messages.push(Message { from: self.config.id, to, term, body });
     }
 
     fn send_after_persist(&mut self, to: NodeId, body: MessageBody) {
         let term = self.term;
-        self.messages_after_persist.push(Message {
-            from: self.config.id,
-            to,
-            term,
-            body,
-        });
+        self.messages_after_persist.push(Message { from: self.config.id, to, term, body });
     }
 
     fn bug(&self, which: impl Fn(&PlantedBugs) -> bool) -> bool {

@@ -134,9 +134,5 @@ pub enum AppendResult {
     /// (§5.3 optimisation): `hint_term` is the follower's term at `prev_index` (if it has that
     /// index) and `hint_index` the first index the follower holds of that term, or its last
     /// index + 1 when its log is shorter.
-    Rejected {
-        rejected_index: LogIndex,
-        hint_index: LogIndex,
-        hint_term: Option<Term>,
-    },
+    Rejected { rejected_index: LogIndex, hint_index: LogIndex, hint_term: Option<Term> },
 }
