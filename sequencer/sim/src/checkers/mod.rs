@@ -1,0 +1,85 @@
+//! Checkers. Each safety property has its own module with unit tests on histories or
+//! observations that are known to be wrong: a check that cannot fail is a defect.
+//!
+//! Protocol checkers (`election_safety`, `log_matching`, `leader_completeness`,
+//! `state_machine_safety`) are fed observations by the simulator while it runs. History
+//! checkers (`total_order`, `linearizability`, `fencing`, `counters`) read only the client
+//! history, so they can also check a history file recorded elsewhere (`tob-sim check FILE`).
+
+pub mod counters;
+pub mod election_safety;
+pub mod fencing;
+pub mod leader_completeness;
+pub mod linearizability;
+pub mod log_matching;
+pub mod state_machine_safety;
+pub mod total_order;
+
+use crate::history::History;
+
+/// A broken guarantee, named by the checker that found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub checker: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.checker, self.message)
+    }
+}
+
+pub(crate) fn violation(checker: &'static str, message: impl Into<String>) -> Violation {
+    Violation { checker, message: message.into() }
+}
+
+/// Identifies a log entry's contents without keeping them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EntrySummary {
+    pub index: u64,
+    pub term: u64,
+    pub digest: u64,
+}
+
+/// Runs every history checker. `final_nodes` lists the nodes that must have delivered every
+/// acknowledged append by the end (all of them after a heal phase).
+pub fn check_history(history: &History, final_nodes: &[String]) -> Vec<Violation> {
+    let ops = match history.operations() {
+        Ok(ops) => ops,
+        Err(e) => return vec![violation("history", e)],
+    };
+    let mut out = Vec::new();
+    out.extend(total_order::check(history, &ops, final_nodes));
+    out.extend(linearizability::check(&ops));
+    out.extend(fencing::check(&ops));
+    out.extend(counters::check(&ops));
+    out
+}
+
+/// FNV-1a, used for digests and the trace hash (stable across platforms and runs).
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv(pub u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub fn bytes(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    pub fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+    pub fn of(bytes: &[u8]) -> u64 {
+        let mut h = Fnv::default();
+        h.bytes(bytes);
+        h.0
+    }
+}
