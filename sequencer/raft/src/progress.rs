@@ -16,6 +16,9 @@ pub(crate) enum ReplicationState {
     Snapshot { index: LogIndex },
 }
 
+/// Heartbeat answers without replication progress before the leader re-probes a follower.
+const STALLED_HEARTBEATS_MAX: u32 = 3;
+
 #[derive(Debug, Clone)]
 pub(crate) struct Progress {
     /// Highest index known to be replicated on the follower. Invariant: `match_index < next_index`.
@@ -31,6 +34,10 @@ pub(crate) struct Progress {
     pub recent_active: bool,
     /// Highest heartbeat round the follower has answered in this term.
     pub acked_round: u64,
+    /// Heartbeat answers in a row while `match_index` stood still below the leader's last
+    /// index: pipelined Appends were probably lost, so the leader falls back to probing.
+    pub stalled_heartbeats: u32,
+    match_at_last_heartbeat: LogIndex,
 }
 
 impl Progress {
@@ -43,6 +50,8 @@ impl Progress {
             inflight: VecDeque::new(),
             recent_active: false,
             acked_round: 0,
+            stalled_heartbeats: 0,
+            match_at_last_heartbeat: LogIndex(0),
         }
     }
 
@@ -74,6 +83,17 @@ impl Progress {
         }
         self.next_index = self.next_index.max(index.next());
         moved
+    }
+
+    /// Notes a heartbeat answer; returns whether replication to this follower looks stuck.
+    pub fn heartbeat_answered(&mut self, leader_last: LogIndex) -> bool {
+        if self.match_index < leader_last && self.match_index == self.match_at_last_heartbeat {
+            self.stalled_heartbeats += 1;
+        } else {
+            self.stalled_heartbeats = 0;
+        }
+        self.match_at_last_heartbeat = self.match_index;
+        self.stalled_heartbeats >= STALLED_HEARTBEATS_MAX
     }
 
     pub fn is_paused(&self, max_inflight: usize) -> bool {

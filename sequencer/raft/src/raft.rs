@@ -675,11 +675,14 @@ impl Raft {
             }
             MessageBody::HeartbeatResponse { round } => {
                 progress.acked_round = progress.acked_round.max(round);
+                let stalled = progress.heartbeat_answered(self.log.last_index());
                 match progress.state {
                     ReplicationState::Probe => progress.probe_sent = false,
-                    // The snapshot may have been lost; probing finds out.
-                    ReplicationState::Snapshot { .. } => progress.become_probe(),
-                    ReplicationState::Replicate => {}
+                    // The snapshot or pipelined Appends may have been lost; probing finds out.
+                    ReplicationState::Snapshot { .. } | ReplicationState::Replicate if stalled => {
+                        progress.become_probe()
+                    }
+                    ReplicationState::Snapshot { .. } | ReplicationState::Replicate => {}
                 }
                 if progress.match_index < self.log.last_index() {
                     self.send_append(from);

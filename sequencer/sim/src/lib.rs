@@ -6,4 +6,38 @@
 //! history; checkers look for broken guarantees.
 
 pub mod checkers;
+pub mod client;
+pub mod disk;
 pub mod history;
+pub mod network;
+pub mod node;
+pub mod world;
+
+pub use world::{Report, SimConfig, Stats, run};
+
+/// The deliberately planted bugs, by the name `--bug` takes.
+pub const PLANTED_BUGS: &[(&str, &str)] = &[
+    ("vote-without-log-check", "grant votes without the log up-to-date check (§5.4.1)"),
+    ("read-without-quorum", "answer ReadIndex reads without confirming leadership"),
+    ("commit-previous-term", "commit earlier-term entries by counting replicas (Figure 8)"),
+    (
+        "apply-retries-twice",
+        "apply a retried request again instead of answering from the dedup table",
+    ),
+];
+
+/// Switches on a planted bug by name. Without the `planted-bugs` feature the switches exist but
+/// the code ignores them, so this refuses instead.
+pub fn plant_bug(config: &mut SimConfig, name: &str) -> Result<(), String> {
+    if !cfg!(feature = "planted-bugs") {
+        return Err("this tob-sim was built without the `planted-bugs` feature".into());
+    }
+    match name {
+        "vote-without-log-check" => config.bugs.vote_without_log_check = true,
+        "read-without-quorum" => config.bugs.read_without_quorum = true,
+        "commit-previous-term" => config.bugs.commit_previous_term = true,
+        "apply-retries-twice" => config.machine_bugs.apply_retries_twice = true,
+        other => return Err(format!("unknown bug {other}; see --list-bugs")),
+    }
+    Ok(())
+}
