@@ -10,8 +10,8 @@ pub struct PlantedBugs {
     pub vote_without_log_check: bool,
     /// Answer ReadIndex reads without confirming leadership with a quorum.
     pub read_without_quorum: bool,
-    /// Commit entries of earlier terms by counting replicas (the Figure 8 bug).
-    pub commit_previous_term: bool,
+    /// Accept an Append whose previous entry has a different term (breaks log matching).
+    pub append_without_prev_check: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -180,7 +180,10 @@ impl SimClient {
             self.txn = None;
         }
         let key = format!("k{}", rng.range(0, KEYS as u64));
-        match rng.range(0, 100) {
+        // Odd clients only read: they keep reading while writers beside the same node are
+        // stuck, so they are the ones that see a stale read if a deposed leader answers one.
+        let roll = if self.index % 2 == 1 { 60 } else { rng.range(0, 100) };
+        match roll {
             0..=24 => {
                 let topic = match rng.range(0, 3) {
                     0 => None,
@@ -191,7 +194,9 @@ impl SimClient {
             25..=41 => Op::Claim { key, owner: format!("p{p}"), kind: ClaimKind::Held },
             42..=51 => Op::Release { key, owner: format!("p{p}"), holder: None },
             52..=71 => {
-                let mode = match rng.range(0, 3) {
+                // Readers skip log reads, which wait with the writers when the log is stuck.
+                let first_mode = if self.index % 2 == 1 { 1 } else { 0 };
+                let mode = match rng.range(first_mode, 3) {
                     0 => ReadKind::Log,
                     1 => ReadKind::Index,
                     _ => ReadKind::Lease,

@@ -19,7 +19,6 @@ pub use world::{Report, SimConfig, Stats, run};
 pub const PLANTED_BUGS: &[(&str, &str)] = &[
     ("vote-without-log-check", "grant votes without the log up-to-date check (§5.4.1)"),
     ("read-without-quorum", "answer ReadIndex reads without confirming leadership"),
-    ("commit-previous-term", "commit earlier-term entries by counting replicas (Figure 8)"),
     (
         "apply-retries-twice",
         "apply a retried request again instead of answering from the dedup table",
@@ -35,7 +34,7 @@ pub fn plant_bug(config: &mut SimConfig, name: &str) -> Result<(), String> {
     match name {
         "vote-without-log-check" => config.bugs.vote_without_log_check = true,
         "read-without-quorum" => config.bugs.read_without_quorum = true,
-        "commit-previous-term" => config.bugs.commit_previous_term = true,
+        "append-without-prev-check" => config.bugs.append_without_prev_check = true,
         "apply-retries-twice" => config.machine_bugs.apply_retries_twice = true,
         other => return Err(format!("unknown bug {other}; see --list-bugs")),
     }

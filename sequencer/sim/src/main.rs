@@ -18,9 +18,10 @@ usage:
 options:
   --bug NAME          switch on a planted bug (needs the planted-bugs feature)
   --chaos-ms MS       length of the fault phase (default 5000)
-  --clients N         client processes (default 5)
+  --clients N         client processes (default 6)
   --no-faults         no nemesis
   --verbose           print the nemesis log and statistics
+  --keep-going        with --seeds: run every seed and count the failing ones
 ";
 
 struct Args {
@@ -34,6 +35,7 @@ struct Args {
     clients: Option<usize>,
     faults: bool,
     verbose: bool,
+    keep_going: bool,
 }
 
 fn parse(mut argv: std::vec::IntoIter<String>) -> Result<Args, String> {
@@ -48,6 +50,7 @@ fn parse(mut argv: std::vec::IntoIter<String>) -> Result<Args, String> {
         clients: None,
         faults: true,
         verbose: false,
+        keep_going: false,
     };
     let number = |v: Option<String>, what: &str| -> Result<u64, String> {
         v.ok_or_else(|| format!("{what} needs a value"))?
@@ -80,6 +83,7 @@ fn parse(mut argv: std::vec::IntoIter<String>) -> Result<Args, String> {
             "--clients" => args.clients = Some(number(argv.next(), "--clients")?.max(1) as usize),
             "--no-faults" => args.faults = false,
             "--verbose" => args.verbose = true,
+            "--keep-going" => args.keep_going = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -135,7 +139,7 @@ fn print_report(report: &Report, verbose: bool) {
         }
         println!(
             "stats: events {} ok {} fail {} info {} elections {} crashes {} partitions {} \
-             snapshots-installed {} commit {}",
+             snapshots-installed {} commit {} reads {} reads-by-deposed-leader {}",
             s.events,
             s.ops_ok,
             s.ops_fail,
@@ -144,7 +148,9 @@ fn print_report(report: &Report, verbose: bool) {
             s.crashes,
             s.partitions,
             s.snapshots_installed,
-            s.max_commit
+            s.max_commit,
+            s.reads_served,
+            s.reads_by_deposed_leader
         );
     }
     for v in &report.violations {
@@ -219,6 +225,7 @@ fn run_range(args: &Args) -> ExitCode {
     let next = AtomicU64::new(first);
     let done = AtomicU64::new(0);
     let failed: Mutex<Option<(u64, Report)>> = Mutex::new(None);
+    let failing_seeds: Mutex<Vec<u64>> = Mutex::new(Vec::new());
     let total = end - first;
     std::thread::scope(|scope| {
         for _ in 0..args.jobs {
@@ -231,7 +238,9 @@ fn run_range(args: &Args) -> ExitCode {
                         return;
                     }
                     let report = run(config(args, seed).expect("checked"));
-                    if !report.violations.is_empty() {
+                    if !report.violations.is_empty() && args.keep_going {
+                        failing_seeds.lock().expect("lock").push(seed);
+                    } else if !report.violations.is_empty() {
                         let mut f = failed.lock().expect("lock");
                         if f.as_ref().is_none_or(|(s, _)| seed < *s) {
                             *f = Some((seed, report));
@@ -249,6 +258,12 @@ fn run_range(args: &Args) -> ExitCode {
             });
         }
     });
+    if args.keep_going {
+        let mut seeds = failing_seeds.into_inner().expect("lock");
+        seeds.sort_unstable();
+        println!("{} of {total} seeds failed: {:?}", seeds.len(), &seeds[..seeds.len().min(30)]);
+        return if seeds.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+    }
     match failed.into_inner().expect("lock") {
         Some((seed, report)) => {
             println!("seed {seed} FAILED ({} violations)", report.violations.len());

@@ -1,6 +1,6 @@
 //! A simulated network: per-message delay, loss and duplication (which also reorders), and
-//! partitions, symmetric or one-way, between nodes. Clients reach every node, through the same
-//! loss and delay.
+//! partitions, symmetric or one-way, between nodes. Each client runs beside a home node and
+//! reaches what that node's host reaches, through the same loss and delay.
 
 use std::collections::BTreeSet;
 
@@ -43,6 +43,8 @@ pub struct Network {
     pub duplicate_per_million: u32,
     pub delay_min_ns: u64,
     pub delay_max_ns: u64,
+    /// The node each client runs beside.
+    pub client_homes: Vec<usize>,
 }
 
 impl Default for Network {
@@ -53,11 +55,16 @@ impl Default for Network {
             duplicate_per_million: 0,
             delay_min_ns: 100_000,
             delay_max_ns: 2_000_000,
+            client_homes: Vec::new(),
         }
     }
 }
 
 impl Network {
+    pub fn new(client_homes: Vec<usize>) -> Network {
+        Network { client_homes, ..Network::default() }
+    }
+
     pub fn heal(&mut self) {
         self.blocked.clear();
         self.loss_per_million = 0;
@@ -87,7 +94,14 @@ impl Network {
     pub fn is_blocked(&self, from: Addr, to: Addr) -> bool {
         match (from, to) {
             (Addr::Node(a), Addr::Node(b)) => self.blocked.contains(&(a, b)),
-            _ => false,
+            // A client lives on its home node's host: it reaches what that host reaches, both
+            // ways (a TCP connection needs both directions).
+            (Addr::Client(c), Addr::Node(n)) | (Addr::Node(n), Addr::Client(c)) => {
+                let home = self.client_homes[c];
+                home != n
+                    && (self.blocked.contains(&(home, n)) || self.blocked.contains(&(n, home)))
+            }
+            (Addr::Client(_), Addr::Client(_)) => false,
         }
     }
 

@@ -25,9 +25,11 @@ use crate::node::{Effects, SimNode};
 
 const MS: u64 = 1_000_000;
 const TICK_NS: u64 = 10 * MS;
-const ATTEMPT_TIMEOUT_NS: u64 = 150 * MS;
-const GIVE_UP_NS: u64 = 2_000 * MS;
+const ATTEMPT_TIMEOUT_NS: u64 = 40 * MS;
+const GIVE_UP_NS: u64 = 1_000 * MS;
 const NOT_LEADER_BACKOFF_NS: u64 = 5 * MS;
+/// A run that needs more events than this is livelocked (only seen with planted bugs).
+const EVENTS_MAX: u64 = 2_000_000;
 /// Log-matching is checked across all nodes this often (it compares whole logs).
 const LOG_CHECK_EVERY_EVENTS: u64 = 5_000;
 
@@ -50,7 +52,7 @@ impl SimConfig {
         SimConfig {
             seed,
             nodes: 3,
-            clients: 5,
+            clients: 6,
             chaos_ns: 5_000 * MS,
             heal_ns: 2_000 * MS,
             quiesce_ns: 3_000 * MS,
@@ -73,6 +75,9 @@ pub struct Stats {
     pub partitions: u64,
     pub snapshots_installed: u64,
     pub max_commit: u64,
+    pub reads_served: u64,
+    /// Reads answered by a node while a newer term already had a leader.
+    pub reads_by_deposed_leader: u64,
 }
 
 /// The result of one run.
@@ -152,6 +157,8 @@ pub struct World {
     trace: Fnv,
     stats: Stats,
     leader_terms_seen: BTreeSet<(usize, u64)>,
+    /// Whether each node was leader after its last event (for the run log).
+    leading: Vec<bool>,
     expire_first_proposed: BTreeMap<(SessionId, u64), u64>,
     expiries_recorded: BTreeSet<u64>,
     next_expirer_process: u64,
@@ -187,7 +194,7 @@ impl World {
             next_event: 0,
             nodes,
             clients,
-            network: Network::default(),
+            network: Network::new((0..config.clients).map(|c| c % config.nodes).collect()),
             phase: Phase::Chaos,
             history: History::default(),
             checkers: Checkers {
@@ -199,6 +206,7 @@ impl World {
             trace: Fnv::default(),
             stats: Stats::default(),
             leader_terms_seen: BTreeSet::new(),
+            leading: vec![false; config.nodes],
             expire_first_proposed: BTreeMap::new(),
             expiries_recorded: BTreeSet::new(),
             next_expirer_process: 1_000_000,
@@ -241,6 +249,17 @@ impl World {
                 break;
             }
             self.handle(kind);
+            if self.protocol_violated() {
+                break; // fail fast: the rest of the run would only pile up consequences
+            }
+            if self.stats.events >= EVENTS_MAX {
+                let at = self.now / MS;
+                self.checkers.other.push(violation(
+                    "liveness",
+                    format!("livelock: {EVENTS_MAX} events by {at} ms"),
+                ));
+                break;
+            }
             if self.stats.events % LOG_CHECK_EVERY_EVENTS == 0 {
                 self.check_logs();
             }
@@ -370,7 +389,14 @@ impl World {
             let incarnation = self.nodes[node].incarnation;
             self.schedule(delay, EventKind::SyncDone { node, incarnation });
         }
+        let max_term = self.leader_terms_seen.iter().map(|(_, t)| *t).max().unwrap_or(0);
         for (to, packet) in fx.send {
+            if let Packet::Reply { result: Ok(tob_proto::Outcome::Owner { .. }), .. } = &packet {
+                self.stats.reads_served += 1;
+                if self.nodes[node].raft.term().0 < max_term {
+                    self.stats.reads_by_deposed_leader += 1;
+                }
+            }
             self.send(Addr::Node(node), to, packet);
         }
         self.observe_leadership(node);
@@ -378,7 +404,15 @@ impl World {
 
     fn observe_leadership(&mut self, node: usize) {
         let n = &self.nodes[node];
-        if n.raft.role() != Role::Leader {
+        let leading = n.raft.role() == Role::Leader;
+        if self.leading[node] != leading {
+            self.leading[node] = leading;
+            let what = if leading { "became leader" } else { "stopped leading" };
+            let line = format!("n{} {what} in term {}", node + 1, n.raft.term().0);
+            self.log_nemesis(line);
+        }
+        let n = &self.nodes[node];
+        if !leading {
             return;
         }
         let term = n.raft.term().0;
@@ -409,6 +443,7 @@ impl World {
     fn crash(&mut self, node: usize) {
         self.stats.crashes += 1;
         self.nodes[node].crash(&mut self.rng);
+        self.leading[node] = false;
         let down_ns = self.rng.range(50 * MS, 1_500 * MS);
         self.log_nemesis(format!("crash n{} for {} ms", node + 1, down_ns / MS));
         self.schedule(down_ns, EventKind::Restart { node });
@@ -645,6 +680,14 @@ impl World {
 
     // ----- checks ---------------------------------------------------------------------------
 
+    fn protocol_violated(&self) -> bool {
+        let c = &self.checkers;
+        !(c.election.violations.is_empty()
+            && c.completeness.violations.is_empty()
+            && c.state_machine.violations.is_empty()
+            && c.other.is_empty())
+    }
+
     fn check_logs(&mut self) {
         let logs: Vec<(u64, Vec<_>)> = self
             .nodes
@@ -721,7 +764,26 @@ fn names(nodes: &[usize]) -> Vec<String> {
     nodes.iter().map(|n| format!("n{}", n + 1)).collect()
 }
 
-/// Runs one seed.
+/// Runs one seed. A panic inside the run (an assertion of the core or the simulator) is
+/// reported as a violation of that seed, not as a crash of the whole range.
 pub fn run(config: SimConfig) -> Report {
-    World::new(config).run()
+    let seed = config.seed;
+    match std::panic::catch_unwind(move || World::new(config).run()) {
+        Ok(report) => report,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Report {
+                seed,
+                trace_hash: 0,
+                violations: vec![violation("panic", message)],
+                history: History::default(),
+                stats: Stats::default(),
+                nemesis_log: Vec::new(),
+            }
+        }
+    }
 }
