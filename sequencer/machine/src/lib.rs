@@ -307,10 +307,11 @@ impl Machine {
 
     fn finalize(&mut self, holder: &str, keys: &[ClaimKey]) -> Outcome {
         for key in keys {
-            if let Some(claim) = self.state.claims.get_mut(key) {
-                if claim.holder == holder && claim.state == ClaimState::Prepared {
-                    claim.state = ClaimState::Held;
-                }
+            if let Some(claim) = self.state.claims.get_mut(key)
+                && claim.holder == holder
+                && claim.state == ClaimState::Prepared
+            {
+                claim.state = ClaimState::Held;
             }
         }
         Outcome::Finalized

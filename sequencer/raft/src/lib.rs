@@ -53,3 +53,6 @@ pub use types::{
     AppendResult, Entry, EntryKind, HardState, LogIndex, Message, MessageBody, NodeId, Snapshot,
     Term,
 };
+
+#[cfg(test)]
+mod tests;

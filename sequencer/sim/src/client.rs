@@ -12,7 +12,8 @@ use tob_raft::{ReadMode, SplitMix64};
 use crate::network::CallBody;
 
 pub const NAMESPACE: &str = "users";
-pub const KEYS: usize = 4;
+/// The contended usernames every client fights over.
+pub const KEYS: [&str; 4] = ["alice", "bob", "carol", "dave"];
 pub const SESSION_TTL_MS: u64 = 1_500;
 
 /// How a `read` is served.
@@ -179,7 +180,7 @@ impl SimClient {
             self.session = None;
             self.txn = None;
         }
-        let key = format!("k{}", rng.range(0, KEYS as u64));
+        let key = KEYS[rng.range(0, KEYS.len() as u64) as usize].to_owned();
         // Odd clients only read: they keep reading while writers beside the same node are
         // stuck, so they are the ones that see a stale read if a deposed leader answers one.
         let roll = if self.index % 2 == 1 { 60 } else { rng.range(0, 100) };

@@ -19,6 +19,7 @@ pub use world::{Report, SimConfig, Stats, run};
 pub const PLANTED_BUGS: &[(&str, &str)] = &[
     ("vote-without-log-check", "grant votes without the log up-to-date check (§5.4.1)"),
     ("read-without-quorum", "answer ReadIndex reads without confirming leadership"),
+    ("append-without-prev-check", "accept Appends whose previous entry has another term"),
     (
         "apply-retries-twice",
         "apply a retried request again instead of answering from the dedup table",

@@ -248,7 +248,7 @@ fn run_range(args: &Args) -> ExitCode {
                         return;
                     }
                     let n = done.fetch_add(1, Ordering::SeqCst) + 1;
-                    if n % 100 == 0 || n == total {
+                    if n.is_multiple_of(100) || n == total {
                         println!(
                             "{n}/{total} seeds passed ({:.1}s)",
                             started.elapsed().as_secs_f64()

@@ -42,6 +42,8 @@ pub struct SimNode {
     pub index: usize,
     pub name: String,
     pub up: bool,
+    /// Its core panicked: it stays down.
+    pub broken: bool,
     pub incarnation: u64,
     pub tick_ns: u64,
     pub raft: Raft,
@@ -83,6 +85,7 @@ impl SimNode {
             index,
             name: format!("n{}", index + 1),
             up: true,
+            broken: false,
             incarnation: 0,
             tick_ns,
             raft: Raft::new(config.clone(), disk.recover()),
@@ -229,7 +232,7 @@ impl SimNode {
                 }
             }
         }
-        if index % STATE_HASH_EVERY_ENTRIES == 0 {
+        if index.is_multiple_of(STATE_HASH_EVERY_ENTRIES) {
             fx.state_hashes.push((index, Fnv::of(&self.machine.snapshot())));
         }
     }

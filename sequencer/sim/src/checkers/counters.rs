@@ -44,13 +44,13 @@ pub fn check(ops: &[Operation]) -> Vec<Violation> {
             valued.push((*op, value));
         }
         let possible = ops.len() as u64;
-        if let Some((&max, _)) = seen.iter().next_back() {
-            if max > possible {
-                out.push(violation(
+        if let Some((&max, _)) = seen.iter().next_back()
+            && max > possible
+        {
+            out.push(violation(
                     NAME,
                     format!("{counter}: value {max} seen but only {possible} increments could have happened (a gap)"),
                 ));
-            }
         }
         out.extend(real_time_order(NAME, &valued, &format!("next on {counter}")));
     }

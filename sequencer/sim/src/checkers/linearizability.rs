@@ -231,9 +231,6 @@ fn search(ops: &[KeyOp], names: &BTreeMap<u32, &str>) -> Result<(), String> {
                     stack.push((cur, std::mem::replace(&mut state, new_state)));
                     unlink(&mut next, &mut prev, cur);
                     unlink(&mut next, &mut prev, return_of[op]);
-                    if stack.len() > deepest.0 {
-                        deepest = (stack.len(), op);
-                    }
                     cur = next[0];
                     continue;
                 }
@@ -244,8 +241,13 @@ fn search(ops: &[KeyOp], names: &BTreeMap<u32, &str>) -> Result<(), String> {
             if ops[op].info {
                 return Ok(()); // only operations that may never have happened remain
             }
+            // This operation must take effect before anything still pending; remember the
+            // deepest point where that was impossible, to name it in the report.
+            if stack.len() >= deepest.0 {
+                deepest = (stack.len(), op);
+            }
             let Some((call, previous)) = stack.pop() else {
-                return Err(describe(ops, op, deepest, names));
+                return Err(describe(ops, deepest, names));
             };
             state = previous;
             let call_op = entries[call - 1].op;
@@ -258,29 +260,21 @@ fn search(ops: &[KeyOp], names: &BTreeMap<u32, &str>) -> Result<(), String> {
     Ok(())
 }
 
-fn describe(
-    ops: &[KeyOp],
-    stuck: usize,
-    deepest: (usize, usize),
-    names: &BTreeMap<u32, &str>,
-) -> String {
-    let show = |i: usize| {
-        let o = ops[i].op;
-        let effect = match &ops[i].effect {
-            Effect::Claim { owner, result } => format!("claim by {} -> {result:?}", names[owner]),
-            Effect::Release { owner, result } => {
-                format!("release by {} -> {result:?}", names[owner])
-            }
-            Effect::Read { owner } => format!("read -> {:?}", owner.map(|o| names[&o])),
-        };
-        format!("process {} {effect} [{}..{}]", o.process, o.invoke_time, o.complete_time)
+fn describe(ops: &[KeyOp], deepest: (usize, usize), names: &BTreeMap<u32, &str>) -> String {
+    let k = &ops[deepest.1];
+    let effect = match &k.effect {
+        Effect::Claim { owner, result } => format!("claim by {} -> {result:?}", names[owner]),
+        Effect::Release { owner, result } => format!("release by {} -> {result:?}", names[owner]),
+        Effect::Read { owner } => format!("read -> {:?}", owner.map(|o| names[&o])),
     };
     format!(
-        "not linearizable: {} of {} operations linearized at best (last: {}); no order admits {}",
+        "not linearizable: at best {} of {} operations take effect in some order, and then \
+         process {} {effect} (invoked {} ns, completed {} ns) cannot",
         deepest.0,
         ops.len(),
-        show(deepest.1),
-        show(stuck)
+        k.op.process,
+        k.op.invoke_time,
+        k.op.complete_time
     )
 }
 

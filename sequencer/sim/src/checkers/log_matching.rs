@@ -22,17 +22,17 @@ pub fn check(logs: &[(u64, Vec<EntrySummary>)]) -> Vec<Violation> {
             };
             // ...implies identical entries at and below it.
             for b in log_b.iter().take_while(|b| b.index <= agree.index) {
-                if let Some(a) = by_index.get(&b.index) {
-                    if *a != b {
-                        out.push(violation(
+                if let Some(a) = by_index.get(&b.index)
+                    && *a != b
+                {
+                    out.push(violation(
                             "log_matching",
                             format!(
                                 "n{node_a} and n{node_b} agree at index {} term {} but differ at index {}",
                                 agree.index, agree.term, b.index
                             ),
                         ));
-                        break;
-                    }
+                    break;
                 }
             }
         }

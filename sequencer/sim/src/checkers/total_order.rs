@@ -18,7 +18,7 @@ const NAME: &str = "total_order";
 pub fn check(history: &History, ops: &[Operation], final_nodes: &[String]) -> Vec<Violation> {
     let mut out = Vec::new();
     let mut next_by_node: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut id_at_seq: BTreeMap<u64, &str> = BTreeMap::new();
+    let mut id_at_seq: BTreeMap<u64, (&str, &str)> = BTreeMap::new();
     let mut seq_of_id: BTreeMap<&str, u64> = BTreeMap::new();
     for event in &history.events {
         let (Some(node), Some(seq)) = (event.node.as_deref(), event.seq) else { continue };
@@ -36,11 +36,11 @@ pub fn check(history: &History, ops: &[Operation], final_nodes: &[String]) -> Ve
                 }
                 *expected = seq + 1;
                 let id = event.id.as_deref().unwrap_or("");
-                let first = *id_at_seq.entry(seq).or_insert(id);
+                let (first, first_node) = *id_at_seq.entry(seq).or_insert((id, node));
                 if first != id {
                     out.push(violation(
                         NAME,
-                        format!("seq {seq} is {first} on one node, {id} on {node}"),
+                        format!("seq {seq} is {first} on {first_node} but {id} on {node}"),
                     ));
                 }
                 let first_seq = *seq_of_id.entry(id).or_insert(seq);
@@ -140,16 +140,16 @@ pub(crate) fn real_time_order(
             max_done = max_done.max(Some(by_complete[done].1));
             done += 1;
         }
-        if let Some(max) = max_done {
-            if value < max {
-                out.push(violation(
-                    checker,
-                    format!(
-                        "{what} by process {process} invoked at {invoke} got {value}, \
+        if let Some(max) = max_done
+            && value < max
+        {
+            out.push(violation(
+                checker,
+                format!(
+                    "{what} by process {process} invoked at {invoke} got {value}, \
                          but {max} was already acknowledged"
-                    ),
-                ));
-            }
+                ),
+            ));
         }
     }
     out

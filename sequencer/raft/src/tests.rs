@@ -1,0 +1,288 @@
+//! Scenario tests of the core through its public API, on a tiny synchronous harness: every
+//! Ready is "persisted" at once and messages are delivered in order unless a link is cut.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::*;
+
+struct Cluster {
+    nodes: BTreeMap<u64, Raft>,
+    cut: BTreeSet<(u64, u64)>,
+    applied: BTreeMap<u64, Vec<Entry>>,
+    reads: BTreeMap<u64, Vec<ReadState>>,
+    /// Every Ready seen, for checks on the persistence contract.
+    readies: Vec<(u64, Ready)>,
+}
+
+impl Cluster {
+    fn new(n: u64) -> Cluster {
+        let voters: Vec<NodeId> = (1..=n).map(NodeId).collect();
+        let nodes = (1..=n)
+            .map(|id| {
+                (id, Raft::new(Config::new(NodeId(id), voters.clone(), 42), Recovered::default()))
+            })
+            .collect();
+        Cluster {
+            nodes,
+            cut: BTreeSet::new(),
+            applied: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            readies: Vec::new(),
+        }
+    }
+
+    fn isolate(&mut self, id: u64) {
+        for &other in self.nodes.keys() {
+            if other != id {
+                self.cut.insert((id, other));
+                self.cut.insert((other, id));
+            }
+        }
+    }
+
+    /// Carries out Readys and delivers messages until the cluster is quiet.
+    fn settle(&mut self) {
+        for _ in 0..10_000 {
+            let mut messages = Vec::new();
+            for (&id, raft) in self.nodes.iter_mut() {
+                if !raft.has_ready() {
+                    continue;
+                }
+                let ready = raft.ready();
+                messages.extend(ready.messages.iter().cloned());
+                messages.extend(ready.messages_after_persist.iter().cloned());
+                self.applied.entry(id).or_default().extend(ready.committed.iter().cloned());
+                self.reads.entry(id).or_default().extend(ready.read_states.iter().copied());
+                raft.advance();
+                self.readies.push((id, ready));
+            }
+            if messages.is_empty() && !self.nodes.values().any(Raft::has_ready) {
+                return;
+            }
+            for m in messages {
+                if !self.cut.contains(&(m.from.0, m.to.0)) {
+                    self.nodes.get_mut(&m.to.0).unwrap().step(m);
+                }
+            }
+        }
+        panic!("cluster never settled");
+    }
+
+    fn tick(&mut self, ticks: u32) {
+        for _ in 0..ticks {
+            for raft in self.nodes.values_mut() {
+                raft.tick();
+            }
+            self.settle();
+        }
+    }
+
+    fn leaders(&self) -> Vec<u64> {
+        self.nodes.iter().filter(|(_, r)| r.role() == Role::Leader).map(|(&id, _)| id).collect()
+    }
+
+    fn elect(&mut self) -> u64 {
+        for _ in 0..100 {
+            self.tick(1);
+            if let [leader] = self.leaders()[..] {
+                return leader;
+            }
+        }
+        panic!("no leader elected");
+    }
+}
+
+#[test]
+fn elects_one_leader_which_appends_a_noop() {
+    let mut c = Cluster::new(3);
+    let leader = c.elect();
+    assert_eq!(c.leaders(), vec![leader]);
+    let term = c.nodes[&leader].term();
+    let first_of_term = c.nodes[&leader].entries().iter().find(|e| e.term == term).unwrap();
+    assert_eq!(first_of_term.kind, EntryKind::Noop);
+    for raft in c.nodes.values() {
+        assert_eq!(raft.term(), term);
+        assert_eq!(raft.leader(), Some(NodeId(leader)));
+    }
+}
+
+#[test]
+fn votes_leave_only_after_they_are_persisted() {
+    let mut c = Cluster::new(3);
+    c.elect();
+    let mut saw_vote = false;
+    for (_, ready) in &c.readies {
+        for m in &ready.messages {
+            assert!(
+                !matches!(
+                    m.body,
+                    MessageBody::Vote { .. }
+                        | MessageBody::VoteResponse { .. }
+                        | MessageBody::AppendResponse(_)
+                ),
+                "{m:?} may only be sent after persisting"
+            );
+        }
+        for m in &ready.messages_after_persist {
+            if let MessageBody::VoteResponse { granted: true } | MessageBody::Vote { .. } = m.body {
+                saw_vote = true;
+                // The vote this message depends on is in the same Ready's hard state.
+                let hs = ready.hard_state.expect("a vote changes the hard state");
+                assert_eq!(hs.term, m.term);
+                assert!(hs.voted_for.is_some());
+            }
+        }
+    }
+    assert!(saw_vote);
+}
+
+#[test]
+fn proposals_are_committed_and_applied_in_the_same_order_everywhere() {
+    let mut c = Cluster::new(5);
+    let leader = c.elect();
+    for i in 0..20u8 {
+        c.nodes.get_mut(&leader).unwrap().propose(vec![i]).unwrap();
+    }
+    c.tick(3);
+    let commands = |entries: &Vec<Entry>| -> Vec<Vec<u8>> {
+        entries
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EntryKind::Command(d) => Some(d.clone()),
+                EntryKind::Noop => None,
+            })
+            .collect()
+    };
+    let expected: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i]).collect();
+    for id in 1..=5 {
+        assert_eq!(commands(&c.applied[&id]), expected, "node {id}");
+    }
+    let follower = (1..=5).find(|&i| i != leader).unwrap();
+    assert_eq!(
+        c.nodes.get_mut(&follower).unwrap().propose(vec![9]),
+        Err(NotLeader { leader: Some(NodeId(leader)) })
+    );
+}
+
+#[test]
+fn read_index_waits_for_a_quorum_round() {
+    let mut c = Cluster::new(3);
+    let leader = c.elect();
+    c.tick(1);
+    let raft = c.nodes.get_mut(&leader).unwrap();
+    raft.read(7, ReadMode::Index).unwrap();
+    let ready = raft.ready();
+    assert!(ready.read_states.is_empty(), "answered before confirming leadership");
+    assert!(ready.messages.iter().any(|m| matches!(m.body, MessageBody::Heartbeat { .. })));
+    raft.advance();
+    let heartbeats = ready.messages;
+    for m in heartbeats {
+        c.nodes.get_mut(&m.to.0).unwrap().step(m);
+    }
+    c.settle();
+    let reads = &c.reads[&leader];
+    assert_eq!(reads.last().map(|r| r.context), Some(7));
+    assert_eq!(reads.last().unwrap().index, c.nodes[&leader].commit_index());
+}
+
+#[test]
+fn an_isolated_leader_cannot_confirm_reads_and_steps_down() {
+    let mut c = Cluster::new(3);
+    let old = c.elect();
+    c.isolate(old);
+    c.nodes.get_mut(&old).unwrap().read(1, ReadMode::Index).unwrap();
+    c.tick(3 * 10);
+    assert!(c.reads.get(&old).is_none_or(|r| r.iter().all(|r| r.context != 1)));
+    assert_ne!(c.nodes[&old].role(), Role::Leader, "check-quorum must depose it");
+    let ready = c.nodes.get_mut(&old).unwrap();
+    assert!(ready.read(2, ReadMode::Index).is_err());
+    let new = c.leaders();
+    assert_eq!(new.len(), 1);
+    assert_ne!(new[0], old);
+}
+
+#[test]
+fn lease_reads_skip_the_round_trip_only_while_the_lease_holds() {
+    let mut c = Cluster::new(3);
+    let leader = c.elect();
+    c.tick(2); // a heartbeat round confirmed
+    let raft = c.nodes.get_mut(&leader).unwrap();
+    assert!(raft.has_lease());
+    raft.read(1, ReadMode::Lease).unwrap();
+    assert_eq!(raft.ready().read_states.len(), 1, "lease read answered at once");
+    raft.advance();
+    c.isolate(leader);
+    let lease_ticks = c.nodes[&leader].config().lease_ticks();
+    for _ in 0..=lease_ticks {
+        c.nodes.get_mut(&leader).unwrap().tick();
+        c.settle();
+    }
+    let raft = c.nodes.get_mut(&leader).unwrap();
+    assert!(!raft.has_lease(), "lease outlived {lease_ticks} ticks without acknowledgements");
+    assert!(lease_ticks < u64::from(raft.config().election_ticks));
+}
+
+#[test]
+fn pre_vote_keeps_a_partitioned_node_from_inflating_its_term() {
+    let mut c = Cluster::new(3);
+    let leader = c.elect();
+    let term = c.nodes[&leader].term();
+    let loner = (1..=3).find(|&i| i != leader).unwrap();
+    c.isolate(loner);
+    c.tick(100);
+    assert_eq!(c.nodes[&loner].term(), term, "pre-vote failed to hold the term");
+    c.cut.clear();
+    c.tick(10);
+    assert_eq!(c.leaders(), vec![leader], "a rejoining node must not depose a healthy leader");
+}
+
+#[test]
+fn lagging_follower_catches_up_from_a_snapshot() {
+    let mut c = Cluster::new(3);
+    let leader = c.elect();
+    let lagging = (1..=3).find(|&i| i != leader).unwrap();
+    c.isolate(lagging);
+    for i in 0..30u8 {
+        c.nodes.get_mut(&leader).unwrap().propose(vec![i]).unwrap();
+        c.settle();
+    }
+    let raft = c.nodes.get_mut(&leader).unwrap();
+    let index = raft.commit_index();
+    let snapshot = Snapshot {
+        index,
+        term: raft.term_at(index).unwrap(),
+        voters: raft.config().voters.clone(),
+        data: b"state".to_vec(),
+    };
+    raft.compact(snapshot.clone());
+    assert_eq!(raft.snapshot_index(), index);
+    c.readies.clear();
+    c.cut.clear();
+    c.tick(6);
+    let installed =
+        c.readies.iter().any(|(id, r)| *id == lagging && r.snapshot.as_ref() == Some(&snapshot));
+    assert!(installed, "the follower was not sent the snapshot");
+    assert_eq!(c.nodes[&lagging].commit_index(), c.nodes[&leader].commit_index());
+}
+
+#[test]
+fn recovery_restores_term_vote_and_log() {
+    let mut c = Cluster::new(3);
+    let leader = c.elect();
+    c.nodes.get_mut(&leader).unwrap().propose(b"x".to_vec()).unwrap();
+    c.tick(2);
+    let raft = &c.nodes[&leader];
+    let recovered = Recovered {
+        hard_state: HardState {
+            term: raft.term(),
+            voted_for: Some(NodeId(leader)),
+            commit: raft.commit_index(),
+        },
+        snapshot: None,
+        entries: raft.entries().to_vec(),
+    };
+    let restarted = Raft::new(raft.config().clone(), recovered);
+    assert_eq!(restarted.term(), raft.term());
+    assert_eq!(restarted.last_index(), raft.last_index());
+    assert_eq!(restarted.role(), Role::Follower);
+}
