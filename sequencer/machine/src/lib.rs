@@ -94,6 +94,8 @@ pub struct MachineState {
     counters: BTreeMap<String, u64>,
     sessions: BTreeMap<SessionId, SessionRecord>,
     clients: BTreeMap<ClientId, ClientRecord>,
+    /// `(last_active_index, client)` of every client, to find the idlest in O(log n).
+    clients_by_activity: BTreeSet<(u64, ClientId)>,
 }
 
 /// The result of applying one log entry.
@@ -156,7 +158,9 @@ impl Machine {
             answers: BTreeMap::new(),
             last_active_index: index,
         });
+        self.state.clients_by_activity.remove(&(record.last_active_index, client));
         record.last_active_index = index;
+        self.state.clients_by_activity.insert((index, client));
         if request.first_incomplete > record.floor {
             record.floor = request.first_incomplete;
             let keep = record.answers.split_off(&request.first_incomplete);
@@ -184,13 +188,7 @@ impl Machine {
             record.floor = record.floor.max(RequestId(oldest.0 + 1));
         }
         if self.state.clients.len() > self.config.dedup_clients_max {
-            let idlest = self
-                .state
-                .clients
-                .iter()
-                .min_by_key(|(id, r)| (r.last_active_index, **id))
-                .map(|(id, _)| *id)
-                .expect("non-empty");
+            let (_, idlest) = self.state.clients_by_activity.pop_first().expect("non-empty");
             self.state.clients.remove(&idlest);
         }
     }
@@ -379,12 +377,11 @@ impl Machine {
         if from.0 < first && from.0 <= self.state.last_seq {
             return Err(ErrorCode::Compacted);
         }
-        let skip = from.0.saturating_sub(first) as usize;
+        let skip = (from.0.saturating_sub(first) as usize).min(self.state.messages.len());
         Ok(self
             .state
             .messages
-            .iter()
-            .skip(skip)
+            .range(skip..)
             .filter(|m| topic.is_none_or(|t| m.topic.as_deref() == Some(t)))
             .take(max)
             .cloned()

@@ -243,6 +243,7 @@ fn bad_input_is_refused_identically_and_changes_nothing() {
     let mut after = d.machine.clone();
     after.state.applied_index = 0;
     after.state.clients.clear();
+    after.state.clients_by_activity.clear();
     let mut empty = Machine::new(MachineConfig::default());
     empty.restore(&before).unwrap();
     assert_eq!(after.state, empty.state);
