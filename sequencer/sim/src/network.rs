@@ -4,7 +4,6 @@
 
 use std::collections::BTreeSet;
 
-use tob_machine::Machine;
 use tob_proto::{ClaimKey, Outcome, Request, RequestId};
 use tob_raft::{Message, ReadMode, SplitMix64};
 
@@ -129,9 +128,4 @@ impl Network {
             self.delay_max_ns / 1000
         )
     }
-}
-
-/// Reads an owner for a read reply (shared by the node's read paths).
-pub fn owner_outcome(machine: &Machine, key: &ClaimKey) -> Outcome {
-    Outcome::Owner { current: machine.owner(key) }
 }

@@ -14,7 +14,7 @@ use tob_raft::{
 
 use crate::checkers::{EntrySummary, Fnv};
 use crate::disk::Disk;
-use crate::network::{Addr, CallBody, Packet, Refusal, owner_outcome};
+use crate::network::{Addr, CallBody, Packet, Refusal};
 
 /// Snapshot and compact after this many applied entries.
 pub const SNAPSHOT_EVERY_ENTRIES: u64 = 64;
@@ -270,7 +270,7 @@ impl SimNode {
         self.ready_reads = waiting;
         for read in ready {
             if let Some((client, request_id, key)) = self.reads.remove(&read.context) {
-                let result = Ok(owner_outcome(&self.machine, &key));
+                let result = Ok(Outcome::Owner { current: self.machine.owner(&key) });
                 fx.send.push((Addr::Client(client), Packet::Reply { request_id, result }));
             }
         }

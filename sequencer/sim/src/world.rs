@@ -656,33 +656,24 @@ impl World {
             Ok(outcome) => {
                 let op = current.op.clone();
                 let process = c.process;
-                match c.complete(outcome, self.now) {
+                let (kind, value) = match c.complete(outcome, self.now) {
                     Ok(Completion::Ok(value)) => {
                         self.stats.ops_ok += 1;
-                        let f = op.f().expect("recorded op");
-                        self.history.push(Event::op(
-                            process,
-                            "ok",
-                            f,
-                            op.history_key(),
-                            value,
-                            self.now,
-                        ));
+                        ("ok", value)
                     }
                     Ok(Completion::Fail(value)) => {
                         self.stats.ops_fail += 1;
-                        let f = op.f().expect("recorded op");
-                        self.history.push(Event::op(
-                            process,
-                            "fail",
-                            f,
-                            op.history_key(),
-                            value,
-                            self.now,
-                        ));
+                        ("fail", value)
                     }
-                    Ok(Completion::NotRecorded) => {}
-                    Err(e) => self.checkers.other.push(violation("client", e)),
+                    Ok(Completion::NotRecorded) => ("", serde_json::Value::Null),
+                    Err(e) => {
+                        self.checkers.other.push(violation("client", e));
+                        ("", serde_json::Value::Null)
+                    }
+                };
+                if let (false, Some(f)) = (kind.is_empty(), op.f()) {
+                    let event = Event::op(process, kind, f, op.history_key(), value, self.now);
+                    self.history.push(event);
                 }
                 let think = self.rng.range(0, 10 * MS);
                 self.schedule(think, EventKind::ClientWake { client });
