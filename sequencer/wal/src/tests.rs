@@ -1,0 +1,159 @@
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tob_raft::{EntryKind, NodeId};
+
+use super::*;
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let path = std::env::temp_dir().join(format!("tob-wal-test-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&path);
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn entry(index: u64, term: u64) -> Entry {
+    Entry {
+        index: LogIndex(index),
+        term: Term(term),
+        kind: EntryKind::Command(vec![index as u8; 10]),
+    }
+}
+
+fn hs(term: u64, commit: u64) -> HardState {
+    HardState { term: Term(term), voted_for: Some(NodeId(1)), commit: LogIndex(commit) }
+}
+
+fn open(dir: &TempDir) -> (Wal, Recovered) {
+    Wal::open(&dir.0, WalConfig::default()).expect("opens")
+}
+
+#[test]
+fn recovers_what_was_synced_with_conflicting_suffixes_replaced() {
+    let dir = TempDir::new();
+    let (mut wal, recovered) = open(&dir);
+    assert!(recovered.entries.is_empty() && recovered.snapshot.is_none());
+    wal.append(None, &[entry(1, 1), entry(2, 1), entry(3, 1)], Some(hs(1, 0))).unwrap();
+    wal.append(None, &[entry(3, 2), entry(4, 2)], Some(hs(2, 2))).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let (_, recovered) = open(&dir);
+    assert_eq!(recovered.entries, vec![entry(1, 1), entry(2, 1), entry(3, 2), entry(4, 2)]);
+    assert_eq!(recovered.hard_state, hs(2, 2));
+}
+
+#[test]
+fn a_torn_final_write_is_truncated() {
+    let dir = TempDir::new();
+    let (mut wal, _) = open(&dir);
+    wal.append(None, &[entry(1, 1)], Some(hs(1, 0))).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let path = segment_path(&dir.0, 1);
+    let good_len = fs::metadata(&path).unwrap().len();
+    // Half of a second frame reached the disk before the power went.
+    let (mut wal, _) = open(&dir);
+    wal.append(None, &[entry(2, 1), entry(3, 1)], None).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let full_len = fs::metadata(&path).unwrap().len();
+    OpenOptions::new().write(true).open(&path).unwrap().set_len((good_len + full_len) / 2).unwrap();
+    let (_, recovered) = open(&dir);
+    assert_eq!(recovered.entries, vec![entry(1, 1)]);
+    assert_eq!(fs::metadata(&path).unwrap().len(), good_len, "torn tail truncated");
+}
+
+#[test]
+fn corruption_before_the_tail_refuses_to_start_naming_file_and_offset() {
+    let dir = TempDir::new();
+    let (mut wal, _) = open(&dir);
+    wal.append(None, &[entry(1, 1)], Some(hs(1, 0))).unwrap();
+    wal.append(None, &[entry(2, 1)], None).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let path = segment_path(&dir.0, 1);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[FRAME_HEADER_BYTES + 3] ^= 0xff; // inside the first frame's payload
+    fs::write(&path, &bytes).unwrap();
+    match Wal::open(&dir.0, WalConfig::default()) {
+        Err(WalError::Corrupt { path: p, offset, reason }) => {
+            assert_eq!(p, path);
+            assert_eq!(offset, 0);
+            assert!(reason.contains("checksum"), "{reason}");
+        }
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("opened a corrupt log"),
+    }
+    // Nothing was truncated: the evidence is kept.
+    assert_eq!(fs::read(&path).unwrap(), bytes);
+}
+
+#[test]
+fn segments_rotate_and_compaction_keeps_what_the_snapshot_does_not_cover() {
+    let dir = TempDir::new();
+    let config = WalConfig { segment_bytes_max: 200, ..WalConfig::default() };
+    let (mut wal, _) = Wal::open(&dir.0, config.clone()).unwrap();
+    for i in 1..=40 {
+        wal.append(None, &[entry(i, 1)], Some(hs(1, i.saturating_sub(1)))).unwrap();
+        wal.sync().unwrap();
+    }
+    let before = wal.segment_count();
+    assert!(before > 5, "segments rotate ({before})");
+    let snapshot = Snapshot {
+        index: LogIndex(30),
+        term: Term(1),
+        voters: vec![NodeId(1)],
+        data: b"state".to_vec(),
+    };
+    wal.compact(&snapshot).unwrap();
+    assert!(wal.segment_count() < before, "covered segments deleted");
+    drop(wal);
+    let (_, recovered) = Wal::open(&dir.0, config).unwrap();
+    assert_eq!(recovered.snapshot, Some(snapshot));
+    assert_eq!(recovered.entries.first().map(|e| e.index.0), Some(31));
+    assert_eq!(recovered.entries.last().map(|e| e.index.0), Some(40));
+    assert_eq!(recovered.hard_state, hs(1, 39));
+}
+
+#[test]
+fn an_installed_snapshot_replaces_the_log() {
+    let dir = TempDir::new();
+    let (mut wal, _) = open(&dir);
+    wal.append(None, &[entry(1, 1), entry(2, 1)], Some(hs(1, 1))).unwrap();
+    let snapshot =
+        Snapshot { index: LogIndex(10), term: Term(3), voters: vec![NodeId(1)], data: vec![7] };
+    wal.append(Some(&snapshot), &[], Some(hs(3, 10))).unwrap();
+    wal.append(None, &[entry(11, 3)], None).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let (_, recovered) = open(&dir);
+    assert_eq!(recovered.snapshot.map(|s| s.index), Some(LogIndex(10)));
+    assert_eq!(recovered.entries, vec![entry(11, 3)]);
+}
+
+#[test]
+fn a_corrupt_snapshot_refuses_to_start() {
+    let dir = TempDir::new();
+    let (mut wal, _) = open(&dir);
+    let snapshot =
+        Snapshot { index: LogIndex(5), term: Term(1), voters: vec![NodeId(1)], data: vec![1; 100] };
+    wal.compact(&snapshot).unwrap();
+    drop(wal);
+    let path = snapshot_path(&dir.0, 5);
+    let mut bytes = fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    fs::write(&path, bytes).unwrap();
+    assert!(matches!(Wal::open(&dir.0, WalConfig::default()), Err(WalError::Corrupt { .. })));
+}
