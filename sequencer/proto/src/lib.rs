@@ -7,9 +7,14 @@
 
 use serde::{Deserialize, Serialize};
 
+mod client;
 mod error;
+pub mod frame;
 mod limits;
 
+pub use client::{
+    Call, ClientRequest, ClientResponse, MessageRecord, NodeStatus, ReadConsistency, Reply,
+};
 pub use error::ErrorCode;
 pub use limits::Limits;
 

@@ -1,0 +1,96 @@
+//! What clients and nodes say to each other inside `Request` and `Response` frames. One
+//! connection may carry many requests at once (pipelining); `id` pairs each response with its
+//! request.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ClaimKey, ErrorCode, Outcome, OwnerInfo, Request, Seq};
+
+/// How an owner read is made linearizable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReadConsistency {
+    /// The read is a command in the log.
+    Log,
+    /// ReadIndex: the leader confirms leadership with a quorum, then reads (the default).
+    Index,
+    /// Leader lease: no round trip while the lease holds; assumes bounded clock drift.
+    Lease,
+}
+
+impl ReadConsistency {
+    pub fn parse(name: &str) -> Option<ReadConsistency> {
+        match name {
+            "log" => Some(ReadConsistency::Log),
+            "index" => Some(ReadConsistency::Index),
+            "lease" => Some(ReadConsistency::Lease),
+            _ => None,
+        }
+    }
+}
+
+/// A client's call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Call {
+    /// A state-machine command through the log, de-duplicated by its client and request id.
+    Command(Request),
+    /// The owner of a key (`Log` reads go through [`Call::Command`] with `Command::Read`).
+    Owner { key: ClaimKey, consistency: ReadConsistency },
+    /// Up to `max` messages from `from` on, optionally of one topic, after a ReadIndex.
+    ReadMessages { from: Seq, max: u32, topic: Option<String> },
+    /// A linearizable position: the commit index confirmed by a quorum, applied here.
+    Sync,
+    /// This node's view of the cluster (answered by any node).
+    Status,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientRequest {
+    pub id: u64,
+    pub call: Call,
+}
+
+/// One node's view of itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node_id: u64,
+    pub role: String,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_index: u64,
+    pub snapshot_index: u64,
+    pub last_seq: u64,
+    pub pid: u32,
+}
+
+/// A node's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    Outcome(Outcome),
+    Owner(Option<OwnerInfo>),
+    Messages(Vec<MessageRecord>),
+    Synced {
+        position: u64,
+    },
+    Status(NodeStatus),
+    /// Refused; `leader` is the client address of the leader when known.
+    Error {
+        code: ErrorCode,
+        message: String,
+        leader: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub seq: Seq,
+    pub topic: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientResponse {
+    pub id: u64,
+    pub reply: Reply,
+}
