@@ -310,7 +310,14 @@ fn replay_segment(path: &Path, last: bool, state: &mut Replay) -> Result<u64, Wa
                 offset += used;
             }
             Err((reason, declared_end)) => {
-                let is_tail = declared_end.is_none_or(|end| offset + end >= bytes.len());
+                // Only a write cut short looks like this: a header cut short, a frame running
+                // past the end of the file or ending exactly there, or nothing but zeros
+                // (space the file system extended but never wrote).
+                let rest = &bytes[offset..];
+                let is_tail = match declared_end {
+                    Some(end) => offset + end >= bytes.len(),
+                    None => rest.len() < FRAME_HEADER_BYTES || rest.iter().all(|&b| b == 0),
+                };
                 if last && is_tail {
                     // A torn final write: never acknowledged, safe to drop.
                     let file = OpenOptions::new()

@@ -157,3 +157,36 @@ fn a_corrupt_snapshot_refuses_to_start() {
     fs::write(&path, bytes).unwrap();
     assert!(matches!(Wal::open(&dir.0, WalConfig::default()), Err(WalError::Corrupt { .. })));
 }
+
+#[test]
+fn a_damaged_frame_header_in_the_middle_is_corruption_not_a_tail() {
+    let dir = TempDir::new();
+    let (mut wal, _) = open(&dir);
+    wal.append(None, &[entry(1, 1)], Some(hs(1, 0))).unwrap();
+    wal.sync().unwrap();
+    let path = segment_path(&dir.0, 1);
+    let second_frame_at = fs::metadata(&path).unwrap().len() as usize;
+    wal.append(None, &[entry(2, 1)], None).unwrap();
+    wal.append(None, &[entry(3, 1)], None).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[second_frame_at] ^= 0xff; // its magic
+    fs::write(&path, &bytes).unwrap();
+    match Wal::open(&dir.0, WalConfig::default()) {
+        Err(WalError::Corrupt { offset, .. }) => assert_eq!(offset, second_frame_at as u64),
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("opened a corrupt log"),
+    }
+    // Zeros after the last frame (space extended, never written) are a tail.
+    let (mut wal, _) = {
+        bytes[second_frame_at] ^= 0xff;
+        bytes.extend_from_slice(&[0; 100]);
+        fs::write(&path, &bytes).unwrap();
+        open(&dir)
+    };
+    wal.sync().unwrap();
+    drop(wal);
+    let (_, recovered) = open(&dir);
+    assert_eq!(recovered.entries.len(), 3);
+}

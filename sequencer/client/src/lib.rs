@@ -1,0 +1,405 @@
+//! The tob client library, blocking flavour (for the PostgreSQL extension and tools).
+//!
+//! It finds the leader from any node, follows redirects, and retries a request at other nodes
+//! with the **same** `(client_id, request_id)` until its deadline, so a retry is answered from
+//! the cluster's de-duplication table and never applied twice. Every socket call has a timeout;
+//! between waits it calls an optional interrupt hook, so a caller (a PostgreSQL backend) can
+//! abandon the wait on cancel.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
+
+use tob_proto::frame::{self, FrameKind, HEADER_BYTES};
+use tob_proto::{
+    Call, ClaimKey, ClaimKind, ClientId, ClientRequest, ClientResponse, Command, ErrorCode,
+    MessageRecord, NodeStatus, Outcome, OwnerInfo, ReadConsistency, Reply, Request, RequestId, Seq,
+};
+
+/// Errors a client call can end with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// No node could be reached within the connect timeout.
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
+    /// No answer before the deadline: the request may or may not have taken effect.
+    #[error("request timed out; it may or may not have taken effect")]
+    Timeout,
+    /// The interrupt hook asked to stop waiting.
+    #[error("interrupted")]
+    Interrupted,
+    /// The cluster refused the request.
+    #[error("{code}: {message}")]
+    Refused { code: ErrorCode, message: String },
+    /// The node sent something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ClientError::Unavailable(_) => ErrorCode::Unavailable,
+            ClientError::Timeout | ClientError::Interrupted => ErrorCode::Timeout,
+            ClientError::Refused { code, .. } => *code,
+            ClientError::Protocol(_) => ErrorCode::Malformed,
+        }
+    }
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Client addresses of the cluster's nodes (any subset works; the leader is discovered).
+    pub nodes: Vec<String>,
+    pub cluster_id: u64,
+    pub connect_timeout: Duration,
+    /// Deadline of one call, retries included.
+    pub request_timeout: Duration,
+    /// How often a blocked wait wakes to call the interrupt hook.
+    pub poll_interval: Duration,
+    pub max_frame_bytes: usize,
+}
+
+impl ClientConfig {
+    pub fn new(nodes: Vec<String>, cluster_id: u64) -> ClientConfig {
+        ClientConfig {
+            nodes,
+            cluster_id,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(50),
+            max_frame_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+struct Connection {
+    node: usize,
+    stream: TcpStream,
+}
+
+/// A blocking client. One request at a time per client; use several for concurrency.
+pub struct Client {
+    config: ClientConfig,
+    client_id: ClientId,
+    next_request: u64,
+    next_call: u64,
+    connection: Option<Connection>,
+    /// Index into `config.nodes` of the node believed to lead.
+    target: usize,
+    interrupt: Option<Box<dyn FnMut() -> bool + Send>>,
+}
+
+impl Client {
+    pub fn new(config: ClientConfig) -> Client {
+        assert!(!config.nodes.is_empty(), "a client needs at least one node address");
+        Client {
+            config,
+            client_id: ClientId(uuid::Uuid::new_v4().as_u128()),
+            next_request: 1,
+            next_call: 1,
+            connection: None,
+            target: 0,
+            interrupt: None,
+        }
+    }
+
+    /// Installs a hook called between waits; returning `true` abandons the call with
+    /// [`ClientError::Interrupted`].
+    pub fn set_interrupt(&mut self, hook: impl FnMut() -> bool + Send + 'static) {
+        self.interrupt = Some(Box::new(hook));
+    }
+
+    pub fn client_id(&self) -> ClientId {
+        self.client_id
+    }
+
+    /// Runs a state-machine command through the log, exactly once.
+    pub fn command(&mut self, command: Command) -> Result<Outcome, ClientError> {
+        let request_id = RequestId(self.next_request);
+        self.next_request += 1;
+        let request = Request {
+            client: Some(self.client_id),
+            request_id,
+            first_incomplete: request_id,
+            command,
+        };
+        match self.call(Call::Command(request))? {
+            Reply::Outcome(Outcome::Error { code }) => {
+                Err(ClientError::Refused { code, message: code.name().into() })
+            }
+            Reply::Outcome(outcome) => Ok(outcome),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn append(&mut self, topic: Option<&str>, payload: &[u8]) -> Result<Seq, ClientError> {
+        let command =
+            Command::Append { topic: topic.map(str::to_owned), payload: payload.to_vec() };
+        match self.command(command)? {
+            Outcome::Appended { seq } => Ok(seq),
+            other => Err(unexpected_outcome(other)),
+        }
+    }
+
+    /// A plain (held, never expiring) claim. `Ok(Outcome::Claimed{..})` or `Ok(Outcome::Taken{..})`.
+    pub fn claim(
+        &mut self,
+        namespace: &str,
+        key: &str,
+        owner: &str,
+    ) -> Result<Outcome, ClientError> {
+        self.command(Command::Claim {
+            key: claim_key(namespace, key),
+            owner: owner.into(),
+            holder: owner.into(),
+            kind: ClaimKind::Held,
+            session: None,
+        })
+    }
+
+    pub fn release(
+        &mut self,
+        namespace: &str,
+        key: &str,
+        owner: &str,
+    ) -> Result<Outcome, ClientError> {
+        self.command(Command::Release {
+            key: claim_key(namespace, key),
+            owner: owner.into(),
+            holder: None,
+        })
+    }
+
+    pub fn next(&mut self, counter: &str) -> Result<u64, ClientError> {
+        match self.command(Command::Next { counter: counter.into() })? {
+            Outcome::Counter { value } => Ok(value),
+            other => Err(unexpected_outcome(other)),
+        }
+    }
+
+    pub fn owner(
+        &mut self,
+        namespace: &str,
+        key: &str,
+        consistency: ReadConsistency,
+    ) -> Result<Option<OwnerInfo>, ClientError> {
+        let key = claim_key(namespace, key);
+        if consistency == ReadConsistency::Log {
+            return match self.command(Command::Read { key })? {
+                Outcome::Owner { current } => Ok(current),
+                other => Err(unexpected_outcome(other)),
+            };
+        }
+        match self.call(Call::Owner { key, consistency })? {
+            Reply::Owner(owner) => Ok(owner),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A linearizable position, applied at the node that answered.
+    pub fn sync(&mut self) -> Result<u64, ClientError> {
+        match self.call(Call::Sync)? {
+            Reply::Synced { position } => Ok(position),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub fn read_messages(
+        &mut self,
+        from: Seq,
+        max: u32,
+        topic: Option<&str>,
+    ) -> Result<Vec<MessageRecord>, ClientError> {
+        match self.call(Call::ReadMessages { from, max, topic: topic.map(str::to_owned) })? {
+            Reply::Messages(messages) => Ok(messages),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The status of one node, by its index in the configured list (no redirects).
+    pub fn status_of(&mut self, node: usize) -> Result<NodeStatus, ClientError> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        match self.call_at(node, &Call::Status, deadline)? {
+            Reply::Status(status) => Ok(status),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends a call to the leader, following redirects and retrying elsewhere until the deadline.
+    pub fn call(&mut self, call: Call) -> Result<Reply, ClientError> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let mut last_error = ClientError::Unavailable("no node tried".into());
+        let mut reached_any = false;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(if reached_any { ClientError::Timeout } else { last_error });
+            }
+            let node = self.target;
+            match self.call_at(node, &call, deadline) {
+                Ok(Reply::Error { code: ErrorCode::NotLeader, leader, .. }) => {
+                    reached_any = true;
+                    self.target = leader
+                        .and_then(|l| self.config.nodes.iter().position(|n| *n == l))
+                        .unwrap_or((node + 1) % self.config.nodes.len());
+                    if self.target == node {
+                        self.target = (node + 1) % self.config.nodes.len();
+                    }
+                    self.pause(Duration::from_millis(20), deadline)?;
+                }
+                Ok(Reply::Error { code, message, .. }) if code.is_retryable() => {
+                    reached_any = true;
+                    last_error = ClientError::Refused { code, message };
+                    self.target = (node + 1) % self.config.nodes.len();
+                }
+                Ok(Reply::Error { code, message, .. }) => {
+                    return Err(ClientError::Refused { code, message });
+                }
+                Ok(reply) => return Ok(reply),
+                Err(ClientError::Interrupted) => return Err(ClientError::Interrupted),
+                Err(ClientError::Timeout) => {
+                    reached_any = true;
+                    self.connection = None;
+                    self.target = (node + 1) % self.config.nodes.len();
+                }
+                Err(e) => {
+                    last_error = e;
+                    self.connection = None;
+                    self.target = (node + 1) % self.config.nodes.len();
+                    self.pause(Duration::from_millis(20), deadline)?;
+                }
+            }
+        }
+    }
+
+    /// One attempt at one node: at most until `deadline`, and at most one request timeout
+    /// slice per node so a silent node does not eat the whole deadline.
+    fn call_at(
+        &mut self,
+        node: usize,
+        call: &Call,
+        deadline: Instant,
+    ) -> Result<Reply, ClientError> {
+        let id = self.next_call;
+        self.next_call += 1;
+        let payload = postcard::to_allocvec(&ClientRequest { id, call: call.clone() })
+            .expect("serialising to a Vec cannot fail");
+        let bytes = frame::encode(FrameKind::Request, self.config.cluster_id, &payload);
+        let attempt_deadline = deadline.min(Instant::now() + self.config.request_timeout / 3);
+        self.ensure_connection(node)?;
+        let stream = &mut self.connection.as_mut().expect("connected").stream;
+        if let Err(e) = stream.write_all(&bytes) {
+            self.connection = None;
+            return Err(ClientError::Unavailable(format!("{}: {e}", self.config.nodes[node])));
+        }
+        loop {
+            let response = self.read_frame(attempt_deadline)?;
+            let response: ClientResponse = postcard::from_bytes(&response)
+                .map_err(|e| ClientError::Protocol(format!("undecodable response: {e}")))?;
+            if response.id == id {
+                return Ok(response.reply);
+            }
+            // An answer to an earlier, abandoned attempt on this connection: skip it.
+        }
+    }
+
+    fn ensure_connection(&mut self, node: usize) -> Result<(), ClientError> {
+        if self.connection.as_ref().is_some_and(|c| c.node == node) {
+            return Ok(());
+        }
+        self.connection = None;
+        let address = &self.config.nodes[node];
+        let addrs: Vec<SocketAddr> = address
+            .to_socket_addrs()
+            .map_err(|e| ClientError::Unavailable(format!("{address}: {e}")))?
+            .collect();
+        let mut last = format!("{address}: no address");
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, self.config.connect_timeout) {
+                Ok(stream) => {
+                    let _ = stream.set_nodelay(true);
+                    self.connection = Some(Connection { node, stream });
+                    return Ok(());
+                }
+                Err(e) => last = format!("{address}: {e}"),
+            }
+        }
+        Err(ClientError::Unavailable(last))
+    }
+
+    fn read_frame(&mut self, deadline: Instant) -> Result<Vec<u8>, ClientError> {
+        let mut header = [0u8; HEADER_BYTES];
+        self.read_exact(&mut header, deadline)?;
+        let parsed =
+            frame::decode_header(&header, self.config.cluster_id, self.config.max_frame_bytes)
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let mut payload = vec![0u8; parsed.length];
+        self.read_exact(&mut payload, deadline)?;
+        frame::check_payload(&parsed, &payload)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(payload)
+    }
+
+    /// Reads exactly `buf.len()` bytes, waking every poll interval to call the interrupt hook.
+    fn read_exact(&mut self, buf: &mut [u8], deadline: Instant) -> Result<(), ClientError> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let now = Instant::now();
+            if now >= deadline {
+                self.connection = None;
+                return Err(ClientError::Timeout);
+            }
+            if self.interrupt.as_mut().is_some_and(|hook| hook()) {
+                self.connection = None;
+                return Err(ClientError::Interrupted);
+            }
+            let wait =
+                (deadline - now).min(self.config.poll_interval).max(Duration::from_millis(1));
+            let connection = self.connection.as_mut().expect("connected");
+            let _ = connection.stream.set_read_timeout(Some(wait));
+            match connection.stream.read(&mut buf[filled..]) {
+                Ok(0) => {
+                    self.connection = None;
+                    return Err(ClientError::Unavailable("connection closed by the node".into()));
+                }
+                Ok(n) => filled += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => {
+                    self.connection = None;
+                    return Err(ClientError::Unavailable(e.to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pause(&mut self, duration: Duration, deadline: Instant) -> Result<(), ClientError> {
+        let until = (Instant::now() + duration).min(deadline);
+        while Instant::now() < until {
+            if self.interrupt.as_mut().is_some_and(|hook| hook()) {
+                return Err(ClientError::Interrupted);
+            }
+            std::thread::sleep(self.config.poll_interval.min(until - Instant::now()));
+        }
+        Ok(())
+    }
+}
+
+pub fn claim_key(namespace: &str, key: &str) -> ClaimKey {
+    ClaimKey { namespace: namespace.into(), key: key.into() }
+}
+
+fn unexpected(reply: Reply) -> ClientError {
+    ClientError::Protocol(format!("unexpected reply {reply:?}"))
+}
+
+fn unexpected_outcome(outcome: Outcome) -> ClientError {
+    ClientError::Protocol(format!("unexpected outcome {outcome:?}"))
+}

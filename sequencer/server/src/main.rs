@@ -1,0 +1,129 @@
+//! `tob-sequencer`: one node of a tob cluster.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use actix::prelude::*;
+use clap::Parser;
+use tob_wal::{SyncMode, Wal, WalConfig};
+use tokio::net::TcpListener;
+
+use tob_server::codec::FrameCodec;
+use tob_server::config::{Config, Flags};
+use tob_server::net::{ListenerKind, PeerLink, serve};
+use tob_server::node::NodeActor;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TOB_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::load(Flags::parse()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("tob-sequencer: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let system = System::new();
+    let started = system.block_on(start(config));
+    if let Err(e) = started {
+        eprintln!("tob-sequencer: {e}");
+        return ExitCode::from(e.exit_code());
+    }
+    match system.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tob-sequencer: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+enum StartError {
+    Bind(String),
+    Storage(tob_wal::WalError),
+}
+
+impl StartError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            StartError::Bind(_) => 2,
+            StartError::Storage(tob_wal::WalError::Corrupt { .. }) => 3,
+            StartError::Storage(_) => 4,
+        }
+    }
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Bind(e) => write!(f, "{e}"),
+            StartError::Storage(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+async fn start(config: Config) -> Result<(), StartError> {
+    let bind = |what: &str, address| {
+        let what = what.to_owned();
+        async move {
+            TcpListener::bind(address).await.map_err(|e| {
+                StartError::Bind(format!("cannot listen for {what} on {address}: {e}"))
+            })
+        }
+    };
+    let peer_listener = bind("peers", config.peer_listen).await?;
+    let client_listener = bind("clients", config.client_listen).await?;
+    let sync = if config.unsafe_no_fsync {
+        tracing::warn!(
+            "--unsafe-no-fsync: BENCHMARK MODE, acknowledged writes can be lost on power failure"
+        );
+        SyncMode::UnsafeNoSync
+    } else {
+        SyncMode::Fsync
+    };
+    let (wal, recovered) = Wal::open(&config.data_dir, WalConfig { sync, ..WalConfig::default() })
+        .map_err(StartError::Storage)?;
+    tracing::info!(
+        node = config.node_id,
+        entries = recovered.entries.len(),
+        snapshot = recovered.snapshot.as_ref().map(|s| s.index.0).unwrap_or(0),
+        "recovered from {}",
+        config.data_dir.display()
+    );
+    let codec = FrameCodec { cluster_id: config.cluster_id, max_payload: config.max_frame_bytes };
+    let peers: BTreeMap<u64, Addr<PeerLink>> = config
+        .peers
+        .values()
+        .filter(|p| p.id != config.node_id)
+        .map(|p| (p.id, PeerLink::new(p.peer_address, codec).start()))
+        .collect();
+    let arbiter = Arbiter::new();
+    let node_config = config.clone();
+    let node = NodeActor::start_in_arbiter(&arbiter.handle(), move |_| {
+        NodeActor::new(node_config, wal, recovered, peers)
+    });
+    actix::spawn(serve(peer_listener, ListenerKind::Peer, node.clone(), codec));
+    actix::spawn(serve(client_listener, ListenerKind::Client, node, codec));
+    tracing::info!(
+        node = config.node_id,
+        peers = %config.peer_listen,
+        clients = %config.client_listen,
+        "tob-sequencer started"
+    );
+    actix::spawn(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        System::current().stop();
+    });
+    Ok(())
+}

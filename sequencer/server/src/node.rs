@@ -1,0 +1,398 @@
+//! The node actor: owns the consensus core, the state machine and the write-ahead log, and
+//! carries out each `Ready` in the order of the persistence contract. It runs on its own
+//! arbiter (thread), so an fsync blocks only it; messages queue meanwhile and the next `Ready`
+//! carries them all — that is the group commit.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use actix::prelude::*;
+use tob_machine::{Machine, MachineConfig};
+use tob_proto::{
+    Call, ClientId, ClientResponse, Command, ErrorCode, MessageRecord, NodeStatus, Outcome,
+    ReadConsistency, Reply, Request, RequestId, SessionId,
+};
+use tob_raft::{
+    Config as RaftConfig, EntryKind, LogIndex, Message, NodeId, Raft, ReadMode, ReadState, Role,
+    Snapshot,
+};
+use tob_wal::Wal;
+
+use crate::config::Config;
+use crate::net::{Outbound, PeerLink};
+
+/// Snapshot and compact the log after this many applied entries.
+const SNAPSHOT_EVERY_ENTRIES: u64 = 10_000;
+
+/// A Raft message from a peer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PeerMessage(pub Message);
+
+/// A response to deliver on a client connection.
+#[derive(Message, Clone)]
+#[rtype(result = "()")]
+pub struct SendResponse(pub ClientResponse);
+
+/// A client's request, with where to send the answer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ClientCall {
+    pub connection: Recipient<SendResponse>,
+    pub id: u64,
+    pub call: Call,
+}
+
+/// Carry out pending work; queued behind already-received messages so they batch.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Drive;
+
+struct Waiter {
+    connection: Recipient<SendResponse>,
+    id: u64,
+}
+
+enum ReadRequest {
+    Owner(tob_proto::ClaimKey),
+    Messages { from: tob_proto::Seq, max: u32, topic: Option<String> },
+    Sync,
+}
+
+pub struct NodeActor {
+    config: Config,
+    raft: Raft,
+    machine: Machine,
+    wal: Wal,
+    peers: BTreeMap<u64, Addr<PeerLink>>,
+    waiters: BTreeMap<(ClientId, RequestId), Vec<Waiter>>,
+    reads: BTreeMap<u64, (Waiter, ReadRequest)>,
+    ready_reads: Vec<ReadState>,
+    next_read_context: u64,
+    drive_scheduled: bool,
+    ticks: u64,
+    expiry_watch: BTreeMap<SessionId, (u64, u64)>,
+    expiry_term: Option<u64>,
+    expire_proposed: BTreeSet<(SessionId, u64)>,
+}
+
+impl NodeActor {
+    pub fn new(
+        config: Config,
+        wal: Wal,
+        recovered: tob_raft::Recovered,
+        peers: BTreeMap<u64, Addr<PeerLink>>,
+    ) -> NodeActor {
+        let voters = config.peers.keys().map(|&id| NodeId(id)).collect();
+        let mut raft_config = RaftConfig::new(NodeId(config.node_id), voters, seed());
+        raft_config.election_ticks = config.election_ticks;
+        raft_config.heartbeat_ticks = config.heartbeat_ticks;
+        let mut machine = Machine::new(MachineConfig::default());
+        if let Some(snapshot) = &recovered.snapshot {
+            machine.restore(&snapshot.data).expect("snapshot written by this node decodes");
+        }
+        let raft = Raft::new(raft_config, recovered);
+        NodeActor {
+            config,
+            raft,
+            machine,
+            wal,
+            peers,
+            waiters: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            ready_reads: Vec::new(),
+            next_read_context: 0,
+            drive_scheduled: false,
+            ticks: 0,
+            expiry_watch: BTreeMap::new(),
+            expiry_term: None,
+            expire_proposed: BTreeSet::new(),
+        }
+    }
+
+    fn schedule_drive(&mut self, ctx: &mut Context<Self>) {
+        if !self.drive_scheduled {
+            self.drive_scheduled = true;
+            ctx.notify(Drive);
+        }
+    }
+
+    fn send(&self, message: Message) {
+        if let Some(peer) = self.peers.get(&message.to.0) {
+            peer.do_send(Outbound(message));
+        }
+    }
+
+    /// Carries out every Ready: send, persist (one fsync), send after-persist, apply, advance.
+    fn drive(&mut self) {
+        while self.raft.has_ready() {
+            let mut ready = self.raft.ready();
+            for message in std::mem::take(&mut ready.messages) {
+                self.send(message);
+            }
+            if ready.must_persist() {
+                let written = self
+                    .wal
+                    .append(ready.snapshot.as_ref(), &ready.entries, ready.hard_state)
+                    .and_then(|()| self.wal.sync());
+                if let Err(e) = written {
+                    // Nothing after this point may be acknowledged: stop the node.
+                    tracing::error!(error = %e, "write-ahead log failed; stopping");
+                    std::process::exit(70);
+                }
+            }
+            for message in ready.messages_after_persist {
+                self.send(message);
+            }
+            if let Some(snapshot) = &ready.snapshot {
+                self.machine.restore(&snapshot.data).expect("leader snapshot decodes");
+            }
+            for entry in ready.committed {
+                match entry.kind {
+                    EntryKind::Noop => self.machine.apply_noop(entry.index.0),
+                    EntryKind::Command(bytes) => {
+                        if let Some(applied) = self.machine.apply(entry.index.0, &bytes) {
+                            self.answer(applied.request, applied.outcome);
+                        }
+                    }
+                }
+            }
+            self.ready_reads.extend(ready.read_states);
+            for context in ready.aborted_reads {
+                if let Some((waiter, _)) = self.reads.remove(&context) {
+                    self.refuse(&waiter, ErrorCode::NotLeader, "leadership lost");
+                }
+            }
+            self.serve_reads();
+            self.raft.advance();
+            self.maybe_snapshot();
+        }
+    }
+
+    fn answer(&mut self, request: Request, outcome: Outcome) {
+        let Some(client) = request.client else { return };
+        for waiter in self.waiters.remove(&(client, request.request_id)).unwrap_or_default() {
+            let response = ClientResponse { id: waiter.id, reply: Reply::Outcome(outcome.clone()) };
+            waiter.connection.do_send(SendResponse(response));
+        }
+    }
+
+    fn refuse(&self, waiter: &Waiter, code: ErrorCode, message: &str) {
+        let leader = self
+            .raft
+            .leader()
+            .filter(|l| l.0 != self.config.node_id || self.raft.role() == Role::Leader)
+            .and_then(|l| self.config.peers.get(&l.0))
+            .map(|p| p.client_address.to_string());
+        let reply = Reply::Error { code, message: message.into(), leader };
+        waiter.connection.do_send(SendResponse(ClientResponse { id: waiter.id, reply }));
+    }
+
+    fn serve_reads(&mut self) {
+        let applied = self.machine.applied_index();
+        let (ready, waiting): (Vec<ReadState>, Vec<ReadState>) =
+            self.ready_reads.drain(..).partition(|r| r.index.0 <= applied);
+        self.ready_reads = waiting;
+        for read in ready {
+            let Some((waiter, request)) = self.reads.remove(&read.context) else { continue };
+            let reply = match request {
+                ReadRequest::Owner(key) => Reply::Owner(self.machine.owner(&key)),
+                ReadRequest::Sync => Reply::Synced { position: read.index.0 },
+                ReadRequest::Messages { from, max, topic } => {
+                    match self.machine.messages(from, max as usize, topic.as_deref()) {
+                        Ok(messages) => Reply::Messages(
+                            messages
+                                .into_iter()
+                                .map(|m| MessageRecord {
+                                    seq: m.seq,
+                                    topic: m.topic,
+                                    payload: m.payload,
+                                })
+                                .collect(),
+                        ),
+                        Err(code) => {
+                            Reply::Error { code, message: code.name().into(), leader: None }
+                        }
+                    }
+                }
+            };
+            waiter.connection.do_send(SendResponse(ClientResponse { id: waiter.id, reply }));
+        }
+    }
+
+    fn maybe_snapshot(&mut self) {
+        let applied = LogIndex(self.machine.applied_index());
+        if applied.0 < self.raft.snapshot_index().0 + SNAPSHOT_EVERY_ENTRIES {
+            return;
+        }
+        let Some(term) = self.raft.term_at(applied) else { return };
+        let voters = self.raft.config().voters.clone();
+        let snapshot = Snapshot { index: applied, term, voters, data: self.machine.snapshot() };
+        if let Err(e) = self.wal.compact(&snapshot) {
+            tracing::error!(error = %e, "snapshot failed; stopping");
+            std::process::exit(70);
+        }
+        self.raft.compact(snapshot);
+    }
+
+    /// The leader proposes `Expire` for sessions without a keep-alive for their TTL.
+    fn watch_sessions(&mut self) {
+        if self.raft.role() != Role::Leader {
+            self.expiry_watch.clear();
+            self.expiry_term = None;
+            return;
+        }
+        let now = self.ticks;
+        if self.expiry_term != Some(self.raft.term().0) {
+            self.expiry_watch.clear();
+            self.expiry_term = Some(self.raft.term().0);
+        }
+        let mut expire = Vec::new();
+        let mut live = BTreeSet::new();
+        for (session, record) in self.machine.sessions() {
+            live.insert(session);
+            let watch = self.expiry_watch.entry(session).or_insert((record.keepalives, now));
+            if watch.0 != record.keepalives {
+                *watch = (record.keepalives, now);
+            }
+            let ttl_ticks = record.ttl_ms / self.config.tick_ms;
+            if now - watch.1 > ttl_ticks && !self.expire_proposed.contains(&(session, watch.0)) {
+                expire.push((session, watch.0));
+            }
+        }
+        self.expiry_watch.retain(|s, _| live.contains(s));
+        for (session, keepalives_seen) in expire {
+            let request = Request {
+                client: None,
+                request_id: RequestId(0),
+                first_incomplete: RequestId(0),
+                command: Command::Expire { session, keepalives_seen },
+            };
+            if self.raft.propose(request.encode()).is_ok() {
+                self.expire_proposed.insert((session, keepalives_seen));
+            }
+        }
+    }
+
+    fn status(&self) -> NodeStatus {
+        NodeStatus {
+            node_id: self.config.node_id,
+            role: format!("{:?}", self.raft.role()).to_lowercase(),
+            term: self.raft.term().0,
+            leader: self.raft.leader().map(|l| l.0),
+            commit_index: self.raft.commit_index().0,
+            applied_index: self.machine.applied_index(),
+            last_index: self.raft.last_index().0,
+            snapshot_index: self.raft.snapshot_index().0,
+            last_seq: self.machine.last_seq().0,
+            pid: std::process::id(),
+        }
+    }
+}
+
+impl Actor for NodeActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(100_000);
+        ctx.run_interval(Duration::from_millis(self.config.tick_ms), |node, ctx| {
+            node.ticks += 1;
+            node.raft.tick();
+            node.watch_sessions();
+            node.schedule_drive(ctx);
+        });
+        self.drive();
+    }
+}
+
+impl Handler<Drive> for NodeActor {
+    type Result = ();
+    fn handle(&mut self, _: Drive, _: &mut Context<Self>) {
+        self.drive_scheduled = false;
+        self.drive();
+    }
+}
+
+impl Handler<PeerMessage> for NodeActor {
+    type Result = ();
+    fn handle(&mut self, message: PeerMessage, ctx: &mut Context<Self>) {
+        self.raft.step(message.0);
+        self.schedule_drive(ctx);
+    }
+}
+
+impl Handler<ClientCall> for NodeActor {
+    type Result = ();
+    fn handle(&mut self, call: ClientCall, ctx: &mut Context<Self>) {
+        let waiter = Waiter { connection: call.connection, id: call.id };
+        if let Call::Status = call.call {
+            let reply = Reply::Status(self.status());
+            waiter.connection.do_send(SendResponse(ClientResponse { id: waiter.id, reply }));
+            return;
+        }
+        if self.raft.role() != Role::Leader {
+            return self.refuse(&waiter, ErrorCode::NotLeader, "not the leader");
+        }
+        let (mode, request) = match call.call {
+            Call::Status => unreachable!("answered above"),
+            Call::Command(request) => {
+                let Some(client) = request.client else {
+                    return self.refuse(
+                        &waiter,
+                        ErrorCode::Malformed,
+                        "a client request needs a client id",
+                    );
+                };
+                if let Err(code) = self.machine_limits().check(&request.command) {
+                    return self.refuse(&waiter, code, code.name());
+                }
+                if matches!(request.command, Command::Expire { .. }) {
+                    return self.refuse(
+                        &waiter,
+                        ErrorCode::Malformed,
+                        "expiry is proposed by the leader only",
+                    );
+                }
+                self.waiters.entry((client, request.request_id)).or_default().push(waiter);
+                if self.raft.propose(request.encode()).is_err() {
+                    unreachable!("checked leader");
+                }
+                return self.schedule_drive(ctx);
+            }
+            Call::Owner { key, consistency } => {
+                let mode = if consistency == ReadConsistency::Lease {
+                    ReadMode::Lease
+                } else {
+                    ReadMode::Index
+                };
+                (mode, ReadRequest::Owner(key))
+            }
+            Call::ReadMessages { from, max, topic } => {
+                (ReadMode::Index, ReadRequest::Messages { from, max, topic })
+            }
+            Call::Sync => (ReadMode::Index, ReadRequest::Sync),
+        };
+        let context = self.next_read_context;
+        self.next_read_context += 1;
+        self.reads.insert(context, (waiter, request));
+        if self.raft.read(context, mode).is_err() {
+            unreachable!("checked leader");
+        }
+        self.schedule_drive(ctx);
+    }
+}
+
+impl NodeActor {
+    fn machine_limits(&self) -> tob_proto::Limits {
+        tob_proto::Limits::default()
+    }
+}
+
+/// Election timeouts must differ between nodes and runs; the core stays deterministic given it.
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 32)
+}

@@ -1,0 +1,317 @@
+//! Real `tob-sequencer` processes on loopback: elections, replication, kill -9, restarts,
+//! WAL damage and bad input. Ports come from the OS; every process is killed on drop.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tob_client::{Client, ClientConfig, ClientError};
+use tob_proto::frame::{self, FrameKind};
+use tob_proto::{ErrorCode, Outcome, ReadConsistency, Seq};
+
+const CLUSTER_ID: u64 = 0x7ab;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Node {
+    id: u64,
+    peer: String,
+    client: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+struct Cluster {
+    root: PathBuf,
+    nodes: Vec<Node>,
+}
+
+impl Cluster {
+    fn start(n: u64, name: &str) -> Cluster {
+        let root = std::env::temp_dir().join(format!("tob-cluster-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let nodes = (1..=n)
+            .map(|id| Node {
+                id,
+                peer: format!("127.0.0.1:{}", free_port()),
+                client: format!("127.0.0.1:{}", free_port()),
+                dir: root.join(format!("n{id}")),
+                child: None,
+            })
+            .collect();
+        let mut cluster = Cluster { root, nodes };
+        for i in 0..cluster.nodes.len() {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    fn command(&self, i: usize) -> Command {
+        let node = &self.nodes[i];
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tob-sequencer"));
+        cmd.arg("--node-id").arg(node.id.to_string());
+        cmd.arg("--cluster-id").arg(CLUSTER_ID.to_string());
+        cmd.arg("--data-dir").arg(&node.dir);
+        for n in &self.nodes {
+            cmd.arg("--peer").arg(format!("{}={},{}", n.id, n.peer, n.client));
+        }
+        cmd.env_remove("RUST_BACKTRACE");
+        cmd
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let log =
+            std::fs::File::create(self.root.join(format!("n{}.log", self.nodes[i].id))).unwrap();
+        let child = self
+            .command(i)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("tob-sequencer starts");
+        self.nodes[i].child = Some(child);
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill(); // SIGKILL
+            let _ = child.wait();
+        }
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.client.clone()).collect()
+    }
+
+    fn client(&self) -> Client {
+        let mut config = ClientConfig::new(self.addresses(), CLUSTER_ID);
+        config.request_timeout = Duration::from_secs(10);
+        Client::new(config)
+    }
+
+    /// Index of the node all live nodes agree leads, waiting up to `within`.
+    fn leader(&self, within: Duration) -> usize {
+        let deadline = Instant::now() + within;
+        let mut client = self.client();
+        loop {
+            for (i, node) in self.nodes.iter().enumerate() {
+                if node.child.is_none() {
+                    continue;
+                }
+                if client.status_of(i).is_ok_and(|status| status.role == "leader") {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader within {within:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every live node has applied at least `index`.
+    fn converge(&self, index: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut client = self.client();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.child.is_none() {
+                continue;
+            }
+            loop {
+                let status = client.status_of(i);
+                if status.as_ref().is_ok_and(|s| s.applied_index >= index) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "n{} did not apply {index}: {status:?}",
+                    node.id
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.root);
+        } else {
+            eprintln!("cluster logs kept in {}", self.root.display());
+        }
+    }
+}
+
+#[test]
+fn acknowledged_appends_and_claims_survive_killing_the_leader() {
+    let mut cluster = Cluster::start(3, "kill");
+    cluster.leader(Duration::from_secs(10));
+    let mut client = cluster.client();
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        let payload = format!("m{i}");
+        acked.push((client.append(Some("t"), payload.as_bytes()).unwrap(), payload));
+    }
+    assert!(matches!(client.claim("users", "alice", "u1").unwrap(), Outcome::Claimed { .. }));
+    match client.claim("users", "alice", "u2").unwrap() {
+        Outcome::Taken { current } => assert_eq!(current.owner, "u1"),
+        other => panic!("expected taken, got {other:?}"),
+    }
+
+    let old = cluster.leader(Duration::from_secs(1));
+    let killed_at = Instant::now();
+    cluster.kill(old);
+    let new = cluster.leader(Duration::from_secs(5));
+    assert_ne!(new, old);
+    eprintln!("new leader after {:?}", killed_at.elapsed());
+
+    for i in 50..80 {
+        let payload = format!("m{i}");
+        acked.push((client.append(Some("t"), payload.as_bytes()).unwrap(), payload));
+    }
+    let messages = client.read_messages(Seq(1), 1000, None).unwrap();
+    for (seq, payload) in &acked {
+        let m =
+            messages.iter().find(|m| m.seq == *seq).unwrap_or_else(|| panic!("seq {} lost", seq.0));
+        assert_eq!(m.payload, payload.as_bytes());
+    }
+    let seqs: Vec<u64> = messages.iter().map(|m| m.seq.0).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "dense and gap-free");
+    let owner = client.owner("users", "alice", ReadConsistency::Index).unwrap().unwrap();
+    assert_eq!(owner.owner, "u1");
+
+    // The killed node comes back and catches up; all converge.
+    cluster.spawn(old);
+    let position = client.sync().unwrap();
+    cluster.converge(position, Duration::from_secs(10));
+}
+
+#[test]
+fn restart_of_every_node_recovers_from_the_wal() {
+    let mut cluster = Cluster::start(3, "restart");
+    cluster.leader(Duration::from_secs(10));
+    let mut client = cluster.client();
+    let seq = client.append(None, b"durable").unwrap();
+    let value = client.next("orders").unwrap();
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    for i in 0..3 {
+        cluster.spawn(i);
+    }
+    cluster.leader(Duration::from_secs(10));
+    let mut client = cluster.client();
+    let messages = client.read_messages(seq, 1, None).unwrap();
+    assert_eq!(messages[0].payload, b"durable");
+    assert_eq!(client.next("orders").unwrap(), value + 1);
+}
+
+#[test]
+fn a_torn_wal_tail_is_truncated_and_a_corrupt_record_refuses_to_start() {
+    let mut cluster = Cluster::start(3, "wal");
+    cluster.leader(Duration::from_secs(10));
+    let mut client = cluster.client();
+    for i in 0..20 {
+        client.append(None, format!("x{i}").as_bytes()).unwrap();
+    }
+    let victim = (cluster.leader(Duration::from_secs(1)) + 1) % 3;
+    cluster.kill(victim);
+    let wal = cluster.nodes[victim].dir.join("wal-00000001.log");
+    let mut bytes = std::fs::read(&wal).unwrap();
+
+    // Torn: a partial frame after the last whole one.
+    let mut torn = bytes.clone();
+    torn.extend_from_slice(&frame::MAGIC);
+    torn.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3]);
+    std::fs::write(&wal, &torn).unwrap();
+    cluster.spawn(victim);
+    let mut client = cluster.client();
+    let position = client.sync().unwrap();
+    cluster.converge(position, Duration::from_secs(10));
+    cluster.kill(victim);
+
+    // Corrupt: flip a byte inside the first frame's payload; the node must refuse and say where.
+    bytes = std::fs::read(&wal).unwrap();
+    bytes[13] ^= 0xff; // WAL frame headers are 12 bytes: this is the first payload's second byte
+    std::fs::write(&wal, &bytes).unwrap();
+    let mut child =
+        cluster.command(victim).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("a node with a corrupt WAL kept running");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(3), "exit code for corruption");
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(stderr.contains("wal-00000001.log") && stderr.contains("offset 0"), "{stderr}");
+}
+
+fn raw_call(address: &str, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out); // the node answers (maybe) and closes
+    out
+}
+
+#[test]
+fn bad_input_is_refused_and_the_node_keeps_serving() {
+    let cluster = Cluster::start(3, "bad");
+    cluster.leader(Duration::from_secs(10));
+    let address = cluster.nodes[0].client.clone();
+
+    // Garbage: closed without an answer it could misread.
+    let answer = raw_call(&address, &[0xde, 0xad, 0xbe, 0xef].repeat(10));
+    assert!(frame::decode(&answer, CLUSTER_ID, 1 << 20).is_ok());
+    // Wrong cluster id and oversized frames: an error naming the reason, then closed.
+    for (bytes, code) in [
+        (frame::encode(FrameKind::Request, 0x999, b"x"), ErrorCode::Malformed),
+        (
+            {
+                let mut b = frame::encode(FrameKind::Request, CLUSTER_ID, b"x");
+                b[16..20].copy_from_slice(&(64u32 << 20).to_le_bytes());
+                b
+            },
+            ErrorCode::TooLarge,
+        ),
+        (frame::encode(FrameKind::Request, CLUSTER_ID, &[0xff; 16]), ErrorCode::Malformed),
+    ] {
+        let answer = raw_call(&address, &bytes);
+        let (_, payload, _) =
+            frame::decode(&answer, CLUSTER_ID, 1 << 20).unwrap().expect("an error response");
+        let response: tob_proto::ClientResponse = postcard::from_bytes(&payload).unwrap();
+        match response.reply {
+            tob_proto::Reply::Error { code: got, .. } => assert_eq!(got, code),
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+    // Oversized keys are refused by the cluster with a clear code.
+    let mut client = cluster.client();
+    let err = client.claim("users", &"k".repeat(5000), "u1").unwrap_err();
+    assert!(matches!(err, ClientError::Refused { code: ErrorCode::TooLarge, .. }), "{err:?}");
+    // And everyone is still served.
+    assert!(client.append(None, b"still here").is_ok());
+}
+
+#[test]
+fn a_cluster_that_is_down_is_reported_unavailable() {
+    let mut config = ClientConfig::new(vec![format!("127.0.0.1:{}", free_port())], CLUSTER_ID);
+    config.request_timeout = Duration::from_secs(1);
+    let err = Client::new(config).append(None, b"x").unwrap_err();
+    assert!(matches!(err, ClientError::Unavailable(_)), "{err:?}");
+    assert_eq!(err.code(), ErrorCode::Unavailable);
+}
