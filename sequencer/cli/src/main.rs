@@ -1,0 +1,293 @@
+//! `tob`: the command line for a tob cluster.
+//!
+//! Exit codes: 0 done; 1 refused (a claim taken, a release by a non-owner); 2 bad usage;
+//! 3 cluster unavailable or timed out; 4 any other error.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use tob_client::{Client, ClientConfig, ClientError};
+use tob_proto::{ErrorCode, Outcome, ReadConsistency, Seq};
+
+#[derive(Parser)]
+#[command(name = "tob", version, about = "Command line for a tob sequencer cluster")]
+struct Cli {
+    /// Client addresses of the cluster's nodes, comma-separated.
+    #[arg(long, env = "TOB_CLUSTER", global = true)]
+    cluster: Option<String>,
+    #[arg(long, env = "TOB_CLUSTER_ID", default_value_t = 1, global = true)]
+    cluster_id: u64,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Deadline of each request, retries included.
+    #[arg(long, default_value_t = 10_000, global = true)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a local development cluster on loopback until Ctrl-C.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
+    /// Role, term, positions and process of every node.
+    Status,
+    /// Append a message; prints its seq.
+    Append { topic: String, payload: String },
+    /// Read messages from a seq on.
+    Read {
+        #[arg(long, default_value_t = 1)]
+        from: u64,
+        #[arg(long, default_value_t = 100)]
+        max: u32,
+        #[arg(long)]
+        topic: Option<String>,
+        /// Keep printing new messages as they commit.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Claim a key; prints the fencing token, or who holds it (exit 1).
+    Claim { namespace: String, key: String, owner: String },
+    /// Release a key held by OWNER (exit 1 if OWNER does not hold it).
+    Release { namespace: String, key: String, owner: String },
+    /// Who holds a key.
+    Owner {
+        namespace: String,
+        key: String,
+        #[arg(long, default_value = "index")]
+        consistency: String,
+    },
+    /// A linearizable position of the log.
+    Sync,
+    /// Next value of a gap-free counter.
+    Next { counter: String },
+}
+
+#[derive(Subcommand)]
+enum ClusterAction {
+    Up {
+        #[arg(long, default_value = "tob-cluster")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        #[arg(long, default_value_t = 7100)]
+        base_port: u16,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Cmd::Cluster { action: ClusterAction::Up { dir, nodes, base_port } } => {
+            cluster_up(dir, *nodes, *base_port, cli.cluster_id)
+        }
+        _ => run(&cli),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let code = match &e {
+                ClientError::Unavailable(_) | ClientError::Timeout => 3,
+                ClientError::Refused { code: ErrorCode::TooLarge | ErrorCode::Empty, .. } => 2,
+                _ => 4,
+            };
+            if cli.json {
+                println!("{}", json!({"error": e.code().name(), "message": e.to_string()}));
+            } else {
+                eprintln!("tob: {e}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn client(cli: &Cli) -> Result<Client, ClientError> {
+    let Some(cluster) = &cli.cluster else {
+        eprintln!("tob: no cluster given: use --cluster ADDRS or set TOB_CLUSTER");
+        std::process::exit(2);
+    };
+    let nodes: Vec<String> =
+        cluster.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+    let mut config = ClientConfig::new(nodes, cli.cluster_id);
+    config.request_timeout = Duration::from_millis(cli.timeout_ms);
+    Ok(Client::new(config))
+}
+
+fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
+    let mut c = client(cli)?;
+    let say = |text: String, value: serde_json::Value| {
+        if cli.json {
+            println!("{value}");
+        } else {
+            println!("{text}");
+        }
+    };
+    match &cli.command {
+        Cmd::Cluster { .. } => unreachable!("handled in main"),
+        Cmd::Status => {
+            let count = cli.cluster.as_deref().unwrap_or("").split(',').count();
+            let statuses: Vec<_> = (0..count).map(|i| c.status_of(i)).collect();
+            let leader_commit =
+                statuses.iter().flatten().map(|s| s.commit_index).max().unwrap_or(0);
+            for (i, status) in statuses.iter().enumerate() {
+                match status {
+                    Ok(s) => say(
+                        format!(
+                            "node {}  {:<12} term {:<4} commit {:<8} applied {:<8} lag {:<6} leader {:<4} pid {}",
+                            s.node_id,
+                            s.role,
+                            s.term,
+                            s.commit_index,
+                            s.applied_index,
+                            leader_commit.saturating_sub(s.applied_index),
+                            s.leader.map(|l| l.to_string()).unwrap_or("-".into()),
+                            s.pid
+                        ),
+                        json!({"node": s.node_id, "role": s.role, "term": s.term, "commit": s.commit_index,
+                               "applied": s.applied_index, "lag": leader_commit.saturating_sub(s.applied_index),
+                               "leader": s.leader, "pid": s.pid}),
+                    ),
+                    Err(e) => say(
+                        format!("node #{i}  unreachable: {e}"),
+                        json!({"index": i, "error": e.to_string()}),
+                    ),
+                }
+            }
+        }
+        Cmd::Append { topic, payload } => {
+            let seq = c.append(Some(topic), payload.as_bytes())?;
+            say(seq.0.to_string(), json!({"seq": seq.0}));
+        }
+        Cmd::Read { from, max, topic, follow } => {
+            let mut next = *from;
+            loop {
+                let messages = c.read_messages(Seq(next), *max, topic.as_deref())?;
+                for m in &messages {
+                    let payload = String::from_utf8_lossy(&m.payload);
+                    say(
+                        format!("{}\t{}\t{payload}", m.seq.0, m.topic.as_deref().unwrap_or("-")),
+                        json!({"seq": m.seq.0, "topic": m.topic, "payload": payload}),
+                    );
+                    next = m.seq.0 + 1;
+                }
+                if !*follow {
+                    break;
+                }
+                if messages.is_empty() {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        Cmd::Claim { namespace, key, owner } => match c.claim(namespace, key, owner)? {
+            Outcome::Claimed { token } => {
+                say(token.0.to_string(), json!({"result": "claimed", "token": token.0}))
+            }
+            Outcome::Taken { current } => {
+                say(
+                    format!(
+                        "taken by {} (token {}, {})",
+                        current.owner,
+                        current.token.0,
+                        current.state.as_str()
+                    ),
+                    json!({"result": "taken", "owner": current.owner, "token": current.token.0, "state": current.state.as_str()}),
+                );
+                return Ok(ExitCode::from(1));
+            }
+            other => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
+        },
+        Cmd::Release { namespace, key, owner } => match c.release(namespace, key, owner)? {
+            Outcome::Released => say("released".into(), json!({"result": "released"})),
+            _ => {
+                say(format!("{owner} does not hold {key}"), json!({"result": "not_owner"}));
+                return Ok(ExitCode::from(1));
+            }
+        },
+        Cmd::Owner { namespace, key, consistency } => {
+            let Some(consistency) = ReadConsistency::parse(consistency) else {
+                eprintln!("tob: --consistency must be index, log or lease");
+                return Ok(ExitCode::from(2));
+            };
+            match c.owner(namespace, key, consistency)? {
+                Some(o) => say(
+                    format!("{} (token {}, {})", o.owner, o.token.0, o.state.as_str()),
+                    json!({"owner": o.owner, "token": o.token.0, "state": o.state.as_str()}),
+                ),
+                None => say("free".into(), json!({"owner": null})),
+            }
+        }
+        Cmd::Sync => {
+            let position = c.sync()?;
+            say(position.to_string(), json!({"position": position}));
+        }
+        Cmd::Next { counter } => {
+            let value = c.next(counter)?;
+            say(value.to_string(), json!({"value": value}));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts `nodes` tob-sequencer processes on loopback under `dir` and waits for them.
+fn cluster_up(
+    dir: &PathBuf,
+    nodes: u64,
+    base_port: u16,
+    cluster_id: u64,
+) -> Result<ExitCode, ClientError> {
+    let binary = sibling_binary("tob-sequencer");
+    let member = |id: u64| {
+        let port = base_port + 2 * (id as u16 - 1);
+        (format!("127.0.0.1:{port}"), format!("127.0.0.1:{}", port + 1))
+    };
+    let peers: Vec<String> = (1..=nodes)
+        .map(|id| {
+            let (peer, client) = member(id);
+            format!("{id}={peer},{client}")
+        })
+        .collect();
+    let mut children: Vec<Child> = Vec::new();
+    for id in 1..=nodes {
+        let mut cmd = Command::new(&binary);
+        cmd.arg("--node-id").arg(id.to_string());
+        cmd.arg("--cluster-id").arg(cluster_id.to_string());
+        cmd.arg("--data-dir").arg(dir.join(format!("n{id}")));
+        for p in &peers {
+            cmd.arg("--peer").arg(p);
+        }
+        match cmd.spawn() {
+            Ok(child) => children.push(child),
+            Err(e) => {
+                eprintln!("tob: cannot start {}: {e}", binary.display());
+                for mut c in children {
+                    let _ = c.kill();
+                }
+                return Ok(ExitCode::from(4));
+            }
+        }
+    }
+    let clients: Vec<String> = (1..=nodes).map(|id| member(id).1).collect();
+    println!("TOB_CLUSTER={}", clients.join(","));
+    println!("# {nodes} nodes, data under {}; Ctrl-C stops them all", dir.display());
+    let mut failed = false;
+    for mut child in children {
+        failed |= !child.wait().map(|s| s.success()).unwrap_or(false);
+    }
+    Ok(if failed { ExitCode::from(4) } else { ExitCode::SUCCESS })
+}
+
+/// `tob-sequencer` beside this executable, else from `PATH`.
+fn sibling_binary(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
