@@ -237,7 +237,7 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
 
 /// Starts `nodes` tob-sequencer processes on loopback under `dir` and waits for them.
 fn cluster_up(
-    dir: &PathBuf,
+    dir: &std::path::Path,
     nodes: u64,
     base_port: u16,
     cluster_id: u64,
