@@ -4,7 +4,7 @@
 //! carries them all — that is the group commit.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use tob_machine::{Machine, MachineConfig};
@@ -71,6 +71,10 @@ pub struct NodeActor {
     next_read_context: u64,
     drive_scheduled: bool,
     ticks: u64,
+    /// When the last tick was due. Ticks follow the monotonic clock, not the timer: after a
+    /// pause (SIGSTOP, a long fsync, a stalled VM) the missed ticks are taken *before* any
+    /// message is handled, so a lease can never outlive the time that really passed.
+    last_tick_at: Instant,
     expiry_watch: BTreeMap<SessionId, (u64, u64)>,
     expiry_term: Option<u64>,
     expire_proposed: BTreeSet<(SessionId, u64)>,
@@ -104,9 +108,27 @@ impl NodeActor {
             next_read_context: 0,
             drive_scheduled: false,
             ticks: 0,
+            last_tick_at: Instant::now(),
             expiry_watch: BTreeMap::new(),
             expiry_term: None,
             expire_proposed: BTreeSet::new(),
+        }
+    }
+
+    fn catch_up_ticks(&mut self) {
+        let tick = Duration::from_millis(self.config.tick_ms);
+        let mut missed = 0;
+        while self.last_tick_at.elapsed() >= tick {
+            self.last_tick_at += tick;
+            self.ticks += 1;
+            self.raft.tick();
+            self.watch_sessions();
+            missed += 1;
+            // Enough to expire any lease and run check-quorum; the rest is skipped.
+            if missed >= 4 * u64::from(self.config.election_ticks) {
+                self.last_tick_at = Instant::now();
+                break;
+            }
         }
     }
 
@@ -296,9 +318,7 @@ impl Actor for NodeActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(100_000);
         ctx.run_interval(Duration::from_millis(self.config.tick_ms), |node, ctx| {
-            node.ticks += 1;
-            node.raft.tick();
-            node.watch_sessions();
+            node.catch_up_ticks();
             node.schedule_drive(ctx);
         });
         self.drive();
@@ -316,6 +336,7 @@ impl Handler<Drive> for NodeActor {
 impl Handler<PeerMessage> for NodeActor {
     type Result = ();
     fn handle(&mut self, message: PeerMessage, ctx: &mut Context<Self>) {
+        self.catch_up_ticks();
         self.raft.step(message.0);
         self.schedule_drive(ctx);
     }
@@ -324,6 +345,7 @@ impl Handler<PeerMessage> for NodeActor {
 impl Handler<ClientCall> for NodeActor {
     type Result = ();
     fn handle(&mut self, call: ClientCall, ctx: &mut Context<Self>) {
+        self.catch_up_ticks();
         let waiter = Waiter { connection: call.connection, id: call.id };
         if let Call::Status = call.call {
             let reply = Reply::Status(self.status());

@@ -315,3 +315,69 @@ fn a_cluster_that_is_down_is_reported_unavailable() {
     assert!(matches!(err, ClientError::Unavailable(_)), "{err:?}");
     assert_eq!(err.code(), ErrorCode::Unavailable);
 }
+
+#[test]
+fn a_follow_stream_survives_a_leader_change_without_gap_or_duplicate() {
+    let mut cluster = Cluster::start(3, "follow");
+    cluster.leader(Duration::from_secs(10));
+    let addresses = cluster.addresses();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let follower = std::thread::spawn(move || {
+        let mut config = ClientConfig::new(addresses, CLUSTER_ID);
+        config.request_timeout = Duration::from_secs(10);
+        let mut client = Client::new(config);
+        let mut next = 1;
+        let mut seen = Vec::new();
+        while seen.len() < 60 {
+            for m in client.read_messages(Seq(next), 100, None).expect("follow keeps working") {
+                seen.push((m.seq.0, String::from_utf8(m.payload).unwrap()));
+                next = m.seq.0 + 1;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        tx.send(seen).unwrap();
+    });
+    let mut client = cluster.client();
+    for i in 0..30 {
+        client.append(None, format!("f{i}").as_bytes()).unwrap();
+    }
+    let old = cluster.leader(Duration::from_secs(1));
+    cluster.kill(old);
+    for i in 30..60 {
+        client.append(None, format!("f{i}").as_bytes()).unwrap();
+    }
+    let seen = rx.recv_timeout(Duration::from_secs(30)).expect("the follower saw everything");
+    follower.join().unwrap();
+    let expected: Vec<(u64, String)> = (0..60).map(|i| (i + 1, format!("f{i}"))).collect();
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn a_paused_leader_is_replaced_and_rejoins_as_follower() {
+    let cluster = Cluster::start(3, "pause");
+    cluster.leader(Duration::from_secs(10));
+    let mut client = cluster.client();
+    client.claim("locks", "job", "worker-1").unwrap();
+    let old = cluster.leader(Duration::from_secs(1));
+    let pid = cluster.nodes[old].child.as_ref().unwrap().id().to_string();
+    let signal =
+        |sig: &str| assert!(Command::new("kill").arg(sig).arg(&pid).status().unwrap().success());
+    signal("-STOP");
+    // Longer than the election timeout: the others must elect a new leader and keep serving.
+    std::thread::sleep(Duration::from_millis(600));
+    let seq = client.append(None, b"while paused").unwrap();
+    let new = cluster.leader(Duration::from_secs(5));
+    assert_ne!(new, old);
+    signal("-CONT");
+    // The old leader steps down on hearing the new term, and catches up.
+    let position = client.sync().unwrap();
+    cluster.converge(position, Duration::from_secs(10));
+    let mut status_client = cluster.client();
+    let status = status_client.status_of(old).unwrap();
+    assert_eq!(status.role, "follower");
+    assert_eq!(client.read_messages(seq, 1, None).unwrap()[0].payload, b"while paused");
+    assert_eq!(
+        client.owner("locks", "job", ReadConsistency::Lease).unwrap().unwrap().owner,
+        "worker-1"
+    );
+}
