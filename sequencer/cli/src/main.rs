@@ -152,7 +152,7 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
                         ),
                         json!({"node": s.node_id, "role": s.role, "term": s.term, "commit": s.commit_index,
                                "applied": s.applied_index, "lag": leader_commit.saturating_sub(s.applied_index),
-                               "leader": s.leader, "pid": s.pid}),
+                               "leader": s.leader, "pid": s.pid, "metrics": s.metrics_address}),
                     ),
                     Err(e) => say(
                         format!("node #{i}  unreachable: {e}"),

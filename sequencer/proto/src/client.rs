@@ -62,6 +62,8 @@ pub struct NodeStatus {
     pub snapshot_index: u64,
     pub last_seq: u64,
     pub pid: u32,
+    /// Where this node serves Prometheus metrics.
+    pub metrics_address: String,
 }
 
 /// A node's answer.

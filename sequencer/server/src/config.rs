@@ -29,6 +29,7 @@ struct FileConfig {
     election_ticks: Option<u32>,
     heartbeat_ticks: Option<u32>,
     max_frame_bytes: Option<usize>,
+    metrics_listen: Option<SocketAddr>,
     unsafe_no_fsync: Option<bool>,
     #[serde(default)]
     peers: Vec<PeerConfig>,
@@ -62,6 +63,9 @@ pub struct Flags {
     pub heartbeat_ticks: Option<u32>,
     #[arg(long, env = "TOB_MAX_FRAME_BYTES")]
     pub max_frame_bytes: Option<usize>,
+    /// Address of the Prometheus `/metrics` endpoint (port 0: any free port, logged).
+    #[arg(long, env = "TOB_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// BENCHMARK ONLY: never fsync. Acknowledged writes are lost on power failure.
     #[arg(long, env = "TOB_UNSAFE_NO_FSYNC")]
     pub unsafe_no_fsync: bool,
@@ -80,6 +84,7 @@ pub struct Config {
     pub election_ticks: u32,
     pub heartbeat_ticks: u32,
     pub max_frame_bytes: usize,
+    pub metrics_listen: SocketAddr,
     pub unsafe_no_fsync: bool,
 }
 
@@ -129,6 +134,10 @@ impl Config {
                 .max_frame_bytes
                 .or(file.max_frame_bytes)
                 .unwrap_or(8 * 1024 * 1024),
+            metrics_listen: flags
+                .metrics_listen
+                .or(file.metrics_listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             unsafe_no_fsync: flags.unsafe_no_fsync || file.unsafe_no_fsync.unwrap_or(false),
         };
         if config.tick_ms == 0 {

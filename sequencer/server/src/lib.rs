@@ -4,5 +4,6 @@
 
 pub mod codec;
 pub mod config;
+pub mod metrics;
 pub mod net;
 pub mod node;

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use tob_server::codec::FrameCodec;
 use tob_server::config::{Config, Flags};
+use tob_server::metrics::Metrics;
 use tob_server::net::{ListenerKind, PeerLink, serve};
 use tob_server::node::NodeActor;
 
@@ -78,6 +79,9 @@ async fn start(config: Config) -> Result<(), StartError> {
     };
     let peer_listener = bind("peers", config.peer_listen).await?;
     let client_listener = bind("clients", config.client_listen).await?;
+    let metrics_listener = bind("metrics", config.metrics_listen).await?;
+    let metrics_address = metrics_listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let metrics = Metrics::new(config.node_id);
     let sync = if config.unsafe_no_fsync {
         tracing::warn!(
             "--unsafe-no-fsync: BENCHMARK MODE, acknowledged writes can be lost on power failure"
@@ -104,15 +108,19 @@ async fn start(config: Config) -> Result<(), StartError> {
         .collect();
     let arbiter = Arbiter::new();
     let node_config = config.clone();
+    let node_metrics = metrics.clone();
+    let node_metrics_address = metrics_address.clone();
     let node = NodeActor::start_in_arbiter(&arbiter.handle(), move |_| {
-        NodeActor::new(node_config, wal, recovered, peers)
+        NodeActor::new(node_config, wal, recovered, peers, node_metrics, node_metrics_address)
     });
-    actix::spawn(serve(peer_listener, ListenerKind::Peer, node.clone(), codec));
-    actix::spawn(serve(client_listener, ListenerKind::Client, node, codec));
+    actix::spawn(tob_server::metrics::serve(metrics_listener, metrics.clone()));
+    actix::spawn(serve(peer_listener, ListenerKind::Peer, node.clone(), codec, metrics.clone()));
+    actix::spawn(serve(client_listener, ListenerKind::Client, node, codec, metrics));
     tracing::info!(
         node = config.node_id,
         peers = %config.peer_listen,
         clients = %config.client_listen,
+        metrics = %format!("http://{metrics_address}/metrics"),
         "tob-sequencer started"
     );
     actix::spawn(async {

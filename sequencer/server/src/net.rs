@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::io::{FramedWrite, WriteHandler};
@@ -16,6 +17,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::FramedRead;
 
 use crate::codec::{CodecError, FrameCodec};
+use crate::metrics::Metrics;
 use crate::node::{ClientCall, NodeActor, PeerMessage, SendResponse};
 
 /// Messages kept for a peer while it is unreachable; older ones are dropped (Raft resends).
@@ -156,6 +158,7 @@ pub enum ListenerKind {
 /// One inbound connection.
 pub struct Connection {
     node: Addr<NodeActor>,
+    metrics: Arc<Metrics>,
     writer: Writer,
     remote: SocketAddr,
     kind: ListenerKind,
@@ -215,6 +218,7 @@ impl StreamHandler<Result<(FrameKind, Vec<u8>), CodecError>> for Connection {
                 self.close(&format!("{kind:?} frame on the {listener:?} port"))
             }
             (Err(error), _) => {
+                self.metrics.refused_frames.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if let CodecError::Frame(frame_error) = &error {
                     let reply = Reply::Error {
                         code: frame_error.code(),
@@ -246,16 +250,24 @@ pub async fn serve(
     kind: ListenerKind,
     node: Addr<NodeActor>,
     codec: FrameCodec,
+    metrics: Arc<Metrics>,
 ) {
     loop {
         match listener.accept().await {
             Ok((stream, remote)) => {
                 let _ = stream.set_nodelay(true);
                 let node = node.clone();
+                let metrics = metrics.clone();
                 Connection::create(move |ctx| {
                     let (read, write) = stream.into_split();
                     ctx.add_stream(FramedRead::new(read, codec));
-                    Connection { node, writer: FramedWrite::new(write, codec, ctx), remote, kind }
+                    Connection {
+                        node,
+                        metrics,
+                        writer: FramedWrite::new(write, codec, ctx),
+                        remote,
+                        kind,
+                    }
                 });
             }
             Err(error) => {

@@ -4,6 +4,8 @@
 //! carries them all — that is the group commit.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -19,6 +21,7 @@ use tob_raft::{
 use tob_wal::Wal;
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::net::{Outbound, PeerLink};
 
 /// Snapshot and compact the log after this many applied entries.
@@ -51,6 +54,8 @@ struct Drive;
 struct Waiter {
     connection: Recipient<SendResponse>,
     id: u64,
+    started: Instant,
+    operation: &'static str,
 }
 
 enum ReadRequest {
@@ -78,6 +83,9 @@ pub struct NodeActor {
     expiry_watch: BTreeMap<SessionId, (u64, u64)>,
     expiry_term: Option<u64>,
     expire_proposed: BTreeSet<(SessionId, u64)>,
+    metrics: Arc<Metrics>,
+    metrics_address: String,
+    known_leader: Option<u64>,
 }
 
 impl NodeActor {
@@ -86,6 +94,8 @@ impl NodeActor {
         wal: Wal,
         recovered: tob_raft::Recovered,
         peers: BTreeMap<u64, Addr<PeerLink>>,
+        metrics: Arc<Metrics>,
+        metrics_address: String,
     ) -> NodeActor {
         let voters = config.peers.keys().map(|&id| NodeId(id)).collect();
         let mut raft_config = RaftConfig::new(NodeId(config.node_id), voters, seed());
@@ -112,6 +122,9 @@ impl NodeActor {
             expiry_watch: BTreeMap::new(),
             expiry_term: None,
             expire_proposed: BTreeSet::new(),
+            metrics,
+            metrics_address,
+            known_leader: None,
         }
     }
 
@@ -153,10 +166,14 @@ impl NodeActor {
                 self.send(message);
             }
             if ready.must_persist() {
+                let started = Instant::now();
                 let written = self
                     .wal
                     .append(ready.snapshot.as_ref(), &ready.entries, ready.hard_state)
                     .and_then(|()| self.wal.sync());
+                self.metrics.fsync_latency.observe_duration(started.elapsed());
+                self.metrics.fsyncs.fetch_add(1, Relaxed);
+                self.metrics.batch_entries.observe(ready.entries.len() as f64);
                 if let Err(e) = written {
                     // Nothing after this point may be acknowledged: stop the node.
                     tracing::error!(error = %e, "write-ahead log failed; stopping");
@@ -189,11 +206,36 @@ impl NodeActor {
             self.raft.advance();
             self.maybe_snapshot();
         }
+        self.publish_metrics();
+    }
+
+    fn publish_metrics(&mut self) {
+        let m = &self.metrics;
+        m.term.store(self.raft.term().0, Relaxed);
+        let role = match self.raft.role() {
+            Role::Follower => 0,
+            Role::PreCandidate => 1,
+            Role::Candidate => 2,
+            Role::Leader => 3,
+        };
+        m.role.store(role, Relaxed);
+        m.commit_index.store(self.raft.commit_index().0, Relaxed);
+        m.applied_index.store(self.machine.applied_index(), Relaxed);
+        let leader = self.raft.leader().map(|l| l.0);
+        if leader.is_some() && leader != self.known_leader {
+            m.leader_changes.fetch_add(1, Relaxed);
+            self.known_leader = leader;
+        }
+    }
+
+    fn finish_request(&self, waiter: &Waiter) {
+        self.metrics.request(waiter.operation).observe_duration(waiter.started.elapsed());
     }
 
     fn answer(&mut self, request: Request, outcome: Outcome) {
         let Some(client) = request.client else { return };
         for waiter in self.waiters.remove(&(client, request.request_id)).unwrap_or_default() {
+            self.finish_request(&waiter);
             let response = ClientResponse { id: waiter.id, reply: Reply::Outcome(outcome.clone()) };
             waiter.connection.do_send(SendResponse(response));
         }
@@ -217,6 +259,7 @@ impl NodeActor {
         self.ready_reads = waiting;
         for read in ready {
             let Some((waiter, request)) = self.reads.remove(&read.context) else { continue };
+            self.finish_request(&waiter);
             let reply = match request {
                 ReadRequest::Owner(key) => Reply::Owner(self.machine.owner(&key)),
                 ReadRequest::Sync => Reply::Synced { position: read.index.0 },
@@ -308,6 +351,7 @@ impl NodeActor {
             snapshot_index: self.raft.snapshot_index().0,
             last_seq: self.machine.last_seq().0,
             pid: std::process::id(),
+            metrics_address: self.metrics_address.clone(),
         }
     }
 }
@@ -346,7 +390,25 @@ impl Handler<ClientCall> for NodeActor {
     type Result = ();
     fn handle(&mut self, call: ClientCall, ctx: &mut Context<Self>) {
         self.catch_up_ticks();
-        let waiter = Waiter { connection: call.connection, id: call.id };
+        let operation = match &call.call {
+            Call::Command(request) => match request.command {
+                Command::Append { .. } => "append",
+                Command::Claim { .. } | Command::Prepare { .. } | Command::Finalize { .. } => {
+                    "claim"
+                }
+                Command::Release { .. } => "release",
+                Command::Read { .. } => "read",
+                Command::Next { .. } => "next",
+                Command::OpenSession { .. }
+                | Command::KeepAlive { .. }
+                | Command::Expire { .. } => "session",
+            },
+            Call::Owner { .. } | Call::ReadMessages { .. } => "read",
+            Call::Sync => "sync",
+            Call::Status => "other",
+        };
+        let waiter =
+            Waiter { connection: call.connection, id: call.id, started: Instant::now(), operation };
         if let Call::Status = call.call {
             let reply = Reply::Status(self.status());
             waiter.connection.do_send(SendResponse(ClientResponse { id: waiter.id, reply }));
@@ -379,6 +441,7 @@ impl Handler<ClientCall> for NodeActor {
                 if self.raft.propose(request.encode()).is_err() {
                     unreachable!("checked leader");
                 }
+                self.metrics.proposals.fetch_add(1, Relaxed);
                 return self.schedule_drive(ctx);
             }
             Call::Owner { key, consistency } => {

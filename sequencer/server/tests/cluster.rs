@@ -381,3 +381,36 @@ fn a_paused_leader_is_replaced_and_rejoins_as_follower() {
         "worker-1"
     );
 }
+
+#[test]
+fn every_node_serves_prometheus_metrics_on_loopback() {
+    let cluster = Cluster::start(3, "metrics");
+    let leader = cluster.leader(Duration::from_secs(10));
+    let mut client = cluster.client();
+    for _ in 0..5 {
+        client.append(Some("m"), b"x").unwrap();
+    }
+    client.claim("users", "alice", "u1").unwrap();
+    let status = client.status_of(leader).unwrap();
+    assert!(status.metrics_address.starts_with("127.0.0.1:"), "{}", status.metrics_address);
+    let mut stream = TcpStream::connect(&status.metrics_address).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    let value = |name: &str| -> f64 {
+        let line = body
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name} in\n{body}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(value("tob_role "), 3.0);
+    assert!(value("tob_term ") >= 1.0);
+    assert!(value("tob_proposals_total ") >= 6.0);
+    assert!(value("tob_fsync_latency_seconds_count ") >= 1.0);
+    assert!(value("tob_commit_index ") >= 7.0);
+    assert!(value("tob_request_latency_seconds_count{operation=\"append\"} ") >= 5.0);
+    assert!(value("tob_request_latency_seconds_count{operation=\"claim\"} ") >= 1.0);
+}
