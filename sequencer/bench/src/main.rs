@@ -1,0 +1,202 @@
+//! `tob-bench`: measures a running cluster. A program that prints figures, not a test.
+//!
+//! Each in-flight request is one client connection on its own thread (the blocking client
+//! runs one request at a time), so `--concurrency 256` keeps 256 requests in flight.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::json;
+use tob_client::{Client, ClientConfig};
+use tob_proto::{Outcome, ReadConsistency};
+
+#[derive(Parser)]
+#[command(name = "tob-bench", about = "Benchmark a tob cluster")]
+struct Args {
+    #[arg(long, env = "TOB_CLUSTER")]
+    cluster: String,
+    #[arg(long, env = "TOB_CLUSTER_ID", default_value_t = 1)]
+    cluster_id: u64,
+    /// append, claim, read or sync; all four when omitted.
+    #[arg(long)]
+    workload: Option<String>,
+    /// Requests in flight; 1, 16, 64 and 256 when omitted.
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 5)]
+    duration: u64,
+    /// One JSON object per run.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    let workloads: Vec<String> = match &args.workload {
+        Some(w) => vec![w.clone()],
+        None => ["append", "claim", "read", "sync"].iter().map(|s| s.to_string()).collect(),
+    };
+    for w in &workloads {
+        if !["append", "claim", "read", "sync"].contains(&w.as_str()) {
+            eprintln!("tob-bench: unknown workload {w} (append, claim, read, sync)");
+            std::process::exit(2);
+        }
+    }
+    let levels = args.concurrency.map(|c| vec![c]).unwrap_or_else(|| vec![1, 16, 64, 256]);
+    let nodes: Vec<String> = args.cluster.split(',').map(|s| s.trim().to_owned()).collect();
+    if !args.json {
+        println!(
+            "{:<8} {:>5} {:>10} {:>9} {:>9} {:>9} {:>7} {:>14}",
+            "workload", "conc", "ops/s", "p50 us", "p99 us", "p99.9 us", "errors", "fsync mean us"
+        );
+    }
+    for workload in &workloads {
+        for &concurrency in &levels {
+            let fsync_before = fsync_totals(&nodes, args.cluster_id);
+            let run = run(
+                &nodes,
+                args.cluster_id,
+                workload,
+                concurrency,
+                Duration::from_secs(args.duration),
+            );
+            let fsync_after = fsync_totals(&nodes, args.cluster_id);
+            let fsync_mean_us = match (fsync_before, fsync_after) {
+                (Some((s0, c0)), Some((s1, c1))) if c1 > c0 => {
+                    Some((s1 - s0) / (c1 - c0) as f64 * 1e6)
+                }
+                _ => None,
+            };
+            if args.json {
+                println!(
+                    "{}",
+                    json!({"workload": workload, "concurrency": concurrency, "ops_per_s": run.ops_per_s,
+                           "p50_us": run.p50_us, "p99_us": run.p99_us, "p999_us": run.p999_us,
+                           "errors": run.errors, "fsync_mean_us": fsync_mean_us})
+                );
+            } else {
+                println!(
+                    "{:<8} {:>5} {:>10.0} {:>9} {:>9} {:>9} {:>7} {:>14}",
+                    workload,
+                    concurrency,
+                    run.ops_per_s,
+                    run.p50_us,
+                    run.p99_us,
+                    run.p999_us,
+                    run.errors,
+                    fsync_mean_us.map(|f| format!("{f:.0}")).unwrap_or("-".into())
+                );
+            }
+        }
+    }
+}
+
+struct RunResult {
+    ops_per_s: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+    errors: u64,
+}
+
+fn run(
+    nodes: &[String],
+    cluster_id: u64,
+    workload: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> RunResult {
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    // Claims: about one attempt in ten goes for a name another thread claimed just before.
+    let last_claimed = Arc::new(AtomicU64::new(0));
+    let run_id = Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64;
+    let started = Instant::now();
+    let threads: Vec<_> = (0..concurrency)
+        .map(|t| {
+            let (stop, errors, last_claimed) = (stop.clone(), errors.clone(), last_claimed.clone());
+            let mut config = ClientConfig::new(nodes.to_vec(), cluster_id);
+            config.request_timeout = Duration::from_secs(10);
+            let workload = workload.to_owned();
+            std::thread::spawn(move || {
+                let mut client = Client::new(config);
+                let mut latencies = Vec::new();
+                let mut i: u64 = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let began = Instant::now();
+                    let ok = match workload.as_str() {
+                        "append" => client.append(Some("bench"), b"0123456789abcdef").is_ok(),
+                        "claim" => {
+                            let id = if i % 10 == 0 {
+                                last_claimed.load(Ordering::Relaxed)
+                            } else {
+                                (t as u64) << 40 | i
+                            };
+                            let r =
+                                client.claim("bench", &format!("{run_id}-{id}"), &format!("t{t}"));
+                            if matches!(r, Ok(Outcome::Claimed { .. })) {
+                                last_claimed.store(id, Ordering::Relaxed);
+                            }
+                            r.is_ok()
+                        }
+                        "read" => client.owner("bench", "hot", ReadConsistency::Index).is_ok(),
+                        _ => client.sync().is_ok(),
+                    };
+                    if ok {
+                        latencies.push(began.elapsed().as_micros() as u64);
+                    } else {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                latencies
+            })
+        })
+        .collect();
+    std::thread::sleep(duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut all: Vec<u64> =
+        threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
+    RunResult {
+        ops_per_s: all.len() as f64 / elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        p999_us: pct(0.999),
+        errors: errors.load(Ordering::Relaxed),
+    }
+}
+
+/// Sum (seconds) and count of fsyncs across the nodes, from their metrics endpoints.
+fn fsync_totals(nodes: &[String], cluster_id: u64) -> Option<(f64, u64)> {
+    let mut client = Client::new(ClientConfig::new(nodes.to_vec(), cluster_id));
+    let (mut sum, mut count) = (0.0, 0);
+    for i in 0..nodes.len() {
+        let Ok(status) = client.status_of(i) else { continue };
+        let mut stream = TcpStream::connect(&status.metrics_address).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").ok()?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).ok()?;
+        for line in body.lines() {
+            if let Some(v) = line.strip_prefix("tob_fsync_latency_seconds_sum ") {
+                sum += v.parse::<f64>().ok()?;
+            }
+            if let Some(v) = line.strip_prefix("tob_fsync_latency_seconds_count ") {
+                count += v.parse::<u64>().ok()?;
+            }
+        }
+    }
+    Some((sum, count))
+}
