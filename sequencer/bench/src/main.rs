@@ -133,7 +133,7 @@ fn run(
                     let ok = match workload.as_str() {
                         "append" => client.append(Some("bench"), b"0123456789abcdef").is_ok(),
                         "claim" => {
-                            let id = if i % 10 == 0 {
+                            let id = if i.is_multiple_of(10) {
                                 last_claimed.load(Ordering::Relaxed)
                             } else {
                                 (t as u64) << 40 | i
