@@ -1,7 +1,7 @@
 //! `tob-bench`: measures a running cluster. A program that prints figures, not a test.
 //!
-//! Each in-flight request is one client connection on its own thread (the blocking client
-//! runs one request at a time), so `--concurrency 256` keeps 256 requests in flight.
+//! `--concurrency N` runs N tasks sharing one async client: N requests in flight, pipelined on
+//! one connection per node (as a busy application server would).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use serde_json::json;
-use tob_client::{Client, ClientConfig};
-use tob_proto::{Outcome, ReadConsistency};
+use tob_client::{AsyncClient, Client, ClientConfig};
+use tob_proto::{Call, Outcome, ReadConsistency};
 
 #[derive(Parser)]
 #[command(name = "tob-bench", about = "Benchmark a tob cluster")]
@@ -111,42 +111,66 @@ fn run(
     concurrency: usize,
     duration: Duration,
 ) -> RunResult {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    runtime.block_on(run_async(nodes, cluster_id, workload, concurrency, duration))
+}
+
+/// `concurrency` tasks share one client, so their requests are pipelined on one connection.
+async fn run_async(
+    nodes: &[String],
+    cluster_id: u64,
+    workload: &str,
+    concurrency: usize,
+    duration: Duration,
+) -> RunResult {
+    let mut config = ClientConfig::new(nodes.to_vec(), cluster_id);
+    config.request_timeout = Duration::from_secs(10);
+    let client = AsyncClient::new(config);
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
-    // Claims: about one attempt in ten goes for a name another thread claimed just before.
+    // Claims: about one attempt in ten goes for a name another task claimed just before.
     let last_claimed = Arc::new(AtomicU64::new(0));
-    let run_id = Instant::now().elapsed().as_nanos() as u64 ^ std::process::id() as u64;
+    let run_id = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
     let started = Instant::now();
-    let threads: Vec<_> = (0..concurrency)
+    let tasks: Vec<_> = (0..concurrency)
         .map(|t| {
-            let (stop, errors, last_claimed) = (stop.clone(), errors.clone(), last_claimed.clone());
-            let mut config = ClientConfig::new(nodes.to_vec(), cluster_id);
-            config.request_timeout = Duration::from_secs(10);
+            let (stop, errors, last_claimed, client) =
+                (stop.clone(), errors.clone(), last_claimed.clone(), client.clone());
             let workload = workload.to_owned();
-            std::thread::spawn(move || {
-                let mut client = Client::new(config);
+            tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut i: u64 = 0;
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
                     let began = Instant::now();
                     let ok = match workload.as_str() {
-                        "append" => client.append(Some("bench"), b"0123456789abcdef").is_ok(),
+                        "append" => client.append(Some("bench"), b"0123456789abcdef").await.is_ok(),
                         "claim" => {
                             let id = if i.is_multiple_of(10) {
                                 last_claimed.load(Ordering::Relaxed)
                             } else {
                                 (t as u64) << 40 | i
                             };
-                            let r =
-                                client.claim("bench", &format!("{run_id}-{id}"), &format!("t{t}"));
+                            let r = client
+                                .claim("bench", &format!("{run_id}-{id}"), &format!("t{t}"))
+                                .await;
                             if matches!(r, Ok(Outcome::Claimed { .. })) {
                                 last_claimed.store(id, Ordering::Relaxed);
                             }
                             r.is_ok()
                         }
-                        "read" => client.owner("bench", "hot", ReadConsistency::Index).is_ok(),
-                        _ => client.sync().is_ok(),
+                        "read" => {
+                            let key = tob_client::claim_key("bench", "hot");
+                            client
+                                .call(Call::Owner { key, consistency: ReadConsistency::Index })
+                                .await
+                                .is_ok()
+                        }
+                        _ => client.sync().await.is_ok(),
                     };
                     if ok {
                         latencies.push(began.elapsed().as_micros() as u64);
@@ -158,10 +182,12 @@ fn run(
             })
         })
         .collect();
-    std::thread::sleep(duration);
+    tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
-    let mut all: Vec<u64> =
-        threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
+    let mut all: Vec<u64> = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap_or_default());
+    }
     let elapsed = started.elapsed().as_secs_f64();
     all.sort_unstable();
     let pct = |p: f64| {

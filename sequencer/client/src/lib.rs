@@ -6,6 +6,11 @@
 //! between waits it calls an optional interrupt hook, so a caller (a PostgreSQL backend) can
 //! abandon the wait on cancel.
 
+#[cfg(feature = "async")]
+mod asynchronous;
+#[cfg(feature = "async")]
+pub use asynchronous::AsyncClient;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};

@@ -414,3 +414,34 @@ fn every_node_serves_prometheus_metrics_on_loopback() {
     assert!(value("tob_request_latency_seconds_count{operation=\"append\"} ") >= 5.0);
     assert!(value("tob_request_latency_seconds_count{operation=\"claim\"} ") >= 1.0);
 }
+
+#[test]
+fn the_async_client_pipelines_many_requests_on_one_connection() {
+    let cluster = Cluster::start(3, "async");
+    cluster.leader(Duration::from_secs(10));
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = tob_client::AsyncClient::new(ClientConfig::new(cluster.addresses(), CLUSTER_ID));
+    let seqs: Vec<u64> = runtime.block_on(async {
+        let tasks: Vec<_> = (0..300)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    client.append(None, format!("p{i}").as_bytes()).await.unwrap().0
+                })
+            })
+            .collect();
+        let mut seqs = Vec::new();
+        for task in tasks {
+            seqs.push(task.await.unwrap());
+        }
+        seqs
+    });
+    let mut sorted = seqs.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=300).collect::<Vec<u64>>(), "300 appends, 300 distinct dense seqs");
+    let mut blocking = cluster.client();
+    let messages = blocking.read_messages(Seq(1), 1000, None).unwrap();
+    for (i, seq) in seqs.iter().enumerate() {
+        assert_eq!(messages[*seq as usize - 1].payload, format!("p{i}").as_bytes());
+    }
+}

@@ -1,0 +1,283 @@
+//! The async client (feature `async`, for tools): the same calls as the blocking [`Client`],
+//! but any number of them may be in flight at once, **pipelined on one connection per node**
+//! and matched to their answers by call id.
+//!
+//! [`Client`]: crate::Client
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tob_proto::frame::{self, FrameKind, HEADER_BYTES};
+use tob_proto::{
+    Call, ClaimKind, ClientId, ClientRequest, ClientResponse, Command, ErrorCode, Outcome, Reply,
+    Request, RequestId, Seq,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::{ClientConfig, ClientError, claim_key};
+
+type Pending = Arc<Mutex<BTreeMap<u64, oneshot::Sender<Reply>>>>;
+
+/// One pipelined connection: a writer task fed by a channel and a reader task that routes
+/// answers to their callers.
+#[derive(Clone)]
+struct Connection {
+    outbox: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Pending,
+    /// Set when the reader stops: the node closed the connection or sent garbage.
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Connection {
+    async fn open(address: &str, config: &ClientConfig) -> Result<Connection, ClientError> {
+        let stream = tokio::time::timeout(config.connect_timeout, TcpStream::connect(address))
+            .await
+            .map_err(|_| ClientError::Unavailable(format!("{address}: connect timed out")))?
+            .map_err(|e| ClientError::Unavailable(format!("{address}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let (mut read, mut write) = stream.into_split();
+        let (outbox, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+        let pending: Pending = Arc::default();
+        tokio::spawn(async move {
+            while let Some(bytes) = queue.recv().await {
+                if write.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let routes = pending.clone();
+        let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let closed_by_reader = closed.clone();
+        let (cluster_id, max) = (config.cluster_id, config.max_frame_bytes);
+        tokio::spawn(async move {
+            let mut header = [0u8; HEADER_BYTES];
+            loop {
+                if read.read_exact(&mut header).await.is_err() {
+                    break;
+                }
+                let Ok(parsed) = frame::decode_header(&header, cluster_id, max) else { break };
+                let mut payload = vec![0u8; parsed.length];
+                if read.read_exact(&mut payload).await.is_err()
+                    || frame::check_payload(&parsed, &payload).is_err()
+                {
+                    break;
+                }
+                let Ok(response) = postcard::from_bytes::<ClientResponse>(&payload) else { break };
+                let waiter = routes.lock().expect("not poisoned").remove(&response.id);
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(response.reply);
+                }
+            }
+            // Dropping the senders tells every waiting caller the connection is gone.
+            closed_by_reader.store(true, Ordering::Relaxed);
+            routes.lock().expect("not poisoned").clear();
+        });
+        Ok(Connection { outbox, pending, closed })
+    }
+
+    fn is_closed(&self) -> bool {
+        self.outbox.is_closed() || self.closed.load(Ordering::Relaxed)
+    }
+}
+
+/// An async client; cheap to clone, safe to share between tasks.
+#[derive(Clone)]
+pub struct AsyncClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ClientConfig,
+    client_id: ClientId,
+    next_request: AtomicU64,
+    next_call: AtomicU64,
+    target: AtomicUsize,
+    in_flight: Mutex<std::collections::BTreeSet<u64>>,
+    connections: tokio::sync::Mutex<Vec<Option<Connection>>>,
+}
+
+impl AsyncClient {
+    pub fn new(config: ClientConfig) -> AsyncClient {
+        assert!(!config.nodes.is_empty(), "a client needs at least one node address");
+        let slots = config.nodes.iter().map(|_| None).collect();
+        AsyncClient {
+            inner: Arc::new(Inner {
+                client_id: ClientId(uuid::Uuid::new_v4().as_u128()),
+                next_request: AtomicU64::new(1),
+                next_call: AtomicU64::new(1),
+                target: AtomicUsize::new(0),
+                in_flight: Mutex::default(),
+                connections: tokio::sync::Mutex::new(slots),
+                config,
+            }),
+        }
+    }
+
+    /// Runs a state-machine command through the log, exactly once.
+    pub async fn command(&self, command: Command) -> Result<Outcome, ClientError> {
+        let request_id = RequestId(self.inner.next_request.fetch_add(1, Ordering::Relaxed));
+        // The oldest request still in flight: the cluster may forget answers below it.
+        let first_incomplete = {
+            let mut in_flight = self.inner.in_flight.lock().expect("not poisoned");
+            in_flight.insert(request_id.0);
+            RequestId(*in_flight.first().expect("just inserted"))
+        };
+        let request =
+            Request { client: Some(self.inner.client_id), request_id, first_incomplete, command };
+        let reply = self.call(Call::Command(request)).await;
+        self.inner.in_flight.lock().expect("not poisoned").remove(&request_id.0);
+        match reply? {
+            Reply::Outcome(Outcome::Error { code }) => {
+                Err(ClientError::Refused { code, message: code.name().into() })
+            }
+            Reply::Outcome(outcome) => Ok(outcome),
+            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn append(&self, topic: Option<&str>, payload: &[u8]) -> Result<Seq, ClientError> {
+        let command =
+            Command::Append { topic: topic.map(str::to_owned), payload: payload.to_vec() };
+        match self.command(command).await? {
+            Outcome::Appended { seq } => Ok(seq),
+            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    pub async fn claim(
+        &self,
+        namespace: &str,
+        key: &str,
+        owner: &str,
+    ) -> Result<Outcome, ClientError> {
+        self.command(Command::Claim {
+            key: claim_key(namespace, key),
+            owner: owner.into(),
+            holder: owner.into(),
+            kind: ClaimKind::Held,
+            session: None,
+        })
+        .await
+    }
+
+    pub async fn sync(&self) -> Result<u64, ClientError> {
+        match self.call(Call::Sync).await? {
+            Reply::Synced { position } => Ok(position),
+            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    /// Sends a call to the leader, following redirects and retrying elsewhere until the deadline.
+    pub async fn call(&self, call: Call) -> Result<Reply, ClientError> {
+        let config = &self.inner.config;
+        let deadline = Instant::now() + config.request_timeout;
+        let mut last_error = ClientError::Unavailable("no node tried".into());
+        let mut reached_any = false;
+        let nodes = config.nodes.len();
+        while Instant::now() < deadline {
+            let node = self.inner.target.load(Ordering::Relaxed) % nodes;
+            let next = (node + 1) % nodes;
+            match self.call_at(node, &call, deadline).await {
+                Ok(Reply::Error { code: ErrorCode::NotLeader, leader, .. }) => {
+                    reached_any = true;
+                    let hinted = leader
+                        .and_then(|l| config.nodes.iter().position(|n| *n == l))
+                        .filter(|&l| l != node);
+                    let _ = self.inner.target.compare_exchange(
+                        node,
+                        hinted.unwrap_or(next),
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Ok(Reply::Error { code, message, .. }) if code.is_retryable() => {
+                    reached_any = true;
+                    last_error = ClientError::Refused { code, message };
+                    let _ = self.inner.target.compare_exchange(
+                        node,
+                        next,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                Ok(Reply::Error { code, message, .. }) => {
+                    return Err(ClientError::Refused { code, message });
+                }
+                Ok(reply) => return Ok(reply),
+                Err(ClientError::Timeout) => {
+                    reached_any = true;
+                    let _ = self.inner.target.compare_exchange(
+                        node,
+                        next,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+                Err(e) => {
+                    last_error = e;
+                    let _ = self.inner.target.compare_exchange(
+                        node,
+                        next,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        Err(if reached_any { ClientError::Timeout } else { last_error })
+    }
+
+    async fn call_at(
+        &self,
+        node: usize,
+        call: &Call,
+        deadline: Instant,
+    ) -> Result<Reply, ClientError> {
+        let config = &self.inner.config;
+        let connection = {
+            let mut slots = self.inner.connections.lock().await;
+            match &slots[node] {
+                Some(c) if !c.is_closed() => c.clone(),
+                _ => {
+                    let c = Connection::open(&config.nodes[node], config).await?;
+                    slots[node] = Some(c.clone());
+                    c
+                }
+            }
+        };
+        let id = self.inner.next_call.fetch_add(1, Ordering::Relaxed);
+        let payload = postcard::to_allocvec(&ClientRequest { id, call: call.clone() })
+            .expect("serialising to a Vec cannot fail");
+        let (tx, rx) = oneshot::channel();
+        connection.pending.lock().expect("not poisoned").insert(id, tx);
+        if connection
+            .outbox
+            .send(frame::encode(FrameKind::Request, config.cluster_id, &payload))
+            .is_err()
+        {
+            connection.pending.lock().expect("not poisoned").remove(&id);
+            return Err(ClientError::Unavailable(format!(
+                "{}: connection closed",
+                config.nodes[node]
+            )));
+        }
+        let attempt = deadline.min(Instant::now() + config.request_timeout / 3);
+        match tokio::time::timeout_at(attempt, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => {
+                Err(ClientError::Unavailable(format!("{}: connection closed", config.nodes[node])))
+            }
+            Err(_) => {
+                connection.pending.lock().expect("not poisoned").remove(&id);
+                Err(ClientError::Timeout)
+            }
+        }
+    }
+}
