@@ -19,6 +19,7 @@ use tob_proto::frame::{self, FrameKind, HEADER_BYTES};
 use tob_proto::{
     Call, ClaimKey, ClaimKind, ClientId, ClientRequest, ClientResponse, Command, ErrorCode,
     MessageRecord, NodeStatus, Outcome, OwnerInfo, ReadConsistency, Reply, Request, RequestId, Seq,
+    SessionId,
 };
 
 /// Errors a client call can end with.
@@ -162,6 +163,52 @@ impl Client {
             kind: ClaimKind::Held,
             session: None,
         })
+    }
+
+    /// A claim of any kind: `Transactional` and `Ephemeral` claims need a session; `holder`
+    /// names who may prepare, finalize or release it (a transaction id, or the owner).
+    pub fn claim_with(
+        &mut self,
+        namespace: &str,
+        key: &str,
+        owner: &str,
+        holder: &str,
+        kind: ClaimKind,
+        session: Option<SessionId>,
+    ) -> Result<Outcome, ClientError> {
+        self.command(Command::Claim {
+            key: claim_key(namespace, key),
+            owner: owner.into(),
+            holder: holder.into(),
+            kind,
+            session,
+        })
+    }
+
+    /// Opens a session that lives while kept alive within `ttl`.
+    pub fn open_session(&mut self, ttl: Duration) -> Result<SessionId, ClientError> {
+        match self.command(Command::OpenSession { ttl_ms: ttl.as_millis() as u64 })? {
+            Outcome::SessionOpened { session } => Ok(session),
+            other => Err(unexpected_outcome(other)),
+        }
+    }
+
+    /// Renews a session; `Refused{unknown_session}` once it has expired.
+    pub fn keep_alive(&mut self, session: SessionId) -> Result<(), ClientError> {
+        match self.command(Command::KeepAlive { session })? {
+            Outcome::KeptAlive => Ok(()),
+            other => Err(unexpected_outcome(other)),
+        }
+    }
+
+    /// Prepares all listed pending claims of `holder`: `Ok(Outcome::Prepared)` or
+    /// `Ok(Outcome::Lost{keys})`.
+    pub fn prepare(&mut self, holder: &str, keys: Vec<ClaimKey>) -> Result<Outcome, ClientError> {
+        self.command(Command::Prepare { holder: holder.into(), keys })
+    }
+
+    pub fn finalize(&mut self, holder: &str, keys: Vec<ClaimKey>) -> Result<Outcome, ClientError> {
+        self.command(Command::Finalize { holder: holder.into(), keys })
     }
 
     pub fn release(

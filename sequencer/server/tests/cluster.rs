@@ -445,3 +445,41 @@ fn the_async_client_pipelines_many_requests_on_one_connection() {
         assert_eq!(messages[*seq as usize - 1].payload, format!("p{i}").as_bytes());
     }
 }
+
+#[test]
+fn claims_of_an_expired_session_are_released_and_prepared_ones_survive() {
+    use tob_proto::{ClaimKind, ClaimState};
+    let cluster = Cluster::start(3, "session");
+    cluster.leader(Duration::from_secs(10));
+    let mut client = cluster.client();
+    let session = client.open_session(Duration::from_millis(300)).unwrap();
+    let lock =
+        client.claim_with("locks", "job", "w1", "w1", ClaimKind::Ephemeral, Some(session)).unwrap();
+    assert!(matches!(lock, Outcome::Claimed { .. }));
+    let pending = client
+        .claim_with("users", "bob", "u9", "tx9", ClaimKind::Transactional, Some(session))
+        .unwrap();
+    assert!(matches!(pending, Outcome::Claimed { .. }));
+    let prepared = client
+        .claim_with("users", "eve", "u9", "tx9", ClaimKind::Transactional, Some(session))
+        .unwrap();
+    assert!(matches!(prepared, Outcome::Claimed { .. }));
+    let eve = vec![tob_client::claim_key("users", "eve")];
+    assert_eq!(client.prepare("tx9", eve).unwrap(), Outcome::Prepared);
+    // Kept alive, the session and its claims live past the TTL.
+    for _ in 0..4 {
+        std::thread::sleep(Duration::from_millis(150));
+        client.keep_alive(session).unwrap();
+    }
+    assert!(client.owner("locks", "job", ReadConsistency::Index).unwrap().is_some());
+    // Left alone, it expires: the lock and the pending claim go, the prepared one stays.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(client.owner("locks", "job", ReadConsistency::Index).unwrap(), None);
+    assert_eq!(client.owner("users", "bob", ReadConsistency::Index).unwrap(), None);
+    let eve = client.owner("users", "eve", ReadConsistency::Index).unwrap().unwrap();
+    assert_eq!(eve.state, ClaimState::Prepared);
+    let err = client.keep_alive(session).unwrap_err();
+    assert_eq!(err.code(), ErrorCode::UnknownSession);
+    let bob = vec![tob_client::claim_key("users", "bob")];
+    assert!(matches!(client.prepare("tx9", bob).unwrap(), Outcome::Lost { .. }));
+}
