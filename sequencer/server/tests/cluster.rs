@@ -289,6 +289,14 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
             ErrorCode::TooLarge,
         ),
         (frame::encode(FrameKind::Request, CLUSTER_ID, &[0xff; 16]), ErrorCode::Malformed),
+        (
+            {
+                let mut b = frame::encode(FrameKind::Request, CLUSTER_ID, b"x");
+                b[4] = frame::VERSION + 1; // a future protocol version
+                b
+            },
+            ErrorCode::Malformed,
+        ),
     ] {
         let answer = raw_call(&address, &bytes);
         let (_, payload, _) =
@@ -482,4 +490,59 @@ fn claims_of_an_expired_session_are_released_and_prepared_ones_survive() {
     assert_eq!(err.code(), ErrorCode::UnknownSession);
     let bob = vec![tob_client::claim_key("users", "bob")];
     assert!(matches!(client.prepare("tx9", bob).unwrap(), Outcome::Lost { .. }));
+}
+
+#[test]
+fn bad_configuration_is_refused_with_a_clear_message_and_sigterm_stops_cleanly() {
+    let bin = env!("CARGO_BIN_EXE_tob-sequencer");
+    let cases: [(&[&str], &str); 3] = [
+        (&["--cluster-id", "1", "--data-dir", "/tmp/x"], "node_id is required"),
+        (
+            &[
+                "--node-id",
+                "4",
+                "--cluster-id",
+                "1",
+                "--data-dir",
+                "/tmp/x",
+                "--peer",
+                "1=127.0.0.1:1,127.0.0.1:2",
+            ],
+            "node 4 is not among the peers",
+        ),
+        (
+            &[
+                "--node-id",
+                "1",
+                "--cluster-id",
+                "1",
+                "--data-dir",
+                "/tmp/x",
+                "--peer",
+                "1=nonsense",
+            ],
+            "bad --peer",
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = Command::new(bin).args(args).env_remove("RUST_BACKTRACE").output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    let mut cluster = Cluster::start(1, "sigterm");
+    cluster.leader(Duration::from_secs(10));
+    let mut child = cluster.nodes[0].child.take().unwrap();
+    assert!(
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "SIGTERM did not stop the node");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "graceful exit, got {status:?}");
 }
