@@ -24,6 +24,8 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::net::{Outbound, PeerLink};
 
+/// Most messages one read returns (fewer if their bytes would not fit a frame).
+const READ_MESSAGES_MAX: usize = 10_000;
 /// Snapshot and compact the log after this many applied entries.
 const SNAPSHOT_EVERY_ENTRIES: u64 = 10_000;
 
@@ -264,17 +266,28 @@ impl NodeActor {
                 ReadRequest::Owner(key) => Reply::Owner(self.machine.owner(&key)),
                 ReadRequest::Sync => Reply::Synced { position: read.index.0 },
                 ReadRequest::Messages { from, max, topic } => {
-                    match self.machine.messages(from, max as usize, topic.as_deref()) {
-                        Ok(messages) => Reply::Messages(
-                            messages
+                    let max = (max as usize).min(READ_MESSAGES_MAX);
+                    match self.machine.messages(from, max, topic.as_deref()) {
+                        Ok(messages) => {
+                            // Keep the reply well inside one frame (at least one message); the
+                            // caller reads on from the last seq it got.
+                            let budget = self.config.max_frame_bytes / 2;
+                            let mut bytes = 0;
+                            let records = messages
                                 .into_iter()
-                                .map(|m| MessageRecord {
+                                .enumerate()
+                                .take_while(|(i, m)| {
+                                    bytes += m.payload.len() + 64;
+                                    *i == 0 || bytes <= budget
+                                })
+                                .map(|(_, m)| MessageRecord {
                                     seq: m.seq,
                                     topic: m.topic,
                                     payload: m.payload,
                                 })
-                                .collect(),
-                        ),
+                                .collect();
+                            Reply::Messages(records)
+                        }
                         Err(code) => {
                             Reply::Error { code, message: code.name().into(), leader: None }
                         }
