@@ -30,6 +30,7 @@ struct FileConfig {
     heartbeat_ticks: Option<u32>,
     max_frame_bytes: Option<usize>,
     metrics_listen: Option<SocketAddr>,
+    snapshot_entries: Option<u64>,
     unsafe_no_fsync: Option<bool>,
     #[serde(default)]
     peers: Vec<PeerConfig>,
@@ -66,6 +67,9 @@ pub struct Flags {
     /// Address of the Prometheus `/metrics` endpoint (port 0: any free port, logged).
     #[arg(long, env = "TOB_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Snapshot the state and compact the log after this many applied entries.
+    #[arg(long, env = "TOB_SNAPSHOT_ENTRIES")]
+    pub snapshot_entries: Option<u64>,
     /// BENCHMARK ONLY: never fsync. Acknowledged writes are lost on power failure.
     #[arg(long, env = "TOB_UNSAFE_NO_FSYNC")]
     pub unsafe_no_fsync: bool,
@@ -85,6 +89,7 @@ pub struct Config {
     pub heartbeat_ticks: u32,
     pub max_frame_bytes: usize,
     pub metrics_listen: SocketAddr,
+    pub snapshot_entries: u64,
     pub unsafe_no_fsync: bool,
 }
 
@@ -138,6 +143,11 @@ impl Config {
                 .metrics_listen
                 .or(file.metrics_listen)
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0))),
+            snapshot_entries: flags
+                .snapshot_entries
+                .or(file.snapshot_entries)
+                .unwrap_or(10_000)
+                .max(1),
             unsafe_no_fsync: flags.unsafe_no_fsync || file.unsafe_no_fsync.unwrap_or(false),
         };
         if config.tick_ms == 0 {

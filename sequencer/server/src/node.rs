@@ -26,8 +26,6 @@ use crate::net::{Outbound, PeerLink};
 
 /// Most messages one read returns (fewer if their bytes would not fit a frame).
 const READ_MESSAGES_MAX: usize = 10_000;
-/// Snapshot and compact the log after this many applied entries.
-const SNAPSHOT_EVERY_ENTRIES: u64 = 10_000;
 
 /// A Raft message from a peer.
 #[derive(Message)]
@@ -88,6 +86,7 @@ pub struct NodeActor {
     metrics: Arc<Metrics>,
     metrics_address: String,
     known_leader: Option<u64>,
+    snapshot_in_progress: bool,
 }
 
 impl NodeActor {
@@ -127,6 +126,7 @@ impl NodeActor {
             metrics,
             metrics_address,
             known_leader: None,
+            snapshot_in_progress: false,
         }
     }
 
@@ -206,7 +206,6 @@ impl NodeActor {
             }
             self.serve_reads();
             self.raft.advance();
-            self.maybe_snapshot();
         }
         self.publish_metrics();
     }
@@ -298,19 +297,26 @@ impl NodeActor {
         }
     }
 
-    fn maybe_snapshot(&mut self) {
+    /// Every `snapshot_entries` applied entries, encodes the state here and writes the file on another
+    /// thread, so the node keeps serving while megabytes reach the disk; the log is compacted
+    /// when the write is durable.
+    fn maybe_snapshot(&mut self, ctx: &mut Context<Self>) {
         let applied = LogIndex(self.machine.applied_index());
-        if applied.0 < self.raft.snapshot_index().0 + SNAPSHOT_EVERY_ENTRIES {
+        if self.snapshot_in_progress
+            || applied.0 < self.raft.snapshot_index().0 + self.config.snapshot_entries
+        {
             return;
         }
         let Some(term) = self.raft.term_at(applied) else { return };
         let voters = self.raft.config().voters.clone();
         let snapshot = Snapshot { index: applied, term, voters, data: self.machine.snapshot() };
-        if let Err(e) = self.wal.compact(&snapshot) {
-            tracing::error!(error = %e, "snapshot failed; stopping");
-            std::process::exit(70);
-        }
-        self.raft.compact(snapshot);
+        self.snapshot_in_progress = true;
+        let dir = self.wal.dir().to_owned();
+        let node = ctx.address();
+        std::thread::spawn(move || {
+            let written = tob_wal::write_snapshot(&dir, &snapshot).map_err(|e| e.to_string());
+            node.do_send(SnapshotWritten { snapshot, written });
+        });
     }
 
     /// The leader proposes `Expire` for sessions without a keep-alive for their TTL.
@@ -384,9 +390,39 @@ impl Actor for NodeActor {
 
 impl Handler<Drive> for NodeActor {
     type Result = ();
-    fn handle(&mut self, _: Drive, _: &mut Context<Self>) {
+    fn handle(&mut self, _: Drive, ctx: &mut Context<Self>) {
         self.drive_scheduled = false;
         self.drive();
+        self.maybe_snapshot(ctx);
+    }
+}
+
+/// A local snapshot file is durable (or failed).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct SnapshotWritten {
+    snapshot: Snapshot,
+    written: Result<(), String>,
+}
+
+impl Handler<SnapshotWritten> for NodeActor {
+    type Result = ();
+    fn handle(&mut self, done: SnapshotWritten, _: &mut Context<Self>) {
+        self.snapshot_in_progress = false;
+        if let Err(e) = done.written {
+            tracing::error!(error = %e, "snapshot failed; stopping");
+            std::process::exit(70);
+        }
+        let (index, term) = (done.snapshot.index, done.snapshot.term);
+        // A snapshot from the leader may have replaced the log meanwhile.
+        if self.raft.snapshot_index() >= index || self.raft.term_at(index) != Some(term) {
+            return;
+        }
+        if let Err(e) = self.wal.forget_covered(index.0) {
+            tracing::error!(error = %e, "log compaction failed; stopping");
+            std::process::exit(70);
+        }
+        self.raft.compact(done.snapshot);
     }
 }
 

@@ -28,10 +28,16 @@ struct Node {
 struct Cluster {
     root: PathBuf,
     nodes: Vec<Node>,
+    /// Flags every node gets.
+    extra: Vec<String>,
 }
 
 impl Cluster {
     fn start(n: u64, name: &str) -> Cluster {
+        Cluster::start_with(n, name, &[])
+    }
+
+    fn start_with(n: u64, name: &str, extra: &[&str]) -> Cluster {
         let root = std::env::temp_dir().join(format!("tob-cluster-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
@@ -44,7 +50,8 @@ impl Cluster {
                 child: None,
             })
             .collect();
-        let mut cluster = Cluster { root, nodes };
+        let extra = extra.iter().map(|s| s.to_string()).collect();
+        let mut cluster = Cluster { root, nodes, extra };
         for i in 0..cluster.nodes.len() {
             cluster.spawn(i);
         }
@@ -60,6 +67,7 @@ impl Cluster {
         for n in &self.nodes {
             cmd.arg("--peer").arg(format!("{}={},{}", n.id, n.peer, n.client));
         }
+        cmd.args(&self.extra);
         cmd.env_remove("RUST_BACKTRACE");
         cmd
     }
@@ -545,4 +553,48 @@ fn bad_configuration_is_refused_with_a_clear_message_and_sigterm_stops_cleanly()
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "graceful exit, got {status:?}");
+}
+
+#[test]
+fn snapshots_compact_the_log_and_bring_a_lagging_node_back() {
+    let mut cluster = Cluster::start_with(3, "snapshot", &["--snapshot-entries", "50"]);
+    cluster.leader(Duration::from_secs(10));
+    let mut client = cluster.client();
+    let lagging = (cluster.leader(Duration::from_secs(1)) + 1) % 3;
+    cluster.kill(lagging);
+    let mut acked = Vec::new();
+    for i in 0..400 {
+        acked.push((client.append(None, format!("s{i}").as_bytes()).unwrap(), format!("s{i}")));
+    }
+    // The leader has compacted far past what the lagging node holds: it needs a snapshot.
+    let leader = cluster.leader(Duration::from_secs(1));
+    let mut status_client = cluster.client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status_client.status_of(leader).unwrap().snapshot_index < 300 {
+        assert!(Instant::now() < deadline, "the leader never compacted");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let segments_and_snapshots =
+        |i: usize| std::fs::read_dir(&cluster.nodes[i].dir).unwrap().count();
+    assert!(segments_and_snapshots(leader) < 10, "old files removed");
+    cluster.spawn(lagging);
+    let position = client.sync().unwrap();
+    cluster.converge(position, Duration::from_secs(10));
+    assert!(
+        status_client.status_of(lagging).unwrap().snapshot_index >= 300,
+        "installed a snapshot"
+    );
+    // And everything survives a restart of every node from snapshots plus WAL.
+    for i in 0..3 {
+        cluster.kill(i);
+    }
+    for i in 0..3 {
+        cluster.spawn(i);
+    }
+    cluster.leader(Duration::from_secs(10));
+    let mut client = cluster.client();
+    let messages = client.read_messages(Seq(1), 1000, None).unwrap();
+    for (seq, payload) in &acked {
+        assert_eq!(messages[seq.0 as usize - 1].payload, payload.as_bytes());
+    }
 }

@@ -151,7 +151,7 @@ impl Wal {
     ) -> Result<(), WalError> {
         let mut frame = Frame { snapshot: None, entries: entries.to_vec(), hard_state };
         if let Some(snapshot) = snapshot {
-            write_snapshot_file(&self.dir, snapshot)?;
+            write_snapshot(&self.dir, snapshot)?;
             frame.snapshot = Some((snapshot.index.0, snapshot.term.0));
             self.snapshot_index = self.snapshot_index.max(snapshot.index.0);
         }
@@ -177,8 +177,14 @@ impl Wal {
     /// Persists a snapshot of the local state machine and drops what it covers: segments whose
     /// entries are all at or below it (never the open one) and older snapshot files.
     pub fn compact(&mut self, snapshot: &Snapshot) -> Result<(), WalError> {
-        write_snapshot_file(&self.dir, snapshot)?;
-        self.snapshot_index = self.snapshot_index.max(snapshot.index.0);
+        write_snapshot(&self.dir, snapshot)?;
+        self.forget_covered(snapshot.index.0)
+    }
+
+    /// The second half of [`Wal::compact`], for a snapshot already written with
+    /// [`write_snapshot`] (for instance on another thread): drops what it covers.
+    pub fn forget_covered(&mut self, snapshot_index: u64) -> Result<(), WalError> {
+        self.snapshot_index = self.snapshot_index.max(snapshot_index);
         let open = self.segments.len() - 1;
         let mut removable = 0;
         while removable < open && self.segments[removable].max_index <= self.snapshot_index {
@@ -194,6 +200,11 @@ impl Wal {
             }
         }
         sync_dir(&self.dir)
+    }
+
+    /// The directory this log lives in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Number of segment files (for tests and metrics).
@@ -398,15 +409,16 @@ fn snapshot_indexes(dir: &Path) -> Result<Vec<u64>, WalError> {
     numbered_files(dir, "snapshot-", ".snap")
 }
 
-/// Writes a snapshot atomically: temporary file, fsync, rename, fsync the directory.
-fn write_snapshot_file(dir: &Path, snapshot: &Snapshot) -> Result<(), WalError> {
+/// Writes a snapshot atomically: temporary file, fsync, rename, fsync the directory. Safe to
+/// call from another thread than the log's owner (each snapshot has its own temporary file).
+pub fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<(), WalError> {
     let payload = postcard::to_allocvec(snapshot).expect("serialising to a Vec cannot fail");
     let mut bytes = Vec::with_capacity(payload.len() + 20);
     bytes.extend_from_slice(&SNAPSHOT_MAGIC);
     bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&payload);
-    let tmp = dir.join("snapshot.tmp");
+    let tmp = dir.join(format!("snapshot-{:020}.tmp", snapshot.index.0));
     let mut file = File::create(&tmp).map_err(|e| WalError::io(&tmp, e))?;
     file.write_all(&bytes).and_then(|_| file.sync_all()).map_err(|e| WalError::io(&tmp, e))?;
     let path = snapshot_path(dir, snapshot.index.0);
