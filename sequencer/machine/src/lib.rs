@@ -11,6 +11,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+mod expiry;
+
+pub use expiry::ExpiryWatch;
+
 use serde::{Deserialize, Serialize};
 use tob_proto::{
     ClaimKey, ClaimKind, ClaimState, ClientId, Command, ErrorCode, FencingToken, Limits, Outcome,

@@ -3,16 +3,16 @@
 //! arbiter (thread), so an fsync blocks only it; messages queue meanwhile and the next `Ready`
 //! carries them all — that is the group commit.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tob_machine::{Machine, MachineConfig};
+use tob_machine::{ExpiryWatch, Machine, MachineConfig};
 use tob_proto::{
     Call, ClientId, ClientResponse, Command, ErrorCode, MessageRecord, NodeStatus, Outcome,
-    ReadConsistency, Reply, Request, RequestId, SessionId,
+    ReadConsistency, Reply, Request, RequestId,
 };
 use tob_raft::{
     Config as RaftConfig, EntryKind, LogIndex, Message, NodeId, Raft, ReadMode, ReadState, Role,
@@ -80,9 +80,7 @@ pub struct NodeActor {
     /// pause (SIGSTOP, a long fsync, a stalled VM) the missed ticks are taken *before* any
     /// message is handled, so a lease can never outlive the time that really passed.
     last_tick_at: Instant,
-    expiry_watch: BTreeMap<SessionId, (u64, u64)>,
-    expiry_term: Option<u64>,
-    expire_proposed: BTreeSet<(SessionId, u64)>,
+    expiry: ExpiryWatch,
     metrics: Arc<Metrics>,
     metrics_address: String,
     known_leader: Option<u64>,
@@ -120,9 +118,7 @@ impl NodeActor {
             drive_scheduled: false,
             ticks: 0,
             last_tick_at: Instant::now(),
-            expiry_watch: BTreeMap::new(),
-            expiry_term: None,
-            expire_proposed: BTreeSet::new(),
+            expiry: ExpiryWatch::default(),
             metrics,
             metrics_address,
             known_leader: None,
@@ -322,39 +318,12 @@ impl NodeActor {
     /// The leader proposes `Expire` for sessions without a keep-alive for their TTL.
     fn watch_sessions(&mut self) {
         if self.raft.role() != Role::Leader {
-            self.expiry_watch.clear();
-            self.expiry_term = None;
-            return;
+            return self.expiry.reset();
         }
-        let now = self.ticks;
-        if self.expiry_term != Some(self.raft.term().0) {
-            self.expiry_watch.clear();
-            self.expiry_term = Some(self.raft.term().0);
-        }
-        let mut expire = Vec::new();
-        let mut live = BTreeSet::new();
-        for (session, record) in self.machine.sessions() {
-            live.insert(session);
-            let watch = self.expiry_watch.entry(session).or_insert((record.keepalives, now));
-            if watch.0 != record.keepalives {
-                *watch = (record.keepalives, now);
-            }
-            let ttl_ticks = record.ttl_ms / self.config.tick_ms;
-            if now - watch.1 > ttl_ticks && !self.expire_proposed.contains(&(session, watch.0)) {
-                expire.push((session, watch.0));
-            }
-        }
-        self.expiry_watch.retain(|s, _| live.contains(s));
-        for (session, keepalives_seen) in expire {
-            let request = Request {
-                client: None,
-                request_id: RequestId(0),
-                first_incomplete: RequestId(0),
-                command: Command::Expire { session, keepalives_seen },
-            };
-            if self.raft.propose(request.encode()).is_ok() {
-                self.expire_proposed.insert((session, keepalives_seen));
-            }
+        for request in
+            self.expiry.due(&self.machine, self.raft.term().0, self.ticks, self.config.tick_ms)
+        {
+            let _ = self.raft.propose(request.encode());
         }
     }
 

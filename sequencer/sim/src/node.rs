@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tob_machine::{Machine, MachineBugs, MachineConfig};
+use tob_machine::{ExpiryWatch, Machine, MachineBugs, MachineConfig};
 use tob_proto::{
     ClaimKey, ClientId, Command, Outcome, ReleasedClaim, Request, RequestId, SessionId,
 };
@@ -59,10 +59,7 @@ pub struct SimNode {
     ready_reads: Vec<ReadState>,
     next_read_context: u64,
     local_ticks: u64,
-    /// Leader only: per session, the keep-alive count last seen and the tick it changed.
-    expiry_watch: BTreeMap<SessionId, (u64, u64)>,
-    expiry_term: Option<u64>,
-    expire_proposed: BTreeSet<(SessionId, u64)>,
+    expiry: ExpiryWatch,
 }
 
 impl SimNode {
@@ -99,9 +96,7 @@ impl SimNode {
             ready_reads: Vec::new(),
             next_read_context: 0,
             local_ticks: 0,
-            expiry_watch: BTreeMap::new(),
-            expiry_term: None,
-            expire_proposed: BTreeSet::new(),
+            expiry: ExpiryWatch::default(),
         }
     }
 
@@ -113,9 +108,7 @@ impl SimNode {
         self.waiters.clear();
         self.reads.clear();
         self.ready_reads.clear();
-        self.expiry_watch.clear();
-        self.expiry_term = None;
-        self.expire_proposed.clear();
+        self.expiry.reset();
     }
 
     /// Starts again from the disk.
@@ -296,39 +289,12 @@ impl SimNode {
     /// on its own ticks from when it became leader or last saw a keep-alive.
     fn watch_sessions(&mut self, fx: &mut Effects) {
         if self.raft.role() != Role::Leader {
-            self.expiry_watch.clear();
-            self.expiry_term = None;
-            return;
+            return self.expiry.reset();
         }
-        let now = self.local_ticks;
-        let term = self.raft.term().0;
-        if self.expiry_term != Some(term) {
-            self.expiry_watch.clear();
-            self.expiry_term = Some(term);
-        }
-        let mut expire = Vec::new();
-        let mut live = BTreeSet::new();
-        for (session, record) in self.machine.sessions() {
-            live.insert(session);
-            let watch = self.expiry_watch.entry(session).or_insert((record.keepalives, now));
-            if watch.0 != record.keepalives {
-                *watch = (record.keepalives, now);
-            }
-            let ttl_ticks = record.ttl_ms / TICK_MS;
-            if now - watch.1 > ttl_ticks && !self.expire_proposed.contains(&(session, watch.0)) {
-                expire.push((session, watch.0));
-            }
-        }
-        self.expiry_watch.retain(|s, _| live.contains(s));
-        for (session, keepalives_seen) in expire {
-            let request = Request {
-                client: None,
-                request_id: RequestId(0),
-                first_incomplete: RequestId(0),
-                command: Command::Expire { session, keepalives_seen },
-            };
+        for request in self.expiry.due(&self.machine, self.raft.term().0, self.local_ticks, TICK_MS)
+        {
+            let Command::Expire { session, keepalives_seen } = request.command else { continue };
             if self.raft.propose(request.encode()).is_ok() {
-                self.expire_proposed.insert((session, keepalives_seen));
                 fx.expire_proposed.push((session, keepalives_seen));
             }
         }
