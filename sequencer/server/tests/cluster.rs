@@ -250,21 +250,27 @@ fn a_torn_wal_tail_is_truncated_and_a_corrupt_record_refuses_to_start() {
     std::fs::write(&wal, &bytes).unwrap();
     let mut child =
         cluster.command(victim).stderr(Stdio::piped()).stdout(Stdio::null()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("a node with a corrupt WAL kept running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status =
+        wait_exit(&mut child, Duration::from_secs(10), "a node with a corrupt WAL kept running");
     assert_eq!(status.code(), Some(3), "exit code for corruption");
     let mut stderr = String::new();
     child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     assert!(stderr.contains("wal-00000001.log") && stderr.contains("offset 0"), "{stderr}");
+}
+
+/// Waits for a process to exit; kills it and fails with `why` if it outlives `within`.
+fn wait_exit(child: &mut Child, within: Duration, why: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{why}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn raw_call(address: &str, bytes: &[u8]) -> Vec<u8> {
@@ -544,14 +550,7 @@ fn bad_configuration_is_refused_with_a_clear_message_and_sigterm_stops_cleanly()
     assert!(
         Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap().success()
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "SIGTERM did not stop the node");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(5), "SIGTERM did not stop the node");
     assert!(status.success(), "graceful exit, got {status:?}");
 }
 
