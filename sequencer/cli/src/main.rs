@@ -166,22 +166,21 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
             say(seq.0.to_string(), json!({"seq": seq.0}));
         }
         Cmd::Read { from, max, topic, follow } => {
-            let mut next = *from;
-            loop {
-                let messages = c.read_messages(Seq(next), *max, topic.as_deref())?;
-                for m in &messages {
-                    let payload = String::from_utf8_lossy(&m.payload);
-                    say(
-                        format!("{}\t{}\t{payload}", m.seq.0, m.topic.as_deref().unwrap_or("-")),
-                        json!({"seq": m.seq.0, "topic": m.topic, "payload": payload}),
-                    );
-                    next = m.seq.0 + 1;
-                }
-                if !*follow {
-                    break;
-                }
-                if messages.is_empty() {
-                    std::thread::sleep(Duration::from_millis(100));
+            let print = |m: tob_proto::MessageRecord| {
+                let payload = String::from_utf8_lossy(&m.payload);
+                say(
+                    format!("{}\t{}\t{payload}", m.seq.0, m.topic.as_deref().unwrap_or("-")),
+                    json!({"seq": m.seq.0, "topic": m.topic, "payload": payload}),
+                );
+            };
+            if *follow {
+                c.follow(Seq(*from), topic.as_deref(), |m| {
+                    print(m);
+                    true
+                })?;
+            } else {
+                for m in c.read_messages(Seq(*from), *max, topic.as_deref())? {
+                    print(m);
                 }
             }
         }

@@ -270,6 +270,76 @@ impl Client {
         }
     }
 
+    /// Streams messages from `from` on (optionally of one topic) to `each` until it returns
+    /// `false` or the interrupt hook fires. Survives node failures and leader changes: on a
+    /// broken connection it resumes at another node right after the last message it passed on,
+    /// so nothing is skipped or repeated. Fails only when no node answers for a whole
+    /// request timeout.
+    pub fn follow(
+        &mut self,
+        from: Seq,
+        topic: Option<&str>,
+        mut each: impl FnMut(MessageRecord) -> bool,
+    ) -> Result<(), ClientError> {
+        let mut next = from;
+        let mut last_contact = Instant::now();
+        loop {
+            let node = self.target;
+            let id = self.next_call;
+            self.next_call += 1;
+            let call = Call::Follow { from: next, topic: topic.map(str::to_owned) };
+            let subscribed = self.ensure_connection(node).and_then(|()| {
+                let payload = postcard::to_allocvec(&ClientRequest { id, call })
+                    .expect("serialising to a Vec cannot fail");
+                let bytes = frame::encode(FrameKind::Request, self.config.cluster_id, &payload);
+                let stream = &mut self.connection.as_mut().expect("connected").stream;
+                stream.write_all(&bytes).map_err(|e| ClientError::Unavailable(e.to_string()))
+            });
+            if subscribed.is_ok() {
+                loop {
+                    // A quiet stream is fine: wake up now and then only to honour interrupts.
+                    let response = match self.read_frame(Instant::now() + Duration::from_secs(3600))
+                    {
+                        Ok(bytes) => bytes,
+                        Err(ClientError::Interrupted) => return Err(ClientError::Interrupted),
+                        Err(_) => break,
+                    };
+                    let Ok(response) = postcard::from_bytes::<ClientResponse>(&response) else {
+                        break;
+                    };
+                    if response.id != id {
+                        continue;
+                    }
+                    last_contact = Instant::now();
+                    match response.reply {
+                        Reply::Messages(messages) => {
+                            for m in messages {
+                                if m.seq < next {
+                                    continue; // already passed on before a reconnect
+                                }
+                                next = Seq(m.seq.0 + 1);
+                                if !each(m) {
+                                    self.connection = None; // the node drops the stream with it
+                                    return Ok(());
+                                }
+                            }
+                        }
+                        Reply::Error { code, message, .. } => {
+                            return Err(ClientError::Refused { code, message });
+                        }
+                        other => return Err(unexpected(other)),
+                    }
+                }
+            }
+            self.connection = None;
+            if last_contact.elapsed() > self.config.request_timeout {
+                return Err(ClientError::Unavailable("no node serves the stream".into()));
+            }
+            self.target = (node + 1) % self.config.nodes.len();
+            self.pause(Duration::from_millis(50), Instant::now() + Duration::from_millis(50))?;
+        }
+    }
+
     /// The status of one node, by its index in the configured list (no redirects).
     pub fn status_of(&mut self, node: usize) -> Result<NodeStatus, ClientError> {
         let deadline = Instant::now() + self.config.request_timeout;

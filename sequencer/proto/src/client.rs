@@ -39,6 +39,9 @@ pub enum Call {
     ReadMessages { from: Seq, max: u32, topic: Option<String> },
     /// A linearizable position: the commit index confirmed by a quorum, applied here.
     Sync,
+    /// Stream messages from `from` on, as this node applies them (any node serves it; the
+    /// order is the total order). Answered by any number of `Messages` replies with this id.
+    Follow { from: Seq, topic: Option<String> },
     /// This node's view of the cluster (answered by any node).
     Status,
 }

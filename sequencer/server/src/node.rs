@@ -51,6 +51,14 @@ pub struct ClientCall {
 #[rtype(result = "()")]
 struct Drive;
 
+/// A `Follow` stream: pushes messages to a connection as they are applied here.
+struct Subscription {
+    connection: Recipient<SendResponse>,
+    id: u64,
+    next: tob_proto::Seq,
+    topic: Option<String>,
+}
+
 struct Waiter {
     connection: Recipient<SendResponse>,
     id: u64,
@@ -85,6 +93,7 @@ pub struct NodeActor {
     metrics_address: String,
     known_leader: Option<u64>,
     snapshot_in_progress: bool,
+    subscriptions: Vec<Subscription>,
 }
 
 impl NodeActor {
@@ -123,6 +132,7 @@ impl NodeActor {
             metrics_address,
             known_leader: None,
             snapshot_in_progress: false,
+            subscriptions: Vec::new(),
         }
     }
 
@@ -204,6 +214,50 @@ impl NodeActor {
             self.raft.advance();
         }
         self.publish_metrics();
+        self.push_to_subscribers();
+    }
+
+    /// Sends every subscriber what was applied since its last push (bounded per push).
+    fn push_to_subscribers(&mut self) {
+        let last = self.machine.last_seq();
+        let budget = self.config.max_frame_bytes / 2;
+        let machine = &self.machine;
+        self.subscriptions.retain_mut(|sub| {
+            if !sub.connection.connected() {
+                return false;
+            }
+            if sub.next > last {
+                return true;
+            }
+            let reply = match machine.messages(sub.next, READ_MESSAGES_MAX, sub.topic.as_deref()) {
+                Ok(messages) => {
+                    sub.next = tob_proto::Seq(last.0 + 1);
+                    let mut bytes = 0;
+                    let mut records = Vec::new();
+                    for m in messages {
+                        bytes += m.payload.len() + 64;
+                        if !records.is_empty() && bytes > budget {
+                            // The rest goes with the next push.
+                            sub.next = m.seq;
+                            break;
+                        }
+                        records.push(MessageRecord {
+                            seq: m.seq,
+                            topic: m.topic,
+                            payload: m.payload,
+                        });
+                    }
+                    if records.is_empty() {
+                        return true;
+                    }
+                    Reply::Messages(records)
+                }
+                Err(code) => Reply::Error { code, message: code.name().into(), leader: None },
+            };
+            let ended = matches!(reply, Reply::Error { .. });
+            sub.connection.do_send(SendResponse(ClientResponse { id: sub.id, reply }));
+            !ended
+        });
     }
 
     fn publish_metrics(&mut self) {
@@ -423,10 +477,17 @@ impl Handler<ClientCall> for NodeActor {
             },
             Call::Owner { .. } | Call::ReadMessages { .. } => "read",
             Call::Sync => "sync",
-            Call::Status => "other",
+            Call::Status | Call::Follow { .. } => "other",
         };
         let waiter =
             Waiter { connection: call.connection, id: call.id, started: Instant::now(), operation };
+        if let Call::Follow { from, topic } = call.call {
+            // Any node serves a stream: its applied messages are a prefix of the total order.
+            let connection = waiter.connection;
+            self.subscriptions.push(Subscription { connection, id: waiter.id, next: from, topic });
+            self.push_to_subscribers();
+            return;
+        }
         if let Call::Status = call.call {
             let reply = Reply::Status(self.status());
             waiter.connection.do_send(SendResponse(ClientResponse { id: waiter.id, reply }));
@@ -436,7 +497,7 @@ impl Handler<ClientCall> for NodeActor {
             return self.refuse(&waiter, ErrorCode::NotLeader, "not the leader");
         }
         let (mode, request) = match call.call {
-            Call::Status => unreachable!("answered above"),
+            Call::Status | Call::Follow { .. } => unreachable!("answered above"),
             Call::Command(request) => {
                 let Some(client) = request.client else {
                     return self.refuse(
