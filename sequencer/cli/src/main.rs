@@ -275,11 +275,26 @@ fn cluster_up(
     let clients: Vec<String> = (1..=nodes).map(|id| member(id).1).collect();
     println!("TOB_CLUSTER={}", clients.join(","));
     println!("# {nodes} nodes, data under {}; Ctrl-C stops them all", dir.display());
-    let mut failed = false;
-    for mut child in children {
-        failed |= !child.wait().map(|s| s.success()).unwrap_or(false);
+    // Wait for Ctrl-C or SIGTERM, then stop every node gracefully with SIGTERM. A node that
+    // dies meanwhile (say, killed to try a failover) leaves the others running.
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    });
+    for pid in pids {
+        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
     }
-    Ok(if failed { ExitCode::from(4) } else { ExitCode::SUCCESS })
+    for mut child in children {
+        let _ = child.wait();
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `tob-sequencer` beside this executable, else from `PATH`.
