@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use tob_proto::frame::{self, FrameKind, HEADER_BYTES};
 use tob_proto::{
-    Call, ClaimKind, ClientId, ClientRequest, ClientResponse, Command, ErrorCode, Outcome, Reply,
-    Request, RequestId, Seq,
+    Call, ClaimKind, ClientId, ClientRequest, ClientResponse, Command, ErrorCode, MessageRecord,
+    Outcome, OwnerInfo, ReadConsistency, Reply, Request, RequestId, Seq,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -163,6 +163,58 @@ impl AsyncClient {
             session: None,
         })
         .await
+    }
+
+    pub async fn release(
+        &self,
+        namespace: &str,
+        key: &str,
+        owner: &str,
+    ) -> Result<Outcome, ClientError> {
+        self.command(Command::Release {
+            key: claim_key(namespace, key),
+            owner: owner.into(),
+            holder: None,
+        })
+        .await
+    }
+
+    pub async fn next(&self, counter: &str) -> Result<u64, ClientError> {
+        match self.command(Command::Next { counter: counter.into() }).await? {
+            Outcome::Counter { value } => Ok(value),
+            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    pub async fn owner(
+        &self,
+        namespace: &str,
+        key: &str,
+        consistency: ReadConsistency,
+    ) -> Result<Option<OwnerInfo>, ClientError> {
+        let key = claim_key(namespace, key);
+        if consistency == ReadConsistency::Log {
+            return match self.command(Command::Read { key }).await? {
+                Outcome::Owner { current } => Ok(current),
+                other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
+            };
+        }
+        match self.call(Call::Owner { key, consistency }).await? {
+            Reply::Owner(owner) => Ok(owner),
+            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    pub async fn read_messages(
+        &self,
+        from: Seq,
+        max: u32,
+        topic: Option<&str>,
+    ) -> Result<Vec<MessageRecord>, ClientError> {
+        match self.call(Call::ReadMessages { from, max, topic: topic.map(str::to_owned) }).await? {
+            Reply::Messages(messages) => Ok(messages),
+            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
+        }
     }
 
     pub async fn sync(&self) -> Result<u64, ClientError> {

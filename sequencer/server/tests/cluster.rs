@@ -458,6 +458,18 @@ fn the_async_client_pipelines_many_requests_on_one_connection() {
         }
         seqs
     });
+    runtime.block_on(async {
+        assert!(matches!(
+            client.claim("users", "zed", "u1").await.unwrap(),
+            Outcome::Claimed { .. }
+        ));
+        let owner = client.owner("users", "zed", ReadConsistency::Lease).await.unwrap().unwrap();
+        assert_eq!(owner.owner, "u1");
+        assert_eq!(client.release("users", "zed", "u1").await.unwrap(), Outcome::Released);
+        assert_eq!(client.owner("users", "zed", ReadConsistency::Log).await.unwrap(), None);
+        assert_eq!(client.next("c").await.unwrap(), 1);
+        assert_eq!(client.read_messages(Seq(1), 5, None).await.unwrap().len(), 5);
+    });
     let mut sorted = seqs.clone();
     sorted.sort_unstable();
     assert_eq!(sorted, (1..=300).collect::<Vec<u64>>(), "300 appends, 300 distinct dense seqs");
