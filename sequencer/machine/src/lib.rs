@@ -167,8 +167,10 @@ impl Machine {
         self.state.clients_by_activity.insert((index, client));
         if request.first_incomplete > record.floor {
             record.floor = request.first_incomplete;
-            let keep = record.answers.split_off(&request.first_incomplete);
-            record.answers = keep;
+            // Usually zero or one answer to drop: pop them rather than split the tree.
+            while record.answers.first_key_value().is_some_and(|(id, _)| *id < record.floor) {
+                record.answers.pop_first();
+            }
         }
         if cfg!(feature = "planted-bugs") && self.config.bugs.apply_retries_twice {
             return None;

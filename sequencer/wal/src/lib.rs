@@ -82,6 +82,14 @@ pub struct Frame {
     pub hard_state: Option<HardState>,
 }
 
+/// [`Frame`] as written, borrowing the entries (same encoding: a slice encodes as a `Vec`).
+#[derive(Serialize)]
+struct FrameRef<'a> {
+    snapshot: Option<(u64, u64)>,
+    entries: &'a [Entry],
+    hard_state: Option<HardState>,
+}
+
 struct Segment {
     number: u64,
     path: PathBuf,
@@ -149,7 +157,7 @@ impl Wal {
         entries: &[Entry],
         hard_state: Option<HardState>,
     ) -> Result<(), WalError> {
-        let mut frame = Frame { snapshot: None, entries: entries.to_vec(), hard_state };
+        let mut frame = FrameRef { snapshot: None, entries, hard_state };
         if let Some(snapshot) = snapshot {
             write_snapshot(&self.dir, snapshot)?;
             frame.snapshot = Some((snapshot.index.0, snapshot.term.0));
@@ -212,7 +220,7 @@ impl Wal {
         self.segments.len()
     }
 
-    fn write_frame(&mut self, frame: &Frame) -> Result<(), WalError> {
+    fn write_frame(&mut self, frame: &FrameRef<'_>) -> Result<(), WalError> {
         let payload = postcard::to_allocvec(frame).expect("serialising to a Vec cannot fail");
         assert!(payload.len() <= FRAME_BYTES_MAX, "frame over {FRAME_BYTES_MAX} bytes");
         let mut bytes = Vec::with_capacity(FRAME_HEADER_BYTES + payload.len());
@@ -243,7 +251,8 @@ impl Wal {
         self.segments.push(Segment { number, path, max_index: 0 });
         self.file_bytes = 0;
         sync_dir(&self.dir)?;
-        let checkpoint = Frame { hard_state: Some(self.hard_state), ..Frame::default() };
+        let checkpoint =
+            FrameRef { snapshot: None, entries: &[], hard_state: Some(self.hard_state) };
         self.write_frame(&checkpoint)?;
         self.sync()
     }
