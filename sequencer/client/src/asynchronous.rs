@@ -11,15 +11,15 @@ use std::time::Duration;
 
 use tob_proto::frame::{self, FrameKind, HEADER_BYTES};
 use tob_proto::{
-    Call, ClaimKind, ClientId, ClientRequest, ClientResponse, Command, ErrorCode, MessageRecord,
-    Outcome, OwnerInfo, ReadConsistency, Reply, Request, RequestId, Seq,
+    Call, ClientId, ClientRequest, ClientResponse, Command, ErrorCode, MessageRecord, Outcome,
+    OwnerInfo, ReadConsistency, Reply, Request, RequestId, Seq,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::{ClientConfig, ClientError, claim_key};
+use crate::{ClientConfig, ClientError, claim_key, shape};
 
 type Pending = Arc<Mutex<BTreeMap<u64, oneshot::Sender<Reply>>>>;
 
@@ -131,22 +131,11 @@ impl AsyncClient {
             Request { client: Some(self.inner.client_id), request_id, first_incomplete, command };
         let reply = self.call(Call::Command(request)).await;
         self.inner.in_flight.lock().expect("not poisoned").remove(&request_id.0);
-        match reply? {
-            Reply::Outcome(Outcome::Error { code }) => {
-                Err(ClientError::Refused { code, message: code.name().into() })
-            }
-            Reply::Outcome(outcome) => Ok(outcome),
-            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-        }
+        shape::outcome(reply?)
     }
 
     pub async fn append(&self, topic: Option<&str>, payload: &[u8]) -> Result<Seq, ClientError> {
-        let command =
-            Command::Append { topic: topic.map(str::to_owned), payload: payload.to_vec() };
-        match self.command(command).await? {
-            Outcome::Appended { seq } => Ok(seq),
-            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
-        }
+        shape::appended(self.command(shape::append(topic, payload)).await?)
     }
 
     pub async fn claim(
@@ -155,14 +144,7 @@ impl AsyncClient {
         key: &str,
         owner: &str,
     ) -> Result<Outcome, ClientError> {
-        self.command(Command::Claim {
-            key: claim_key(namespace, key),
-            owner: owner.into(),
-            holder: owner.into(),
-            kind: ClaimKind::Held,
-            session: None,
-        })
-        .await
+        self.command(shape::claim(namespace, key, owner)).await
     }
 
     pub async fn release(
@@ -171,19 +153,11 @@ impl AsyncClient {
         key: &str,
         owner: &str,
     ) -> Result<Outcome, ClientError> {
-        self.command(Command::Release {
-            key: claim_key(namespace, key),
-            owner: owner.into(),
-            holder: None,
-        })
-        .await
+        self.command(shape::release(namespace, key, owner)).await
     }
 
     pub async fn next(&self, counter: &str) -> Result<u64, ClientError> {
-        match self.command(Command::Next { counter: counter.into() }).await? {
-            Outcome::Counter { value } => Ok(value),
-            other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
-        }
+        shape::counter(self.command(Command::Next { counter: counter.into() }).await?)
     }
 
     pub async fn owner(
@@ -194,15 +168,9 @@ impl AsyncClient {
     ) -> Result<Option<OwnerInfo>, ClientError> {
         let key = claim_key(namespace, key);
         if consistency == ReadConsistency::Log {
-            return match self.command(Command::Read { key }).await? {
-                Outcome::Owner { current } => Ok(current),
-                other => Err(ClientError::Protocol(format!("unexpected outcome {other:?}"))),
-            };
+            return shape::owner_in_log(self.command(Command::Read { key }).await?);
         }
-        match self.call(Call::Owner { key, consistency }).await? {
-            Reply::Owner(owner) => Ok(owner),
-            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-        }
+        shape::owner(self.call(Call::Owner { key, consistency }).await?)
     }
 
     pub async fn read_messages(
@@ -211,17 +179,13 @@ impl AsyncClient {
         max: u32,
         topic: Option<&str>,
     ) -> Result<Vec<MessageRecord>, ClientError> {
-        match self.call(Call::ReadMessages { from, max, topic: topic.map(str::to_owned) }).await? {
-            Reply::Messages(messages) => Ok(messages),
-            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-        }
+        shape::messages(
+            self.call(Call::ReadMessages { from, max, topic: topic.map(str::to_owned) }).await?,
+        )
     }
 
     pub async fn sync(&self) -> Result<u64, ClientError> {
-        match self.call(Call::Sync).await? {
-            Reply::Synced { position } => Ok(position),
-            other => Err(ClientError::Protocol(format!("unexpected reply {other:?}"))),
-        }
+        shape::synced(self.call(Call::Sync).await?)
     }
 
     /// Sends a call to the leader, following redirects and retrying elsewhere until the deadline.

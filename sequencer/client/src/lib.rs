@@ -8,6 +8,7 @@
 
 #[cfg(feature = "async")]
 mod asynchronous;
+mod shape;
 #[cfg(feature = "async")]
 pub use asynchronous::AsyncClient;
 
@@ -131,22 +132,11 @@ impl Client {
             first_incomplete: request_id,
             command,
         };
-        match self.call(Call::Command(request))? {
-            Reply::Outcome(Outcome::Error { code }) => {
-                Err(ClientError::Refused { code, message: code.name().into() })
-            }
-            Reply::Outcome(outcome) => Ok(outcome),
-            other => Err(unexpected(other)),
-        }
+        shape::outcome(self.call(Call::Command(request))?)
     }
 
     pub fn append(&mut self, topic: Option<&str>, payload: &[u8]) -> Result<Seq, ClientError> {
-        let command =
-            Command::Append { topic: topic.map(str::to_owned), payload: payload.to_vec() };
-        match self.command(command)? {
-            Outcome::Appended { seq } => Ok(seq),
-            other => Err(unexpected_outcome(other)),
-        }
+        shape::appended(self.command(shape::append(topic, payload))?)
     }
 
     /// A plain (held, never expiring) claim. `Ok(Outcome::Claimed{..})` or `Ok(Outcome::Taken{..})`.
@@ -156,13 +146,7 @@ impl Client {
         key: &str,
         owner: &str,
     ) -> Result<Outcome, ClientError> {
-        self.command(Command::Claim {
-            key: claim_key(namespace, key),
-            owner: owner.into(),
-            holder: owner.into(),
-            kind: ClaimKind::Held,
-            session: None,
-        })
+        self.command(shape::claim(namespace, key, owner))
     }
 
     /// A claim of any kind: `Transactional` and `Ephemeral` claims need a session; `holder`
@@ -189,7 +173,7 @@ impl Client {
     pub fn open_session(&mut self, ttl: Duration) -> Result<SessionId, ClientError> {
         match self.command(Command::OpenSession { ttl_ms: ttl.as_millis() as u64 })? {
             Outcome::SessionOpened { session } => Ok(session),
-            other => Err(unexpected_outcome(other)),
+            other => Err(shape::unexpected_outcome(other)),
         }
     }
 
@@ -197,7 +181,7 @@ impl Client {
     pub fn keep_alive(&mut self, session: SessionId) -> Result<(), ClientError> {
         match self.command(Command::KeepAlive { session })? {
             Outcome::KeptAlive => Ok(()),
-            other => Err(unexpected_outcome(other)),
+            other => Err(shape::unexpected_outcome(other)),
         }
     }
 
@@ -217,18 +201,11 @@ impl Client {
         key: &str,
         owner: &str,
     ) -> Result<Outcome, ClientError> {
-        self.command(Command::Release {
-            key: claim_key(namespace, key),
-            owner: owner.into(),
-            holder: None,
-        })
+        self.command(shape::release(namespace, key, owner))
     }
 
     pub fn next(&mut self, counter: &str) -> Result<u64, ClientError> {
-        match self.command(Command::Next { counter: counter.into() })? {
-            Outcome::Counter { value } => Ok(value),
-            other => Err(unexpected_outcome(other)),
-        }
+        shape::counter(self.command(Command::Next { counter: counter.into() })?)
     }
 
     pub fn owner(
@@ -239,23 +216,14 @@ impl Client {
     ) -> Result<Option<OwnerInfo>, ClientError> {
         let key = claim_key(namespace, key);
         if consistency == ReadConsistency::Log {
-            return match self.command(Command::Read { key })? {
-                Outcome::Owner { current } => Ok(current),
-                other => Err(unexpected_outcome(other)),
-            };
+            return shape::owner_in_log(self.command(Command::Read { key })?);
         }
-        match self.call(Call::Owner { key, consistency })? {
-            Reply::Owner(owner) => Ok(owner),
-            other => Err(unexpected(other)),
-        }
+        shape::owner(self.call(Call::Owner { key, consistency })?)
     }
 
     /// A linearizable position, applied at the node that answered.
     pub fn sync(&mut self) -> Result<u64, ClientError> {
-        match self.call(Call::Sync)? {
-            Reply::Synced { position } => Ok(position),
-            other => Err(unexpected(other)),
-        }
+        shape::synced(self.call(Call::Sync)?)
     }
 
     pub fn read_messages(
@@ -264,10 +232,11 @@ impl Client {
         max: u32,
         topic: Option<&str>,
     ) -> Result<Vec<MessageRecord>, ClientError> {
-        match self.call(Call::ReadMessages { from, max, topic: topic.map(str::to_owned) })? {
-            Reply::Messages(messages) => Ok(messages),
-            other => Err(unexpected(other)),
-        }
+        shape::messages(self.call(Call::ReadMessages {
+            from,
+            max,
+            topic: topic.map(str::to_owned),
+        })?)
     }
 
     /// Streams messages from `from` on (optionally of one topic) to `each` until it returns
@@ -327,7 +296,7 @@ impl Client {
                         Reply::Error { code, message, .. } => {
                             return Err(ClientError::Refused { code, message });
                         }
-                        other => return Err(unexpected(other)),
+                        other => return Err(shape::unexpected(other)),
                     }
                 }
             }
@@ -345,7 +314,7 @@ impl Client {
         let deadline = Instant::now() + self.config.request_timeout;
         match self.call_at(node, &Call::Status, deadline)? {
             Reply::Status(status) => Ok(status),
-            other => Err(unexpected(other)),
+            other => Err(shape::unexpected(other)),
         }
     }
 
@@ -516,12 +485,4 @@ impl Client {
 
 pub fn claim_key(namespace: &str, key: &str) -> ClaimKey {
     ClaimKey { namespace: namespace.into(), key: key.into() }
-}
-
-fn unexpected(reply: Reply) -> ClientError {
-    ClientError::Protocol(format!("unexpected reply {reply:?}"))
-}
-
-fn unexpected_outcome(outcome: Outcome) -> ClientError {
-    ClientError::Protocol(format!("unexpected outcome {outcome:?}"))
 }

@@ -101,6 +101,17 @@ impl Cluster {
         Client::new(config)
     }
 
+    /// Kills every node with SIGKILL, starts them all again and waits for a leader.
+    fn restart_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        for i in 0..self.nodes.len() {
+            self.spawn(i);
+        }
+        self.leader(Duration::from_secs(10));
+    }
+
     /// Index of the node all live nodes agree leads, waiting up to `within`.
     fn leader(&self, within: Duration) -> usize {
         let deadline = Instant::now() + within;
@@ -207,13 +218,7 @@ fn restart_of_every_node_recovers_from_the_wal() {
     let mut client = cluster.client();
     let seq = client.append(None, b"durable").unwrap();
     let value = client.next("orders").unwrap();
-    for i in 0..3 {
-        cluster.kill(i);
-    }
-    for i in 0..3 {
-        cluster.spawn(i);
-    }
-    cluster.leader(Duration::from_secs(10));
+    cluster.restart_all();
     let mut client = cluster.client();
     let messages = client.read_messages(seq, 1, None).unwrap();
     assert_eq!(messages[0].payload, b"durable");
@@ -596,13 +601,7 @@ fn snapshots_compact_the_log_and_bring_a_lagging_node_back() {
         "installed a snapshot"
     );
     // And everything survives a restart of every node from snapshots plus WAL.
-    for i in 0..3 {
-        cluster.kill(i);
-    }
-    for i in 0..3 {
-        cluster.spawn(i);
-    }
-    cluster.leader(Duration::from_secs(10));
+    cluster.restart_all();
     let mut client = cluster.client();
     let messages = client.read_messages(Seq(1), 1000, None).unwrap();
     for (seq, payload) in &acked {
