@@ -555,12 +555,17 @@ fn bad_configuration_is_refused_with_a_clear_message_and_sigterm_stops_cleanly()
             "bad --peer",
         ),
     ];
-    for (args, expected) in cases {
+    let toml = std::env::temp_dir().join(format!("tob-bad-{}.toml", std::process::id()));
+    std::fs::write(&toml, "node_id = 1\nnodeid = 2\n").unwrap();
+    let toml_arg = toml.to_string_lossy().into_owned();
+    let with_file: [(&[&str], &str); 1] = [(&["--config", &toml_arg], "unknown field `nodeid`")];
+    for (args, expected) in cases.into_iter().chain(with_file) {
         let output = Command::new(bin).args(args).env_remove("RUST_BACKTRACE").output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
+    let _ = std::fs::remove_file(&toml);
     let mut cluster = Cluster::start(1, "sigterm");
     cluster.leader(Duration::from_secs(10));
     let mut child = cluster.nodes[0].child.take().unwrap();
