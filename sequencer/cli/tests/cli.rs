@@ -1,0 +1,143 @@
+//! The `tob` command line against a real cluster it starts itself (`tob cluster up`): output,
+//! `--json` and the documented exit codes.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const TOB: &str = env!("CARGO_BIN_EXE_tob");
+
+/// Six consecutive free loopback ports (`tob cluster up` uses base..base+5).
+fn free_base_port() -> u16 {
+    for _ in 0..200 {
+        let base = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if base > 65_000 {
+            continue;
+        }
+        let all_free = (0..6).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if all_free {
+            return base;
+        }
+    }
+    panic!("no six consecutive free ports");
+}
+
+struct DevCluster {
+    up: Child,
+    dir: PathBuf,
+    addresses: String,
+}
+
+impl DevCluster {
+    fn start() -> DevCluster {
+        let sequencer = PathBuf::from(TOB).with_file_name("tob-sequencer");
+        if !sequencer.exists() {
+            // `cargo test -p tob-cli` alone does not build the server binary.
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-p", "tob-server", "--bin", "tob-sequencer"])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let dir = std::env::temp_dir().join(format!("tob-cli-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let base = free_base_port();
+        let up = Command::new(TOB)
+            .args(["cluster", "up", "--dir"])
+            .arg(&dir)
+            .args(["--base-port", &base.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addresses =
+            format!("127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}", base + 1, base + 3, base + 5);
+        let cluster = DevCluster { up, dir, addresses };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !cluster.tob(&["--json", "status"]).stdout_text().contains("\"role\":\"leader\"") {
+            assert!(Instant::now() < deadline, "no leader");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cluster
+    }
+
+    fn tob(&self, args: &[&str]) -> Output {
+        Command::new(TOB).args(args).env("TOB_CLUSTER", &self.addresses).output().unwrap()
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        // SIGTERM lets `tob cluster up` stop its nodes gracefully.
+        let _ = Command::new("kill").arg("-TERM").arg(self.up.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.up.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.up.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+trait Text {
+    fn stdout_text(&self) -> String;
+}
+
+impl Text for Output {
+    fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).trim().to_owned()
+    }
+}
+
+#[test]
+fn commands_print_results_and_use_the_documented_exit_codes() {
+    let c = DevCluster::start();
+    let append = c.tob(&["append", "news", "hello"]);
+    assert_eq!(append.status.code(), Some(0));
+    assert_eq!(append.stdout_text(), "1");
+
+    let claimed = c.tob(&["claim", "users", "alice", "u1"]);
+    assert_eq!(claimed.status.code(), Some(0));
+    let token: u64 = claimed.stdout_text().parse().expect("a token");
+    let taken = c.tob(&["--json", "claim", "users", "alice", "u2"]);
+    assert_eq!(taken.status.code(), Some(1), "taken exits 1");
+    let v: serde_json::Value = serde_json::from_str(&taken.stdout_text()).unwrap();
+    assert_eq!(v["result"], "taken");
+    assert_eq!(v["owner"], "u1");
+    assert_eq!(v["token"], token);
+
+    let owner = c.tob(&["--json", "owner", "users", "alice", "--consistency", "lease"]);
+    let v: serde_json::Value = serde_json::from_str(&owner.stdout_text()).unwrap();
+    assert_eq!(v["owner"], "u1");
+    assert_eq!(c.tob(&["release", "users", "alice", "u2"]).status.code(), Some(1), "not the owner");
+    assert_eq!(c.tob(&["release", "users", "alice", "u1"]).status.code(), Some(0));
+    assert_eq!(c.tob(&["owner", "users", "alice"]).stdout_text(), "free");
+
+    assert_eq!(c.tob(&["next", "orders"]).stdout_text(), "1");
+    assert_eq!(c.tob(&["next", "orders"]).stdout_text(), "2");
+    assert!(c.tob(&["sync"]).stdout_text().parse::<u64>().is_ok());
+    let read = c.tob(&["--json", "read", "--from", "1"]);
+    let v: serde_json::Value =
+        serde_json::from_str(read.stdout_text().lines().next().unwrap()).unwrap();
+    assert_eq!((v["seq"].as_u64(), v["payload"].as_str()), (Some(1), Some("hello")));
+
+    // Over the limits: exit 2. Bad consistency: exit 2.
+    let long = "k".repeat(5000);
+    assert_eq!(c.tob(&["claim", "users", &long, "u1"]).status.code(), Some(2));
+    assert_eq!(c.tob(&["owner", "users", "x", "--consistency", "eventual"]).status.code(), Some(2));
+}
+
+#[test]
+fn no_cluster_is_a_usage_error_and_a_dead_one_is_unavailable() {
+    let none = Command::new(TOB).arg("status").env_remove("TOB_CLUSTER").output().unwrap();
+    assert_eq!(none.status.code(), Some(2));
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dead = Command::new(TOB)
+        .args(["--timeout-ms", "500", "append", "t", "x"])
+        .env("TOB_CLUSTER", format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert_eq!(dead.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&dead.stderr).contains("unavailable"));
+}
