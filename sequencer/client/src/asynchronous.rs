@@ -212,6 +212,10 @@ impl AsyncClient {
                     );
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                Ok(Reply::Error { code: ErrorCode::Overloaded, .. }) => {
+                    reached_any = true;
+                    tokio::time::sleep(Duration::from_millis(10)).await; // same node, shortly
+                }
                 Ok(Reply::Error { code, message, .. }) if code.is_retryable() => {
                     reached_any = true;
                     last_error = ClientError::Refused { code, message };

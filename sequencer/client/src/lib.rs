@@ -339,6 +339,10 @@ impl Client {
                     }
                     self.pause(Duration::from_millis(20), deadline)?;
                 }
+                Ok(Reply::Error { code: ErrorCode::Overloaded, .. }) => {
+                    reached_any = true;
+                    self.pause(Duration::from_millis(10), deadline)?; // same node, shortly
+                }
                 Ok(Reply::Error { code, message, .. }) if code.is_retryable() => {
                     reached_any = true;
                     last_error = ClientError::Refused { code, message };

@@ -28,6 +28,8 @@ pub enum ErrorCode {
     Compacted = 22,
     /// A claim needs a session for its kind but none was given.
     SessionRequired = 23,
+    /// Too many requests in flight on this connection; retry the same request shortly.
+    Overloaded = 13,
 }
 
 impl ErrorCode {
@@ -49,12 +51,19 @@ impl ErrorCode {
             ErrorCode::RequestForgotten => "request_forgotten",
             ErrorCode::Compacted => "compacted",
             ErrorCode::SessionRequired => "session_required",
+            ErrorCode::Overloaded => "overloaded",
         }
     }
 
     /// Whether retrying the same request (same request id) elsewhere may succeed.
     pub fn is_retryable(self) -> bool {
-        matches!(self, ErrorCode::NotLeader | ErrorCode::Timeout | ErrorCode::Unavailable)
+        matches!(
+            self,
+            ErrorCode::NotLeader
+                | ErrorCode::Timeout
+                | ErrorCode::Unavailable
+                | ErrorCode::Overloaded
+        )
     }
 }
 

@@ -31,6 +31,7 @@ struct FileConfig {
     max_frame_bytes: Option<usize>,
     metrics_listen: Option<SocketAddr>,
     snapshot_entries: Option<u64>,
+    max_requests_in_flight: Option<usize>,
     unsafe_no_fsync: Option<bool>,
     #[serde(default)]
     peers: Vec<PeerConfig>,
@@ -70,6 +71,9 @@ pub struct Flags {
     /// Snapshot the state and compact the log after this many applied entries.
     #[arg(long, env = "TOB_SNAPSHOT_ENTRIES")]
     pub snapshot_entries: Option<u64>,
+    /// Requests one client connection may have in flight before it gets `overloaded`.
+    #[arg(long, env = "TOB_MAX_REQUESTS_IN_FLIGHT")]
+    pub max_requests_in_flight: Option<usize>,
     /// BENCHMARK ONLY: never fsync. Acknowledged writes are lost on power failure.
     #[arg(long, env = "TOB_UNSAFE_NO_FSYNC")]
     pub unsafe_no_fsync: bool,
@@ -90,6 +94,7 @@ pub struct Config {
     pub max_frame_bytes: usize,
     pub metrics_listen: SocketAddr,
     pub snapshot_entries: u64,
+    pub max_requests_in_flight: usize,
     pub unsafe_no_fsync: bool,
 }
 
@@ -146,6 +151,11 @@ impl Config {
             snapshot_entries: flags
                 .snapshot_entries
                 .or(file.snapshot_entries)
+                .unwrap_or(10_000)
+                .max(1),
+            max_requests_in_flight: flags
+                .max_requests_in_flight
+                .or(file.max_requests_in_flight)
                 .unwrap_or(10_000)
                 .max(1),
             unsafe_no_fsync: flags.unsafe_no_fsync || file.unsafe_no_fsync.unwrap_or(false),

@@ -114,8 +114,16 @@ async fn start(config: Config) -> Result<(), StartError> {
         NodeActor::new(node_config, wal, recovered, peers, node_metrics, node_metrics_address)
     });
     actix::spawn(tob_server::metrics::serve(metrics_listener, metrics.clone()));
-    actix::spawn(serve(peer_listener, ListenerKind::Peer, node.clone(), codec, metrics.clone()));
-    actix::spawn(serve(client_listener, ListenerKind::Client, node, codec, metrics));
+    let limit = config.max_requests_in_flight;
+    actix::spawn(serve(
+        peer_listener,
+        ListenerKind::Peer,
+        node.clone(),
+        codec,
+        metrics.clone(),
+        limit,
+    ));
+    actix::spawn(serve(client_listener, ListenerKind::Client, node, codec, metrics, limit));
     tracing::info!(
         node = config.node_id,
         peers = %config.peer_listen,

@@ -159,6 +159,11 @@ pub enum ListenerKind {
 pub struct Connection {
     node: Addr<NodeActor>,
     metrics: Arc<Metrics>,
+    /// Requests forwarded to the node and not yet answered, and the bound on them.
+    in_flight: usize,
+    max_in_flight: usize,
+    /// Ids of follow streams (answered many times, never counted as in flight).
+    streams: std::collections::BTreeSet<u64>,
     writer: Writer,
     remote: SocketAddr,
     kind: ListenerKind,
@@ -197,11 +202,31 @@ impl StreamHandler<Result<(FrameKind, Vec<u8>), CodecError>> for Connection {
             }
             (Ok((FrameKind::Request, payload)), ListenerKind::Client) => {
                 match postcard::from_bytes::<ClientRequest>(&payload) {
-                    Ok(request) => self.node.do_send(ClientCall {
-                        connection: ctx.address().recipient(),
-                        id: request.id,
-                        call: request.call,
-                    }),
+                    Ok(request) => {
+                        let follow = matches!(request.call, tob_proto::Call::Follow { .. });
+                        if !follow && self.in_flight >= self.max_in_flight {
+                            // Push back instead of queueing without bound in the node.
+                            let reply = Reply::Error {
+                                code: ErrorCode::Overloaded,
+                                message: format!(
+                                    "more than {} requests in flight on one connection",
+                                    self.max_in_flight
+                                ),
+                                leader: None,
+                            };
+                            return self.respond(ClientResponse { id: request.id, reply });
+                        }
+                        if follow {
+                            self.streams.insert(request.id);
+                        } else {
+                            self.in_flight += 1;
+                        }
+                        self.node.do_send(ClientCall {
+                            connection: ctx.address().recipient(),
+                            id: request.id,
+                            call: request.call,
+                        });
+                    }
                     Err(e) => {
                         let message = format!("undecodable request (unknown operation?): {e}");
                         let reply = Reply::Error {
@@ -238,6 +263,9 @@ impl StreamHandler<Result<(FrameKind, Vec<u8>), CodecError>> for Connection {
 impl Handler<SendResponse> for Connection {
     type Result = ();
     fn handle(&mut self, SendResponse(response): SendResponse, _: &mut Context<Self>) {
+        if !self.streams.contains(&response.id) {
+            self.in_flight = self.in_flight.saturating_sub(1);
+        }
         self.respond(response);
     }
 }
@@ -251,6 +279,7 @@ pub async fn serve(
     node: Addr<NodeActor>,
     codec: FrameCodec,
     metrics: Arc<Metrics>,
+    max_in_flight: usize,
 ) {
     loop {
         match listener.accept().await {
@@ -264,6 +293,9 @@ pub async fn serve(
                     Connection {
                         node,
                         metrics,
+                        in_flight: 0,
+                        max_in_flight,
+                        streams: Default::default(),
                         writer: FramedWrite::new(write, codec, ctx),
                         remote,
                         kind,

@@ -613,3 +613,58 @@ fn snapshots_compact_the_log_and_bring_a_lagging_node_back() {
         assert_eq!(messages[seq.0 as usize - 1].payload, payload.as_bytes());
     }
 }
+
+#[test]
+fn a_connection_with_too_many_requests_in_flight_is_told_overloaded_and_loses_nothing() {
+    let cluster = Cluster::start_with(1, "overload", &["--max-requests-in-flight", "4"]);
+    cluster.leader(Duration::from_secs(10));
+    // 50 pipelined appends in one write: the node takes 4 and pushes back on the rest.
+    let mut bytes = Vec::new();
+    for id in 1..=50u64 {
+        let request = tob_proto::Request {
+            client: Some(tob_proto::ClientId(99)),
+            request_id: tob_proto::RequestId(id),
+            first_incomplete: tob_proto::RequestId(1),
+            command: tob_proto::Command::Append { topic: None, payload: vec![id as u8] },
+        };
+        let payload = postcard::to_allocvec(&tob_proto::ClientRequest {
+            id,
+            call: tob_proto::Call::Command(request),
+        })
+        .unwrap();
+        bytes.extend(frame::encode(FrameKind::Request, CLUSTER_ID, &payload));
+    }
+    let mut stream = TcpStream::connect(&cluster.nodes[0].client).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream.write_all(&bytes).unwrap();
+    let (mut appended, mut overloaded) = (0, 0);
+    let mut buffer = Vec::new();
+    while appended + overloaded < 50 {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).expect("an answer for every request");
+        buffer.extend_from_slice(&chunk[..n]);
+        while let Some((_, payload, used)) = frame::decode(&buffer, CLUSTER_ID, 1 << 20).unwrap() {
+            buffer.drain(..used);
+            match postcard::from_bytes::<tob_proto::ClientResponse>(&payload).unwrap().reply {
+                tob_proto::Reply::Outcome(Outcome::Appended { .. }) => appended += 1,
+                tob_proto::Reply::Error { code: ErrorCode::Overloaded, .. } => overloaded += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    assert!(appended >= 4 && overloaded > 0, "appended {appended}, overloaded {overloaded}");
+    // The client library backs off and retries: many concurrent callers all get through.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = tob_client::AsyncClient::new(ClientConfig::new(cluster.addresses(), CLUSTER_ID));
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move { client.append(None, format!("o{i}").as_bytes()).await })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap().expect("retried past overloaded");
+        }
+    });
+}
