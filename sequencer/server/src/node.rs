@@ -215,6 +215,20 @@ impl NodeActor {
         }
         self.publish_metrics();
         self.push_to_subscribers();
+        self.refuse_waiters_if_deposed();
+    }
+
+    /// A node that is no longer leader answers every client still waiting on it with
+    /// `not_leader`: the client retries at the new leader with the same request id, and the
+    /// de-duplication table answers it whether or not the entry committed. Without this the
+    /// waiters of a deposed leader would stay in memory forever.
+    fn refuse_waiters_if_deposed(&mut self) {
+        if self.raft.role() == Role::Leader || self.waiters.is_empty() {
+            return;
+        }
+        for waiter in std::mem::take(&mut self.waiters).into_values().flatten() {
+            self.refuse(&waiter, ErrorCode::NotLeader, "leadership lost");
+        }
     }
 
     /// Sends every subscriber what was applied since its last push (bounded per push).
