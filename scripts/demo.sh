@@ -1,88 +1,115 @@
 #!/usr/bin/env bash
-# The demo. Until the PostgreSQL extension lands, it shows what exists: a real 3-node
-# tob-sequencer cluster on loopback with two "databases" racing to claim the same usernames
-# and the leader killed mid-way; then the deterministic simulator attacking the same code with
-# faults, and the checkers that judge the result.
+# The main demo: a local 3-node tob cluster, two independent PostgreSQL 15 servers with the
+# tob extension, and both racing to insert the same usernames through a tob_unique trigger.
+# Every name ends up existing exactly once across both. Then the sequencer demo (a leader
+# killed with kill -9, the simulator and its checkers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-cargo build --release -p tob-sim -p tob-cli -p tob-server --quiet
-sim=./target/release/tob-sim
+echo "== building and installing the extension and the sequencer (first time: several minutes)"
+./scripts/install-extension.sh > /tmp/tob-demo-build.log 2>&1 || { cat /tmp/tob-demo-build.log; exit 1; }
 tob=./target/release/tob
-out=$(mktemp -d)
+pgbin=/usr/lib/postgresql/15/bin
+work=$(mktemp -d /tmp/tob-demo-XXXXXX)
+chmod 755 "$work"
 cluster_pid=
 cleanup() {
-    [ -n "$cluster_pid" ] && kill "$cluster_pid" 2>/dev/null
-    pkill -f "tob-sequencer .*--data-dir $out/" 2>/dev/null || true
-    rm -rf "$out"
+    for s in east west; do
+        [ -d "$work/$s/data" ] && runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/$s/data" -m fast stop >/dev/null 2>&1 || true
+    done
+    [ -n "$cluster_pid" ] && kill "$cluster_pid" 2>/dev/null && wait "$cluster_pid" 2>/dev/null
+    rm -rf "$work"
 }
 trap cleanup EXIT
 
-base=$(( 20000 + RANDOM % 20000 ))
-echo "== 0. A real 3-node cluster on loopback (ports $base..$((base + 5)))"
-$tob cluster up --dir "$out/cluster" --base-port "$base" > "$out/up.txt" 2> "$out/cluster.log" &
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+while :; do
+    base=$(( 20000 + RANDOM % 20000 ))
+    python3 - "$base" <<'PY' && break
+import socket, sys
+b = int(sys.argv[1])
+for p in range(b, b + 6):
+    s = socket.socket(); s.bind(("127.0.0.1", p)); s.close()
+PY
+done
+
+echo "== 1. A 3-node tob cluster on loopback"
+$tob cluster up --dir "$work/cluster" --base-port "$base" > "$work/up.txt" 2> "$work/cluster.log" &
 cluster_pid=$!
 sleep 1.5
-export TOB_CLUSTER=$(sed -n 's/^TOB_CLUSTER=//p' "$out/up.txt")
-echo "   TOB_CLUSTER=$TOB_CLUSTER"
-$tob status | sed 's/^/   /'
-echo
-echo "   Two databases race to claim the same 20 usernames, at the same time:"
-for db in db-east db-west; do
-    ( for i in $(seq 1 20); do
-          if token=$($tob claim users "user$i" "$db" 2>/dev/null); then echo "$db user$i $token"; fi
-      done > "$out/won-$db.txt" ) &
+cluster=$(sed -n 's/^TOB_CLUSTER=//p' "$work/up.txt")
+echo "   TOB_CLUSTER=$cluster"
+
+echo "== 2. Two independent PostgreSQL servers, 'east' and 'west', each with CREATE EXTENSION tob"
+for s in east west; do
+    mkdir -p "$work/$s" && chown postgres:postgres "$work/$s"
+    runuser -u postgres -- "$pgbin/initdb" -D "$work/$s/data" -A trust -U postgres > /dev/null
+    port=$(free_port)
+    echo "$port" > "$work/$s/port"
+    cat >> "$work/$s/data/postgresql.conf" <<CONF
+port = $port
+listen_addresses = ''
+unix_socket_directories = '$work/$s'
+cluster_name = '$s'
+shared_preload_libraries = 'tob'
+tob.cluster = '$cluster'
+CONF
+    env -u RUST_BACKTRACE runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/$s/data" -l "$work/$s/log" -w start > /dev/null
+    psql() { command psql -X -q -v ON_ERROR_STOP=1 -h "$work/$1" -p "$(cat "$work/$1/port")" -U postgres "${@:2}"; }
+    psql "$s" -d postgres -c "CREATE DATABASE app"
+    psql "$s" -d app <<'SQL'
+CREATE EXTENSION tob;
+CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT NULL);
+CREATE TRIGGER users_name_unique BEFORE INSERT OR UPDATE OR DELETE ON users
+    FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');
+SQL
+    echo "   $s: PostgreSQL on port $(cat "$work/$s/port"), database app, trigger tob_unique('usernames', 'name')"
 done
-wait %2 %3 2>/dev/null || wait
-east=$(wc -l < "$out/won-db-east.txt"); west=$(wc -l < "$out/won-db-west.txt")
-echo "   db-east won $east names, db-west won $west names, together $((east + west)) of 20"
-dupes=$(cat "$out"/won-*.txt | awk '{print $2}' | sort | uniq -d | wc -l)
-echo "   names won twice: $dupes"
-echo "   user7 belongs to: $($tob owner users user7)"
-echo
-leader_pid=$($tob --json status | python3 -c 'import json,sys
-for l in sys.stdin:
-    s=json.loads(l)
-    if s.get("role")=="leader": print(s["pid"])')
-echo "   kill -9 the leader (pid $leader_pid), then claim again:"
-kill -9 "$leader_pid"
-$tob claim users user7 db-late | sed "s/^/   /" || true
-$tob status | sed 's/^/   /'
-echo
-
-echo "== 1. The simulator: six clients race for four usernames on a 3-node cluster while the nemesis"
-echo "      partitions, crashes, loses, duplicates and delays. Seed 7, replayable:"
-$sim --seed 7 --history "$out/history.jsonl" --verbose | grep -v '^nemesis end' | sed 's/^/   /'
+psql() { command psql -X -q -v ON_ERROR_STOP=1 -h "$work/$1" -p "$(cat "$work/$1/port")" -U postgres "${@:2}"; }
+for s in east west; do
+    until psql "$s" -d app -tAc "SELECT tob_sync()" > /dev/null 2>&1; do sleep 0.2; done
+done
 
 echo
-echo "== 2. Who got alice? The first answered claims on alice from the recorded history:"
-grep '"f":"claim","key":"alice"' "$out/history.jsonl" | grep '"type":"ok"' | head -6 | sed 's/^/   /'
+echo "== 3. The race: 4 clients per server insert the same 30 usernames, each in its own order"
+names=$(seq 1 30 | sed 's/^/user/')
+for s in east west; do
+    for c in 1 2 3 4; do
+        ( for n in $(echo "$names" | shuf); do
+              if psql "$s" -d app -c "INSERT INTO users (name) VALUES ('$n')" 2>/dev/null; then echo "$n"; fi
+          done > "$work/won-$s-$c.txt" ) &
+    done
+done
+wait $(jobs -p | grep -v "^$cluster_pid$") 2>/dev/null || true
+for s in east west; do
+    count=$(psql "$s" -d app -tAc "SELECT count(*) FROM users")
+    echo "   $s has $count users"
+done
+total=$(for s in east west; do psql "$s" -d app -tAc "SELECT name FROM users"; done | sort | uniq | wc -l)
+dupes=$(for s in east west; do psql "$s" -d app -tAc "SELECT name FROM users"; done | sort | uniq -d | wc -l)
+echo "   distinct names across both: $total of 30; names in both databases: $dupes"
+[ "$total" = 30 ] && [ "$dupes" = 0 ] || { echo "DEMO FAILED: duplicates or missing names"; exit 1; }
 
 echo
-echo "== 3. The history re-checked from the file (linearizability, total order, fencing, counters):"
-$sim check "$out/history.jsonl" --nodes n1,n2,n3 | sed 's/^/   /'
+echo "== 4. What a user sees: user7 is taken, by whichever server won it"
+winner=$(psql east -d app -tAc "SELECT count(*) FROM users WHERE name = 'user7'")
+loser=west; [ "$winner" = 0 ] && loser=east
+psql "$loser" -d app -c "INSERT INTO users (name) VALUES ('user7')" 2>&1 | sed 's/^/   /' || true
+psql east -d app -c "SELECT * FROM tob_owner('usernames', 'user7')" | sed 's/^/   /'
+echo "   Deleting it on the winner releases it when that transaction commits:"
+other=east; [ "$loser" = east ] && other=west
+psql "$other" -d app -c "DELETE FROM users WHERE name = 'user7'"
+sleep 0.3
+psql "$loser" -d app -c "INSERT INTO users (name) VALUES ('user7')" && echo "   $loser now has user7"
 
 echo
-echo "== 4. Forge one result: a claim that was refused ('taken') now says it won too."
-python3 - "$out/history.jsonl" "$out/forged.jsonl" <<'PY'
-import json, sys
-lines = open(sys.argv[1]).read().splitlines()
-for i, line in enumerate(lines):
-    e = json.loads(line)
-    if e.get("type") == "ok" and e.get("f") == "claim" and e["value"].get("result") == "taken":
-        e["value"] = {"result": "claimed", "token": 10**9}
-        lines[i] = json.dumps(e, separators=(",", ":"))
-        print("   forged:", lines[i])
-        break
-open(sys.argv[2], "w").write("\n".join(lines) + "\n")
-PY
-if $sim check "$out/forged.jsonl" --nodes n1,n2,n3 | sed 's/^/   /'; then
-    echo "   the checker missed the forgery!" >&2
-    exit 1
-fi
-echo "   -> rejected: two owners of one name is not a linearizable history."
+echo "== 5. Ordered messages from SQL, the same order from both servers"
+psql east -d app -tAc "SELECT tob_append('events', 'hello from east')" > /dev/null
+psql west -d app -tAc "SELECT tob_append('events', 'hello from west')" > /dev/null
+psql west -d app -c "SELECT seq, payload FROM tob_read(1, 10, 'events')" | sed 's/^/   /'
 
 echo
-echo "== 5. 300 seeds, 3 and 5 nodes:"
-$sim --seeds 0..300 --nodes 3 | tail -1 | sed 's/^/   /'
-$sim --seeds 0..300 --nodes 5 | tail -1 | sed 's/^/   /'
+echo "== PostgreSQL demo done. Now the sequencer on its own."
+cleanup
+trap - EXIT
+exec ./scripts/demo-sequencer.sh

@@ -10,14 +10,22 @@ step "format"
 cargo fmt --all -- --check
 
 step "lints (clippy, warnings are errors)"
-cargo clippy --workspace --all-targets --all-features -- -D warnings
+cargo clippy --workspace --exclude tob --all-targets --all-features -- -D warnings
+# The extension builds for PostgreSQL 15 only (its pg13..pg18 features exclude each other).
+cargo clippy -p tob --all-targets -- -D warnings
 
-step "unit, checker, scenario and simulation tests (including the planted-bug tests)"
-cargo test --workspace --all-features
+step "unit, checker, scenario, simulation and real-cluster tests (including the planted-bug tests)"
+cargo test --workspace --exclude tob --exclude tob-e2e --all-features
 
 step "simulator in release mode: more seeds"
 cargo build --release -p tob-sim
 ./target/release/tob-sim --seeds 0..2000 --nodes 3
 ./target/release/tob-sim --seeds 0..600 --nodes 5
+
+step "the extension: build and install into PostgreSQL 15"
+./scripts/install-extension.sh
+
+step "end-to-end: real PostgreSQL servers with the extension and a real 3-node cluster"
+cargo test -p tob-e2e -- --test-threads 2
 
 step "all tests passed"

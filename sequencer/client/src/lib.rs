@@ -118,6 +118,11 @@ impl Client {
         self.interrupt = Some(Box::new(hook));
     }
 
+    /// Timeouts and limits may change between calls (a PostgreSQL session's settings do).
+    pub fn config_mut(&mut self) -> &mut ClientConfig {
+        &mut self.config
+    }
+
     pub fn client_id(&self) -> ClientId {
         self.client_id
     }
@@ -202,6 +207,46 @@ impl Client {
         owner: &str,
     ) -> Result<Outcome, ClientError> {
         self.command(shape::release(namespace, key, owner))
+    }
+
+    /// Schedules the release of `owner`'s claim for when `holder`'s transaction commits.
+    pub fn release_on_commit(
+        &mut self,
+        key: ClaimKey,
+        owner: &str,
+        holder: &str,
+    ) -> Result<Outcome, ClientError> {
+        self.command(Command::ReleaseOnCommit { key, owner: owner.into(), holder: holder.into() })
+    }
+
+    /// Withdraws a [`Client::release_on_commit`] of `holder`.
+    pub fn keep_on_commit(&mut self, key: ClaimKey, holder: &str) -> Result<Outcome, ClientError> {
+        self.command(Command::KeepOnCommit { key, holder: holder.into() })
+    }
+
+    /// Settles every in-flight claim of the given holders by their transactions' fate.
+    pub fn settle(
+        &mut self,
+        committed: Vec<String>,
+        aborted: Vec<String>,
+    ) -> Result<u64, ClientError> {
+        match self.command(Command::Settle { committed, aborted })? {
+            Outcome::Settled { claims } => Ok(claims),
+            other => Err(shape::unexpected_outcome(other)),
+        }
+    }
+
+    /// Holders starting with `prefix` that have claims in flight (linearizable read).
+    pub fn in_flight_holders(
+        &mut self,
+        prefix: &str,
+        after: Option<String>,
+        max: u32,
+    ) -> Result<Vec<String>, ClientError> {
+        match self.call(Call::InFlightHolders { prefix: prefix.into(), after, max })? {
+            Reply::Holders(holders) => Ok(holders),
+            other => Err(shape::unexpected(other)),
+        }
     }
 
     pub fn next(&mut self, counter: &str) -> Result<u64, ClientError> {

@@ -70,6 +70,8 @@ struct ClaimRecord {
     token: FencingToken,
     /// The session whose expiry releases this claim (pending or ephemeral claims only).
     session: Option<SessionId>,
+    /// A transaction whose commit releases this claim (`ReleaseOnCommit`).
+    releasing: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +97,9 @@ pub struct MachineState {
     last_seq: u64,
     messages: VecDeque<StoredMessage>,
     claims: BTreeMap<ClaimKey, ClaimRecord>,
+    /// `(holder, key)` of every claim a transaction has in flight: pending or prepared by that
+    /// holder, or scheduled for release at its commit. What `Settle` and reconcilers walk.
+    in_flight: BTreeSet<(String, ClaimKey)>,
     counters: BTreeMap<String, u64>,
     sessions: BTreeMap<SessionId, SessionRecord>,
     clients: BTreeMap<ClientId, ClientRecord>,
@@ -211,6 +216,15 @@ impl Machine {
             Command::Prepare { holder, keys } => self.prepare(holder, keys),
             Command::Finalize { holder, keys } => self.finalize(holder, keys),
             Command::Release { key, owner, holder } => self.release(key, owner, holder.as_deref()),
+            Command::ReleaseOnCommit { key, owner, holder } => {
+                self.release_on_commit(key, owner, holder)
+            }
+            Command::KeepOnCommit { key, holder } => self.keep_on_commit(key, holder),
+            Command::Settle { committed, aborted } => {
+                let settled = committed.iter().map(|h| self.settle(h, true)).sum::<u64>()
+                    + aborted.iter().map(|h| self.settle(h, false)).sum::<u64>();
+                Outcome::Settled { claims: settled }
+            }
             Command::Read { key } => Outcome::Owner { current: self.owner(key) },
             Command::Next { counter } => {
                 let value = self.state.counters.entry(counter.clone()).or_insert(0);
@@ -278,8 +292,17 @@ impl Machine {
         if let Some(s) = session {
             self.session_mut(s).claims.insert(key.clone());
         }
-        let record =
-            ClaimRecord { owner: owner.into(), holder: holder.into(), state, token, session };
+        if state == ClaimState::Pending {
+            self.state.in_flight.insert((holder.into(), key.clone()));
+        }
+        let record = ClaimRecord {
+            owner: owner.into(),
+            holder: holder.into(),
+            state,
+            token,
+            session,
+            releasing: None,
+        };
         self.state.claims.insert(key.clone(), record);
         Outcome::Claimed { token }
     }
@@ -316,6 +339,7 @@ impl Machine {
                 && claim.state == ClaimState::Prepared
             {
                 claim.state = ClaimState::Held;
+                self.state.in_flight.remove(&(holder.to_owned(), key.clone()));
             }
         }
         Outcome::Finalized
@@ -330,11 +354,82 @@ impl Machine {
         if !owned {
             return Outcome::NotOwner;
         }
-        let claim = self.state.claims.remove(key).expect("checked above");
+        self.remove_claim(key);
+        Outcome::Released
+    }
+
+    /// Removes a claim and everything that points at it.
+    fn remove_claim(&mut self, key: &ClaimKey) -> Option<ClaimRecord> {
+        let claim = self.state.claims.remove(key)?;
         if let Some(session) = claim.session {
             self.session_mut(session).claims.remove(key);
         }
-        Outcome::Released
+        self.state.in_flight.remove(&(claim.holder.clone(), key.clone()));
+        if let Some(releasing) = &claim.releasing {
+            self.state.in_flight.remove(&(releasing.clone(), key.clone()));
+        }
+        Some(claim)
+    }
+
+    fn release_on_commit(&mut self, key: &ClaimKey, owner: &str, holder: &str) -> Outcome {
+        let Some(claim) = self.state.claims.get_mut(key) else { return Outcome::NotOwner };
+        // One transaction at a time may schedule a release, as one may delete a row.
+        if claim.owner != owner || claim.releasing.as_deref().is_some_and(|r| r != holder) {
+            return Outcome::NotOwner;
+        }
+        claim.releasing = Some(holder.into());
+        self.state.in_flight.insert((holder.into(), key.clone()));
+        Outcome::ReleaseScheduled
+    }
+
+    fn keep_on_commit(&mut self, key: &ClaimKey, holder: &str) -> Outcome {
+        if let Some(claim) = self.state.claims.get_mut(key)
+            && claim.releasing.as_deref() == Some(holder)
+        {
+            claim.releasing = None;
+            // The holder may still have the claim itself in flight.
+            if claim.holder != holder
+                || !matches!(claim.state, ClaimState::Pending | ClaimState::Prepared)
+            {
+                self.state.in_flight.remove(&(holder.to_owned(), key.clone()));
+            }
+        }
+        Outcome::ReleaseScheduled
+    }
+
+    /// Resolves every in-flight claim of `holder`; returns how many claims changed.
+    fn settle(&mut self, holder: &str, committed: bool) -> u64 {
+        let start = (holder.to_owned(), ClaimKey { namespace: String::new(), key: String::new() });
+        let keys: Vec<ClaimKey> = self
+            .state
+            .in_flight
+            .range(start..)
+            .take_while(|(h, _)| h == holder)
+            .map(|(_, key)| key.clone())
+            .collect();
+        let mut changed = 0;
+        for key in keys {
+            self.state.in_flight.remove(&(holder.to_owned(), key.clone()));
+            let Some(claim) = self.state.claims.get_mut(&key) else { continue };
+            let ours = claim.holder == holder
+                && matches!(claim.state, ClaimState::Pending | ClaimState::Prepared);
+            let releasing = claim.releasing.as_deref() == Some(holder);
+            if committed && (releasing || (ours && claim.state == ClaimState::Pending)) {
+                // Deleted by the transaction, or claimed but never prepared (a rolled-back
+                // savepoint whose release did not get through): not part of what committed.
+                self.remove_claim(&key);
+            } else if committed && ours {
+                claim.state = ClaimState::Held;
+            } else if ours {
+                self.remove_claim(&key);
+            } else if releasing {
+                claim.releasing = None;
+            } else {
+                continue;
+            }
+            changed += 1;
+        }
+        changed
     }
 
     fn expire(&mut self, session: SessionId, keepalives_seen: u64) -> Outcome {
@@ -343,14 +438,16 @@ impl Machine {
             Some(record) if record.keepalives != keepalives_seen => Outcome::KeptAlive,
             Some(_) => {
                 let record = self.state.sessions.remove(&session).expect("checked above");
-                let released = record
-                    .claims
-                    .into_iter()
-                    .filter_map(|key| {
-                        let claim = self.state.claims.remove(&key)?;
-                        Some(ReleasedClaim { key, owner: claim.owner })
-                    })
-                    .collect();
+                let mut released = Vec::with_capacity(record.claims.len());
+                for key in record.claims {
+                    // The session is gone already: unlink it before removing the claim.
+                    if let Some(claim) = self.state.claims.get_mut(&key) {
+                        claim.session = None;
+                    }
+                    if let Some(claim) = self.remove_claim(&key) {
+                        released.push(ReleasedClaim { key, owner: claim.owner });
+                    }
+                }
                 Outcome::Expired { released }
             }
         }
@@ -392,6 +489,23 @@ impl Machine {
             .take(max)
             .cloned()
             .collect())
+    }
+
+    /// Holders starting with `prefix` that have claims in flight, after `after`, at most `max`.
+    pub fn in_flight_holders(&self, prefix: &str, after: Option<&str>, max: usize) -> Vec<String> {
+        let mut holders: Vec<String> = Vec::new();
+        let empty = ClaimKey { namespace: String::new(), key: String::new() };
+        let start = after.filter(|a| *a >= prefix).unwrap_or(prefix);
+        for (holder, _) in self.state.in_flight.range((start.to_owned(), empty)..) {
+            if !holder.starts_with(prefix) || holders.len() >= max {
+                break;
+            }
+            if Some(holder.as_str()) == after || holders.last() == Some(holder) {
+                continue;
+            }
+            holders.push(holder.clone());
+        }
+        holders
     }
 
     /// The current value of a counter (0 if never incremented).

@@ -287,3 +287,107 @@ fn snapshots_are_byte_identical_across_replicas() {
     assert_eq!(a.machine.applied_index(), b.machine.applied_index());
     assert_eq!(a.machine.snapshot(), b.machine.snapshot());
 }
+
+/// A transactional claim by `holder` for `owner`.
+fn tx_claim(d: &mut Driver, k: &str, owner: &str, holder: &str, session: SessionId) -> Outcome {
+    d.run(Command::Claim {
+        key: key(k),
+        owner: owner.into(),
+        holder: holder.into(),
+        kind: ClaimKind::Transactional,
+        session: Some(session),
+    })
+}
+
+fn state_of(d: &Driver, k: &str) -> Option<ClaimState> {
+    d.machine.owner(&key(k)).map(|o| o.state)
+}
+
+fn settle(d: &mut Driver, committed: &[&str], aborted: &[&str]) -> Outcome {
+    d.run(Command::Settle {
+        committed: committed.iter().map(|h| h.to_string()).collect(),
+        aborted: aborted.iter().map(|h| h.to_string()).collect(),
+    })
+}
+
+#[test]
+fn settle_resolves_each_holder_by_its_transactions_fate() {
+    let mut d = Driver::new();
+    let Outcome::SessionOpened { session } = d.run(Command::OpenSession { ttl_ms: 1000 }) else {
+        panic!("session")
+    };
+    // x1 commits: "a" prepared -> held; "b" claimed but never prepared -> released.
+    tx_claim(&mut d, "a", "db1", "pg:1:x1", session);
+    tx_claim(&mut d, "b", "db1", "pg:1:x1", session);
+    d.run(Command::Prepare { holder: "pg:1:x1".into(), keys: vec![key("a")] });
+    // x2 aborts after prepare: "c" released.
+    tx_claim(&mut d, "c", "db1", "pg:1:x2", session);
+    d.run(Command::Prepare { holder: "pg:1:x2".into(), keys: vec![key("c")] });
+    // Another instance's holder is not listed under pg:1: and is left alone.
+    tx_claim(&mut d, "d", "db2", "pg:2:x9", session);
+    assert_eq!(
+        d.machine.in_flight_holders("pg:1:", None, 10),
+        vec!["pg:1:x1".to_string(), "pg:1:x2".to_string()]
+    );
+    assert_eq!(d.machine.in_flight_holders("pg:1:", Some("pg:1:x1"), 10), vec!["pg:1:x2"]);
+    assert_eq!(d.machine.in_flight_holders("pg:1:", None, 1), vec!["pg:1:x1"]);
+
+    assert_eq!(settle(&mut d, &["pg:1:x1"], &["pg:1:x2"]), Outcome::Settled { claims: 3 });
+    assert_eq!(state_of(&d, "a"), Some(ClaimState::Held));
+    assert_eq!(state_of(&d, "b"), None);
+    assert_eq!(state_of(&d, "c"), None);
+    assert_eq!(state_of(&d, "d"), Some(ClaimState::Pending));
+    assert!(d.machine.in_flight_holders("pg:1:", None, 10).is_empty());
+    // Idempotent: settling again changes nothing.
+    assert_eq!(settle(&mut d, &["pg:1:x1"], &["pg:1:x2"]), Outcome::Settled { claims: 0 });
+    assert_eq!(state_of(&d, "a"), Some(ClaimState::Held));
+}
+
+#[test]
+fn release_on_commit_takes_effect_only_when_its_transaction_commits() {
+    let mut d = Driver::new();
+    d.claim("alice", "db1", ClaimKind::Held, None);
+    d.claim("bob", "db1", ClaimKind::Held, None);
+    // Only the owner may schedule a release, and one transaction at a time.
+    let schedule = |d: &mut Driver, k: &str, owner: &str, holder: &str| {
+        d.run(Command::ReleaseOnCommit { key: key(k), owner: owner.into(), holder: holder.into() })
+    };
+    assert_eq!(schedule(&mut d, "alice", "db2", "pg:1:x1"), Outcome::NotOwner);
+    assert_eq!(schedule(&mut d, "alice", "db1", "pg:1:x1"), Outcome::ReleaseScheduled);
+    assert_eq!(schedule(&mut d, "alice", "db1", "pg:1:x2"), Outcome::NotOwner);
+    assert_eq!(schedule(&mut d, "bob", "db1", "pg:1:x2"), Outcome::ReleaseScheduled);
+    // Still held until the fate is known.
+    assert_eq!(state_of(&d, "alice"), Some(ClaimState::Held));
+    assert_eq!(settle(&mut d, &["pg:1:x1"], &["pg:1:x2"]), Outcome::Settled { claims: 2 });
+    assert_eq!(state_of(&d, "alice"), None, "released by the committed transaction");
+    assert_eq!(state_of(&d, "bob"), Some(ClaimState::Held), "kept: its deleter aborted");
+    // A withdrawn schedule (rolled-back savepoint) releases nothing at commit.
+    assert_eq!(schedule(&mut d, "bob", "db1", "pg:1:x3"), Outcome::ReleaseScheduled);
+    d.run(Command::KeepOnCommit { key: key("bob"), holder: "pg:1:x3".into() });
+    assert!(d.machine.in_flight_holders("pg:1:", None, 10).is_empty());
+    assert_eq!(settle(&mut d, &["pg:1:x3"], &[]), Outcome::Settled { claims: 0 });
+    assert_eq!(state_of(&d, "bob"), Some(ClaimState::Held));
+}
+
+#[test]
+fn expiry_and_release_leave_no_in_flight_entry_behind() {
+    let mut d = Driver::new();
+    let Outcome::SessionOpened { session } = d.run(Command::OpenSession { ttl_ms: 1000 }) else {
+        panic!("session")
+    };
+    tx_claim(&mut d, "a", "db1", "pg:1:x1", session);
+    tx_claim(&mut d, "b", "db1", "pg:1:x2", session);
+    d.run(Command::Release { key: key("b"), owner: "db1".into(), holder: Some("pg:1:x2".into()) });
+    assert_eq!(d.machine.in_flight_holders("pg:", None, 10), vec!["pg:1:x1"]);
+    let Outcome::Expired { released } = d.run(Command::Expire { session, keepalives_seen: 0 })
+    else {
+        panic!("expired")
+    };
+    assert_eq!(released.len(), 1);
+    assert!(d.machine.in_flight_holders("pg:", None, 10).is_empty());
+    // A transaction whose claim expired cannot prepare it.
+    assert!(matches!(
+        d.run(Command::Prepare { holder: "pg:1:x1".into(), keys: vec![key("a")] }),
+        Outcome::Lost { .. }
+    ));
+}

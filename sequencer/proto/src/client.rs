@@ -44,6 +44,10 @@ pub enum Call {
     Follow { from: Seq, topic: Option<String> },
     /// This node's view of the cluster (answered by any node).
     Status,
+    /// Holders starting with `prefix` that have claims in flight (pending, prepared, or
+    /// scheduled for release), in order, after `after`, at most `max`; after a ReadIndex.
+    /// What a PostgreSQL instance's reconciler asks after a crash.
+    InFlightHolders { prefix: String, after: Option<String>, max: u32 },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +79,7 @@ pub enum Reply {
     Outcome(Outcome),
     Owner(Option<OwnerInfo>),
     Messages(Vec<MessageRecord>),
+    Holders(Vec<String>),
     Synced {
         position: u64,
     },

@@ -101,6 +101,17 @@ pub enum Command {
     Finalize { holder: String, keys: Vec<ClaimKey> },
     /// Release a claim owned by `owner` (and, if given, held by `holder`).
     Release { key: ClaimKey, owner: String, holder: Option<String> },
+    /// Release a claim owned by `owner` when `holder` (a transaction) settles as committed;
+    /// until then it stays as it is (a DELETE or UPDATE inside a transaction).
+    ReleaseOnCommit { key: ClaimKey, owner: String, holder: String },
+    /// Withdraw a `ReleaseOnCommit` of `holder` (its savepoint was rolled back).
+    KeepOnCommit { key: ClaimKey, holder: String },
+    /// Settle every in-flight claim of each holder once its transaction's fate is known:
+    /// for a committed holder, prepared claims become held, claims it scheduled for release
+    /// are released and unprepared pending ones are released; for an aborted holder, its
+    /// pending and prepared claims are released and its scheduled releases withdrawn.
+    /// Idempotent.
+    Settle { committed: Vec<String>, aborted: Vec<String> },
     /// Read the owner of a key at this position in the log.
     Read { key: ClaimKey },
     /// Gap-free increment-and-get of a named counter.
@@ -123,6 +134,9 @@ impl Command {
             Command::Prepare { .. } => "prepare",
             Command::Finalize { .. } => "finalize",
             Command::Release { .. } => "release",
+            Command::ReleaseOnCommit { .. } => "release_on_commit",
+            Command::KeepOnCommit { .. } => "keep_on_commit",
+            Command::Settle { .. } => "settle",
             Command::Read { .. } => "read",
             Command::Next { .. } => "next",
             Command::OpenSession { .. } => "open_session",
@@ -187,6 +201,12 @@ pub enum Outcome {
     Prepared,
     Finalized,
     Released,
+    /// `ReleaseOnCommit` recorded (or `KeepOnCommit` withdrew it).
+    ReleaseScheduled,
+    /// `Settle` applied: this many claims changed.
+    Settled {
+        claims: u64,
+    },
     NotOwner,
     Owner {
         current: Option<OwnerInfo>,

@@ -47,6 +47,19 @@ impl Limits {
                 self.key(key)?;
                 bounded(owner.len(), self.name_bytes_max)
             }
+            Command::ReleaseOnCommit { key, owner, holder } => {
+                self.key(key)?;
+                self.name(owner)?;
+                self.name(holder)
+            }
+            Command::KeepOnCommit { key, holder } => {
+                self.key(key)?;
+                self.name(holder)
+            }
+            Command::Settle { committed, aborted } => {
+                bounded(committed.len() + aborted.len(), self.batch_keys_max)?;
+                committed.iter().chain(aborted).try_for_each(|h| self.name(h))
+            }
             Command::Read { key } => self.key(key),
             Command::Next { counter } => self.name(counter),
             Command::OpenSession { .. } | Command::KeepAlive { .. } | Command::Expire { .. } => {

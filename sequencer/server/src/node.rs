@@ -70,6 +70,7 @@ enum ReadRequest {
     Owner(tob_proto::ClaimKey),
     Messages { from: tob_proto::Seq, max: u32, topic: Option<String> },
     Sync,
+    Holders { prefix: String, after: Option<String>, max: u32 },
 }
 
 pub struct NodeActor {
@@ -328,6 +329,10 @@ impl NodeActor {
             let reply = match request {
                 ReadRequest::Owner(key) => Reply::Owner(self.machine.owner(&key)),
                 ReadRequest::Sync => Reply::Synced { position: read.index.0 },
+                ReadRequest::Holders { prefix, after, max } => {
+                    let max = (max as usize).min(READ_MESSAGES_MAX);
+                    Reply::Holders(self.machine.in_flight_holders(&prefix, after.as_deref(), max))
+                }
                 ReadRequest::Messages { from, max, topic } => {
                     let max = (max as usize).min(READ_MESSAGES_MAX);
                     match self.machine.messages(from, max, topic.as_deref()) {
@@ -482,14 +487,17 @@ impl Handler<ClientCall> for NodeActor {
                 Command::Claim { .. } | Command::Prepare { .. } | Command::Finalize { .. } => {
                     "claim"
                 }
-                Command::Release { .. } => "release",
+                Command::Release { .. }
+                | Command::ReleaseOnCommit { .. }
+                | Command::KeepOnCommit { .. }
+                | Command::Settle { .. } => "release",
                 Command::Read { .. } => "read",
                 Command::Next { .. } => "next",
                 Command::OpenSession { .. }
                 | Command::KeepAlive { .. }
                 | Command::Expire { .. } => "session",
             },
-            Call::Owner { .. } | Call::ReadMessages { .. } => "read",
+            Call::Owner { .. } | Call::ReadMessages { .. } | Call::InFlightHolders { .. } => "read",
             Call::Sync => "sync",
             Call::Status | Call::Follow { .. } => "other",
         };
@@ -549,6 +557,9 @@ impl Handler<ClientCall> for NodeActor {
                 (ReadMode::Index, ReadRequest::Messages { from, max, topic })
             }
             Call::Sync => (ReadMode::Index, ReadRequest::Sync),
+            Call::InFlightHolders { prefix, after, max } => {
+                (ReadMode::Index, ReadRequest::Holders { prefix, after, max })
+            }
         };
         let context = self.next_read_context;
         self.next_read_context += 1;

@@ -1,0 +1,138 @@
+//! Every way a tob call can fail inside PostgreSQL, each mapped to one SQLSTATE.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+use tob_client::ClientError;
+use tob_proto::{ErrorCode, OwnerInfo};
+
+#[derive(Debug)]
+pub enum TobError {
+    /// The key is held (or pending/prepared in another transaction that then committed).
+    Taken { namespace: String, key: String, current: OwnerInfo },
+    /// `tob.claim_wait = nowait`, or the wait outlasted `tob.claim_wait_timeout`.
+    WouldWait { namespace: String, key: String, current: OwnerInfo, waited: bool },
+    /// A claim of this transaction was lost before commit (its instance session expired).
+    ClaimLost { keys: Vec<String> },
+    /// No sequencer node could be reached.
+    Unreachable(String),
+    /// The cluster did not answer in time.
+    Timeout,
+    /// Interrupted by a cancel request or statement_timeout.
+    Cancelled,
+    /// A bad argument: NULL, empty, or malformed.
+    BadArgument(String),
+    /// An argument over a size limit.
+    TooLong(String),
+    /// Settings or set-up missing.
+    NotConfigured(String),
+    /// The cluster refused the request for another reason.
+    Refused { code: ErrorCode, message: String },
+}
+
+impl From<ClientError> for TobError {
+    fn from(error: ClientError) -> TobError {
+        match error {
+            ClientError::Unavailable(why) => TobError::Unreachable(why),
+            ClientError::Timeout => TobError::Timeout,
+            ClientError::Interrupted => TobError::Cancelled,
+            ClientError::Refused { code: ErrorCode::TooLarge, message } => {
+                TobError::TooLong(message)
+            }
+            ClientError::Refused { code: ErrorCode::Empty | ErrorCode::Malformed, message } => {
+                TobError::BadArgument(message)
+            }
+            ClientError::Refused { code, message } => TobError::Refused { code, message },
+            ClientError::Protocol(why) => {
+                TobError::Refused { code: ErrorCode::Malformed, message: why }
+            }
+        }
+    }
+}
+
+impl TobError {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        use PgSqlErrorCode::*;
+        match self {
+            TobError::Taken { .. } => ERRCODE_UNIQUE_VIOLATION,
+            TobError::WouldWait { .. } => ERRCODE_LOCK_NOT_AVAILABLE,
+            TobError::ClaimLost { .. } => ERRCODE_T_R_SERIALIZATION_FAILURE,
+            TobError::Unreachable(_) => ERRCODE_CONNECTION_FAILURE,
+            TobError::Timeout | TobError::Cancelled => ERRCODE_QUERY_CANCELED,
+            TobError::BadArgument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
+            TobError::TooLong(_) => ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
+            TobError::NotConfigured(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            TobError::Refused { code: ErrorCode::Overloaded, .. } => ERRCODE_INSUFFICIENT_RESOURCES,
+            TobError::Refused { code: ErrorCode::NotLeader | ErrorCode::Unavailable, .. } => {
+                ERRCODE_CONNECTION_FAILURE
+            }
+            TobError::Refused { .. } => ERRCODE_INTERNAL_ERROR,
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            TobError::Taken { namespace, key, .. } => {
+                format!("tob: \"{key}\" is already claimed in namespace \"{namespace}\"")
+            }
+            TobError::WouldWait { namespace, key, waited: false, .. } => format!(
+                "tob: \"{key}\" in namespace \"{namespace}\" is pending in another transaction"
+            ),
+            TobError::WouldWait { namespace, key, waited: true, .. } => format!(
+                "tob: gave up waiting for another transaction's claim on \"{key}\" in namespace \"{namespace}\" (tob.claim_wait_timeout)"
+            ),
+            TobError::ClaimLost { keys } => format!(
+                "tob: this transaction's claim on {} was lost before commit",
+                keys.join(", ")
+            ),
+            TobError::Unreachable(why) => format!("tob: cluster unreachable: {why}"),
+            TobError::Timeout => {
+                "tob: no answer from the cluster within tob.request_timeout".into()
+            }
+            TobError::Cancelled => "canceling statement due to user request".into(),
+            TobError::BadArgument(why) | TobError::TooLong(why) => format!("tob: {why}"),
+            TobError::NotConfigured(why) => format!("tob: {why}"),
+            TobError::Refused { code, message } => {
+                format!("tob: the cluster refused the request: {message} ({code})")
+            }
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            TobError::Taken { current, .. } | TobError::WouldWait { current, .. } => Some(format!(
+                "Owner \"{}\" holds it with fencing token {} (state {}).",
+                current.owner,
+                current.token.0,
+                current.state.as_str()
+            )),
+            TobError::ClaimLost { .. } => Some(
+                "This instance's session with the cluster expired before commit, so the pending claims were released.".into(),
+            ),
+            _ => None,
+        }
+    }
+
+    fn hint(&self) -> Option<&'static str> {
+        match self {
+            TobError::ClaimLost { .. } => Some("Retry the transaction."),
+            TobError::Unreachable(_) => Some("Check tob.cluster and that the sequencer nodes run."),
+            TobError::WouldWait { waited: false, .. } => {
+                Some("SET tob.claim_wait = wait to wait for the other transaction.")
+            }
+            _ => None,
+        }
+    }
+
+    /// Raises this error as a PostgreSQL ERROR; never returns.
+    pub fn raise(self) -> ! {
+        let mut report = ErrorReport::new(self.sqlstate(), self.message(), "tob");
+        if let Some(detail) = self.detail() {
+            report = report.set_detail(detail);
+        }
+        if let Some(hint) = self.hint() {
+            report = report.set_hint(hint);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}

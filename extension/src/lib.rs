@@ -1,0 +1,303 @@
+//! `tob`: global unique claims, fencing tokens and totally ordered messages from SQL.
+//!
+//! Thin entry points over the modules: `xact` (claims inside transactions), `worker` (the
+//! instance session and reconciler), `backend` (this backend's client), `guc`, `error`.
+
+use pgrx::prelude::*;
+use tob_proto::Seq;
+
+mod backend;
+mod error;
+mod guc;
+mod locks;
+mod shmem;
+mod worker;
+mod xact;
+
+use backend::with_client;
+use error::TobError;
+
+pgrx::pg_module_magic!();
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    guc::define();
+    xact::register_callbacks();
+    if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        shmem::init();
+        worker::register();
+    }
+}
+
+const KEY_BYTES_MAX: usize = 1024;
+const NAME_BYTES_MAX: usize = 256;
+
+/// Checks an argument the way the cluster would, so bad input fails before any network call.
+fn checked<'a>(what: &str, value: Option<&'a str>, max: usize) -> &'a str {
+    let Some(value) = value else {
+        TobError::BadArgument(format!("{what} must not be NULL")).raise()
+    };
+    if value.is_empty() {
+        TobError::BadArgument(format!("{what} must not be empty")).raise()
+    }
+    if value.len() > max {
+        TobError::TooLong(format!(
+            "{what} is {} bytes long; at most {max} are allowed",
+            value.len()
+        ))
+        .raise()
+    }
+    value
+}
+
+fn owner_or_default(owner: Option<&str>) -> String {
+    match owner {
+        Some(owner) => checked("owner", Some(owner), NAME_BYTES_MAX).to_owned(),
+        None => backend::default_owner(),
+    }
+}
+
+/// Claims `key` in `namespace` for `owner` (default: this server and database) inside the
+/// current transaction. Returns the fencing token. Final when the transaction commits;
+/// released if it aborts.
+#[pg_extern(volatile, parallel_unsafe)]
+fn tob_claim(
+    namespace: Option<&str>,
+    key: Option<&str>,
+    owner: default!(Option<&str>, "NULL"),
+) -> i64 {
+    let namespace = checked("namespace", namespace, NAME_BYTES_MAX);
+    let key = checked("key", key, KEY_BYTES_MAX);
+    let owner = owner_or_default(owner);
+    xact::claim(namespace, key, &owner).0 as i64
+}
+
+/// Releases `owner`'s claim on `key` when the current transaction commits. Returns false if
+/// `owner` does not hold it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn tob_release(
+    namespace: Option<&str>,
+    key: Option<&str>,
+    owner: default!(Option<&str>, "NULL"),
+) -> bool {
+    let namespace = checked("namespace", namespace, NAME_BYTES_MAX);
+    let key = checked("key", key, KEY_BYTES_MAX);
+    let owner = owner_or_default(owner);
+    xact::release(namespace, key, &owner)
+}
+
+/// The current owner of a key, read as `tob.read_consistency` says: no row if it is free.
+#[pg_extern(volatile, parallel_unsafe)]
+fn tob_owner(
+    namespace: Option<&str>,
+    key: Option<&str>,
+) -> TableIterator<'static, (name!(owner, String), name!(token, i64), name!(state, String))> {
+    let namespace = checked("namespace", namespace, NAME_BYTES_MAX);
+    let key = checked("key", key, KEY_BYTES_MAX);
+    let consistency = guc::read_consistency();
+    let current = with_client(|c| Ok(c.owner(namespace, key, consistency)?));
+    TableIterator::new(current.map(|o| (o.owner, o.token.0 as i64, o.state.as_str().to_owned())))
+}
+
+/// Appends a message to the total order (not transactional: like nextval, it stays when the
+/// transaction rolls back). Returns its position.
+#[pg_extern(volatile, parallel_unsafe)]
+fn tob_append(topic: Option<&str>, payload: Option<&str>) -> i64 {
+    let topic = topic.map(|t| checked("topic", Some(t), NAME_BYTES_MAX));
+    let Some(payload) = payload else {
+        TobError::BadArgument("payload must not be NULL".into()).raise()
+    };
+    with_client(|c| Ok(c.append(topic, payload.as_bytes())?)).0 as i64
+}
+
+/// Messages from `from_seq` on, in the total order (optionally of one topic).
+#[pg_extern(volatile, parallel_unsafe)]
+fn tob_read(
+    from_seq: i64,
+    max: default!(i32, 100),
+    topic: default!(Option<&str>, "NULL"),
+) -> TableIterator<'static, (name!(seq, i64), name!(topic, Option<String>), name!(payload, String))>
+{
+    if from_seq < 1 || max < 0 {
+        TobError::BadArgument("from_seq must be at least 1 and max not negative".into()).raise()
+    }
+    let topic = topic.map(|t| checked("topic", Some(t), NAME_BYTES_MAX));
+    let messages = with_client(|c| Ok(c.read_messages(Seq(from_seq as u64), max as u32, topic)?));
+    TableIterator::new(
+        messages
+            .into_iter()
+            .map(|m| (m.seq.0 as i64, m.topic, String::from_utf8_lossy(&m.payload).into_owned())),
+    )
+}
+
+/// A linearizable position: every command acknowledged before this call is applied at it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn tob_sync() -> i64 {
+    with_client(|c| Ok(c.sync()?)) as i64
+}
+
+/// Gap-free, linearizable increment-and-get of a global counter (not transactional).
+#[pg_extern(volatile, parallel_unsafe)]
+fn tob_next(counter: Option<&str>) -> i64 {
+    let counter = checked("counter", counter, NAME_BYTES_MAX);
+    with_client(|c| Ok(c.next(counter)?)) as i64
+}
+
+/// Takes a session-held lock on `resource`; returns its fencing token. Held until
+/// `tob_unlock`, the end of this connection, or the instance losing its session.
+#[pg_extern(volatile, parallel_unsafe)]
+fn tob_lock(resource: Option<&str>) -> i64 {
+    let resource = checked("resource", resource, KEY_BYTES_MAX);
+    locks::lock(resource).0 as i64
+}
+
+/// Releases this connection's lock on `resource`; false if it held none.
+#[pg_extern(volatile, parallel_unsafe)]
+fn tob_unlock(resource: Option<&str>) -> bool {
+    let resource = checked("resource", resource, KEY_BYTES_MAX);
+    locks::unlock(resource)
+}
+
+/// Each node's view of the cluster; unreachable nodes are listed with `reachable = false`.
+#[pg_extern(volatile, parallel_unsafe)]
+#[allow(clippy::type_complexity)]
+fn tob_status() -> TableIterator<
+    'static,
+    (
+        name!(node, String),
+        name!(reachable, bool),
+        name!(role, Option<String>),
+        name!(term, Option<i64>),
+        name!(leader, Option<i64>),
+        name!(commit_index, Option<i64>),
+        name!(applied_index, Option<i64>),
+        name!(last_seq, Option<i64>),
+    ),
+> {
+    let nodes: Vec<String> = guc::cluster()
+        .map(|c| c.split(',').map(|n| n.trim().to_owned()).collect())
+        .unwrap_or_default();
+    let rows = with_client(|c| {
+        Ok((0..nodes.len())
+            .map(|i| match c.status_of(i) {
+                Ok(s) => (
+                    nodes[i].clone(),
+                    true,
+                    Some(s.role),
+                    Some(s.term as i64),
+                    s.leader.map(|l| l as i64),
+                    Some(s.commit_index as i64),
+                    Some(s.applied_index as i64),
+                    Some(s.last_seq as i64),
+                ),
+                Err(_) => (nodes[i].clone(), false, None, None, None, None, None, None),
+            })
+            .collect::<Vec<_>>())
+    });
+    TableIterator::new(rows)
+}
+
+/// Trigger function: `tob_unique('namespace', 'column')` keeps a text column's values unique
+/// across every database using the same cluster. INSERT claims NEW's value, UPDATE moves the
+/// claim, DELETE releases it — each final exactly when the transaction commits. NULLs are not
+/// claimed (as in a unique index).
+#[pg_trigger]
+fn tob_unique<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, TobTriggerError> {
+    let args = trigger.extra_args()?;
+    let [namespace, column] = args.as_slice() else {
+        return Err(TobTriggerError::Usage);
+    };
+    let namespace = checked("namespace", Some(namespace), NAME_BYTES_MAX);
+    let value_of = |tuple: &Option<PgHeapTuple<'a, AllocatedByPostgres>>| -> Result<Option<String>, TobTriggerError> {
+        match tuple {
+            Some(t) => Ok(t.get_by_name::<String>(column)?),
+            None => Ok(None),
+        }
+    };
+    let new = trigger.new();
+    let old = trigger.old();
+    let new_value = value_of(&new)?;
+    let old_value = value_of(&old)?;
+    if new_value != old_value {
+        let owner = backend::default_owner();
+        if let Some(value) = &new_value {
+            xact::claim(namespace, checked("key", Some(value), KEY_BYTES_MAX), &owner);
+        }
+        if let Some(value) = &old_value {
+            xact::release(namespace, value, &owner);
+        }
+    }
+    Ok(new.or(old))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TobTriggerError {
+    #[error("tob_unique needs two arguments: tob_unique('namespace', 'column')")]
+    Usage,
+    #[error("tob_unique: {0}")]
+    Trigger(#[from] pgrx::PgTriggerError),
+    #[error("tob_unique: the column must be of a text type (text, varchar, citext): {0}")]
+    Value(#[from] pgrx::datum::TryFromDatumError),
+}
+
+extension_sql!(
+    r#"
+-- The storage side of fencing: the highest token seen per resource in this database.
+CREATE TABLE tob_fences (
+    resource text PRIMARY KEY,
+    token bigint NOT NULL
+);
+
+-- Accepts `token` for `resource` if it is at least the highest seen; raises TB001 otherwise.
+-- Call it in the same transaction as the write it guards.
+CREATE FUNCTION tob_fence(resource text, token bigint) RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $$
+#variable_conflict use_column
+DECLARE
+    highest bigint;
+BEGIN
+    IF $1 IS NULL OR $2 IS NULL THEN
+        RAISE EXCEPTION 'tob: resource and token must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO tob_fences AS f VALUES ($1, $2)
+    ON CONFLICT (resource) DO UPDATE SET token = EXCLUDED.token WHERE f.token <= EXCLUDED.token
+    RETURNING f.token INTO highest;
+    IF highest IS NULL THEN
+        SELECT f.token INTO highest FROM tob_fences f WHERE f.resource = $1;
+        RAISE EXCEPTION 'tob: fencing token % for "%" is stale', $2, $1
+            USING ERRCODE = 'TB001',
+                  DETAIL = format('Token %s has already been used for this resource.', highest),
+                  HINT = 'The lock this token came from was lost; take it again.';
+    END IF;
+    RETURN highest;
+END
+$$;
+"#,
+    name = "fences",
+);
+
+extension_sql!(
+    r#"
+-- Nothing for PUBLIC: grant tob_user to the roles that may claim, append and read.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tob_user') THEN
+        CREATE ROLE tob_user NOLOGIN;
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION tob_claim(text, text, text), tob_release(text, text, text),
+    tob_owner(text, text), tob_append(text, text), tob_read(bigint, integer, text),
+    tob_sync(), tob_next(text), tob_lock(text), tob_unlock(text), tob_status(),
+    tob_fence(text, bigint), tob_unique() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION tob_claim(text, text, text), tob_release(text, text, text),
+    tob_owner(text, text), tob_append(text, text), tob_read(bigint, integer, text),
+    tob_sync(), tob_next(text), tob_lock(text), tob_unlock(text), tob_status(),
+    tob_fence(text, bigint), tob_unique() TO tob_user;
+GRANT SELECT, INSERT, UPDATE ON tob_fences TO tob_user;
+"#,
+    name = "privileges",
+    finalize,
+);

@@ -1,0 +1,106 @@
+//! What backends and the background worker share, when tob is in `shared_preload_libraries`:
+//! the instance's session with the cluster, and the queue of transactions to settle.
+//!
+//! The queue is an optimisation, not the record: a transaction's claims are in flight in the
+//! cluster under its holder id, and the worker's reconciler finds and settles any holder whose
+//! queue entry was lost (queue full, backend crash, instance crash) from `pg_xact_status`.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use pgrx::prelude::*;
+use pgrx::shmem::PGRXSharedMemory;
+use pgrx::{PgAtomic, PgLwLock, pg_shmem_init};
+
+pub const SETTLE_QUEUE_CAPACITY: usize = 8192;
+
+/// A transaction whose fate is known, waiting for the worker to tell the cluster.
+#[derive(Copy, Clone, Default, Debug)]
+pub struct SettleEntry {
+    pub full_xid: u64,
+    pub committed: bool,
+}
+
+#[derive(Copy, Clone)]
+pub struct SettleQueue {
+    pub len: usize,
+    pub entries: [SettleEntry; SETTLE_QUEUE_CAPACITY],
+}
+
+impl Default for SettleQueue {
+    fn default() -> Self {
+        SettleQueue { len: 0, entries: [SettleEntry::default(); SETTLE_QUEUE_CAPACITY] }
+    }
+}
+
+unsafe impl PGRXSharedMemory for SettleQueue {}
+
+static QUEUE: PgLwLock<SettleQueue> = unsafe { PgLwLock::new(c"tob_settle_queue") };
+/// The instance's session id in the cluster; 0 while the worker has none.
+static SESSION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"tob_session") };
+/// The worker's latch (a pointer into shared memory, valid in every process), 0 if none.
+static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"tob_worker_latch") };
+/// Set when a queue entry had to be dropped: the worker then reconciles at once.
+static OVERFLOWED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"tob_queue_overflowed") };
+
+static mut ATTACHED: bool = false;
+
+/// Requests the shared memory; only valid while loading from `shared_preload_libraries`.
+pub fn init() {
+    pg_shmem_init!(QUEUE);
+    pg_shmem_init!(SESSION);
+    pg_shmem_init!(WORKER_LATCH);
+    pg_shmem_init!(OVERFLOWED);
+    unsafe { ATTACHED = true };
+}
+
+/// Whether this process has the shared state (tob was preloaded).
+pub fn available() -> bool {
+    unsafe { ATTACHED }
+}
+
+pub fn session() -> u64 {
+    SESSION.get().load(Ordering::Acquire)
+}
+
+pub fn set_session(session: u64) {
+    SESSION.get().store(session, Ordering::Release);
+}
+
+pub fn set_worker_latch(latch: *mut pg_sys::Latch) {
+    WORKER_LATCH.get().store(latch as usize, Ordering::Release);
+}
+
+pub fn wake_worker() {
+    let latch = WORKER_LATCH.get().load(Ordering::Acquire);
+    if latch != 0 {
+        unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
+    }
+}
+
+/// Queues a settled transaction; never raises (called from COMMIT and ABORT callbacks).
+pub fn push_settle(entry: SettleEntry) {
+    {
+        let mut queue = QUEUE.exclusive();
+        if queue.len < SETTLE_QUEUE_CAPACITY {
+            let at = queue.len;
+            queue.entries[at] = entry;
+            queue.len += 1;
+        } else {
+            OVERFLOWED.get().store(true, Ordering::Release);
+        }
+    }
+    wake_worker();
+}
+
+/// Takes everything queued.
+pub fn drain_settles() -> Vec<SettleEntry> {
+    let mut queue = QUEUE.exclusive();
+    let taken = queue.entries[..queue.len].to_vec();
+    queue.len = 0;
+    taken
+}
+
+/// Whether an entry was dropped since the last call (and clears the flag).
+pub fn take_overflowed() -> bool {
+    OVERFLOWED.get().swap(false, Ordering::AcqRel)
+}

@@ -1,0 +1,211 @@
+//! The background worker, one per PostgreSQL instance (needs `shared_preload_libraries`).
+//!
+//! It keeps the instance's session with the cluster alive (pending claims of an instance that
+//! went silent expire with it), tells the cluster the fate of finished transactions (queued by
+//! their COMMIT/ABORT callbacks), and reconciles: every in-flight holder of this instance in
+//! the cluster whose transaction `pg_xact_status` reports committed or aborted is settled that
+//! way. PostgreSQL's own commit log is the decision record, so a crash between `Prepare` and
+//! the commit record, a lost queue entry, or `COMMIT PREPARED` from another session all end
+//! the same way: the claim matches the transaction's fate.
+
+use std::time::{Duration, Instant};
+
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
+use pgrx::prelude::*;
+use tob_client::{Client, ClientConfig, ClientError};
+use tob_proto::SessionId;
+
+use crate::backend::{holder_of, holder_prefix, xid_of_holder};
+use crate::{guc, shmem};
+
+/// How often the reconciler walks this instance's in-flight holders.
+const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// Holders settled per command.
+const SETTLE_BATCH_MAX: usize = 1000;
+
+pub fn register() {
+    BackgroundWorkerBuilder::new("tob session and reconciler")
+        .set_type("tob")
+        .set_library("tob")
+        .set_function("tob_worker_main")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(1)))
+        .load();
+}
+
+struct Worker {
+    client: Option<(String, Client)>,
+    session: Option<SessionId>,
+    last_keepalive: Instant,
+    last_reconcile: Option<Instant>,
+}
+
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn tob_worker_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    BackgroundWorker::connect_worker_to_spi(Some(&guc::worker_database()), None);
+    shmem::set_worker_latch(unsafe { pg_sys::MyLatch });
+    shmem::set_session(0);
+    log!("tob worker started; holder prefix {}", holder_prefix());
+    let mut worker = Worker {
+        client: None,
+        session: None,
+        last_keepalive: Instant::now(),
+        last_reconcile: None,
+    };
+    while BackgroundWorker::wait_latch(Some(Duration::from_millis(100))) {
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        worker.round();
+    }
+    shmem::set_worker_latch(std::ptr::null_mut());
+    shmem::set_session(0);
+}
+
+impl Worker {
+    fn round(&mut self) {
+        if !self.ensure_client() {
+            return;
+        }
+        self.keep_session();
+        self.settle_queued();
+        let due = self.last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_EVERY);
+        if due || shmem::take_overflowed() {
+            self.reconcile();
+        }
+    }
+
+    fn ensure_client(&mut self) -> bool {
+        let Some(cluster) = guc::cluster() else { return false };
+        if self.client.as_ref().is_none_or(|(c, _)| *c != cluster) {
+            let nodes = cluster.split(',').map(|n| n.trim().to_owned()).collect();
+            let mut client = Client::new(ClientConfig::new(nodes, guc::CLUSTER_ID.get() as u64));
+            client.set_interrupt(BackgroundWorker::sigterm_received);
+            self.client = Some((cluster, client));
+        }
+        let client = &mut self.client.as_mut().expect("set above").1;
+        let config = client.config_mut();
+        config.connect_timeout = guc::connect_timeout();
+        // Never wait longer than a third of the lease on one call: keep-alives must get through.
+        config.request_timeout = guc::request_timeout().min(guc::session_ttl() / 3);
+        true
+    }
+
+    fn client(&mut self) -> &mut Client {
+        &mut self.client.as_mut().expect("ensured").1
+    }
+
+    fn keep_session(&mut self) {
+        let ttl = guc::session_ttl();
+        match self.session {
+            None => match self.client().open_session(ttl) {
+                Ok(session) => {
+                    log!("tob: instance session {} opened (ttl {} ms)", session.0, ttl.as_millis());
+                    self.session = Some(session);
+                    self.last_keepalive = Instant::now();
+                    shmem::set_session(session.0);
+                }
+                Err(e) => warn_once(&format!("tob: cannot open a session: {e}")),
+            },
+            Some(session) if self.last_keepalive.elapsed() >= ttl / 4 => {
+                match self.client().keep_alive(session) {
+                    Ok(()) => self.last_keepalive = Instant::now(),
+                    Err(ClientError::Refused {
+                        code: tob_proto::ErrorCode::UnknownSession,
+                        ..
+                    }) => {
+                        warning!(
+                            "tob: instance session {} expired; its pending claims were released",
+                            session.0
+                        );
+                        self.session = None;
+                        shmem::set_session(0);
+                    }
+                    Err(e) => warn_once(&format!("tob: keep-alive failed: {e}")),
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn settle_queued(&mut self) {
+        let queued = shmem::drain_settles();
+        for batch in queued.chunks(SETTLE_BATCH_MAX) {
+            let (committed, aborted): (Vec<&shmem::SettleEntry>, Vec<&shmem::SettleEntry>) =
+                batch.iter().partition(|e| e.committed);
+            let committed = committed.iter().map(|e| holder_of(e.full_xid)).collect();
+            let aborted = aborted.iter().map(|e| holder_of(e.full_xid)).collect();
+            if let Err(e) = self.client().settle(committed, aborted) {
+                // Still in flight in the cluster: the reconciler settles them.
+                warn_once(&format!("tob: settling finished transactions failed: {e}"));
+                self.last_reconcile = None;
+            }
+        }
+    }
+
+    /// Settles every in-flight holder of this instance whose transaction has ended.
+    fn reconcile(&mut self) {
+        self.last_reconcile = Some(Instant::now());
+        let prefix = holder_prefix();
+        let mut after = None;
+        loop {
+            let holders = match self.client().in_flight_holders(&prefix, after.clone(), 1000) {
+                Ok(holders) => holders,
+                Err(e) => {
+                    warn_once(&format!("tob: reconciler cannot list in-flight claims: {e}"));
+                    return;
+                }
+            };
+            let Some(last) = holders.last().cloned() else { return };
+            let mut committed = Vec::new();
+            let mut aborted = Vec::new();
+            for holder in holders {
+                let Some(xid) = xid_of_holder(&holder) else { continue };
+                match transaction_status(xid).as_deref() {
+                    Some("committed") => committed.push(holder),
+                    Some("aborted") => aborted.push(holder),
+                    Some(_) => {} // in progress, or PREPAREd and waiting for COMMIT PREPARED
+                    None => warning!(
+                        "tob: transaction {xid} is too old for pg_xact_status; its claims stay in flight"
+                    ),
+                }
+            }
+            if (!committed.is_empty() || !aborted.is_empty())
+                && let Err(e) = self.client().settle(committed, aborted)
+            {
+                warn_once(&format!("tob: reconciler could not settle: {e}"));
+                return;
+            }
+            after = Some(last);
+        }
+    }
+}
+
+/// `pg_xact_status` of a full transaction id: committed, aborted, in progress, or None when
+/// it is too old to know.
+fn transaction_status(full_xid: u64) -> Option<String> {
+    BackgroundWorker::transaction(|| {
+        Spi::get_one::<String>(&format!("SELECT pg_xact_status('{full_xid}'::xid8)::text"))
+            .ok()
+            .flatten()
+    })
+}
+
+/// Logs a warning, but not the same one over and over while the cluster is down.
+fn warn_once(message: &str) {
+    thread_local! {
+        static LAST: std::cell::RefCell<(String, Option<Instant>)> =
+            const { std::cell::RefCell::new((String::new(), None)) };
+    }
+    LAST.with(|cell| {
+        let mut last = cell.borrow_mut();
+        let repeat =
+            last.0 == message && last.1.is_some_and(|t| t.elapsed() < Duration::from_secs(30));
+        if !repeat {
+            warning!("{message}");
+            *last = (message.to_owned(), Some(Instant::now()));
+        }
+    });
+}

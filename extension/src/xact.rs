@@ -1,0 +1,342 @@
+//! Claims inside PostgreSQL transactions (DESIGN.md §4).
+//!
+//! A claim is `Pending` in the cluster under the holder id `pg:<system id>:<full xid>`. At
+//! `PRE_COMMIT` (or `PRE_PREPARE`) the transaction prepares all its live claims: if any was
+//! lost, the commit fails with 40001. After `COMMIT` or `ABORT` the transaction is queued for
+//! the background worker, which settles it in the cluster (prepared claims become held,
+//! scheduled releases happen, or everything is undone) — the callbacks themselves never talk
+//! to the network and never raise. A rolled-back savepoint undoes its own claims and releases.
+
+use std::cell::RefCell;
+use std::time::{Duration, Instant};
+
+use pgrx::prelude::*;
+use tob_client::claim_key;
+use tob_proto::{ClaimKey, ClaimKind, ClaimState, Command, FencingToken, Outcome, SessionId};
+
+use crate::backend::{self, with_client};
+use crate::error::TobError;
+use crate::{guc, shmem};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpKind {
+    /// A pending claim of this transaction.
+    Claimed,
+    /// A release scheduled for this transaction's commit.
+    Releasing,
+}
+
+#[derive(Debug)]
+struct Op {
+    key: ClaimKey,
+    owner: String,
+    kind: OpKind,
+    /// The (sub)transaction that did it; moves to the parent when a savepoint is released.
+    subxact: pg_sys::SubTransactionId,
+}
+
+#[derive(Debug)]
+struct Txn {
+    full_xid: u64,
+    holder: String,
+    ops: Vec<Op>,
+    /// Scheduled releases a rolled-back savepoint could not withdraw yet: retried before
+    /// commit, where failing can still abort.
+    keeps_owed: Vec<ClaimKey>,
+}
+
+thread_local! {
+    static TXN: RefCell<Option<Txn>> = const { RefCell::new(None) };
+}
+
+/// Registers the transaction callbacks; once per backend, from `_PG_init`.
+pub fn register_callbacks() {
+    unsafe {
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
+        pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
+    }
+}
+
+fn require_preloaded(what: &str) {
+    if !shmem::available() {
+        TobError::NotConfigured(format!(
+            "{what} needs tob in shared_preload_libraries (its background worker keeps the instance's session and settles transactions)"
+        ))
+        .raise()
+    }
+}
+
+/// The instance session, waiting briefly for the worker to open one.
+pub fn instance_session() -> SessionId {
+    let deadline = Instant::now() + guc::connect_timeout() + guc::request_timeout();
+    loop {
+        let session = shmem::session();
+        if session != 0 {
+            return SessionId(session);
+        }
+        if Instant::now() >= deadline {
+            TobError::Unreachable(
+                "tob's background worker has no session with the cluster (see the server log)"
+                    .into(),
+            )
+            .raise()
+        }
+        backend::sleep(Duration::from_millis(10));
+    }
+}
+
+fn current_holder() -> (u64, String) {
+    let full_xid = unsafe { pg_sys::GetTopFullTransactionId().value };
+    (full_xid, backend::holder_of(full_xid))
+}
+
+fn record(full_xid: u64, holder: &str, op: Op) {
+    TXN.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_some_and(|t| t.full_xid != full_xid) {
+            *slot = None; // left over from a transaction whose end we did not see
+        }
+        let txn = slot.get_or_insert_with(|| Txn {
+            full_xid,
+            holder: holder.to_owned(),
+            ops: Vec::new(),
+            keeps_owed: Vec::new(),
+        });
+        txn.ops.push(op);
+    });
+}
+
+/// Claims `key` for `owner` until this transaction ends: final at commit, released at abort.
+pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
+    require_preloaded("tob_claim");
+    let (full_xid, holder) = current_holder();
+    let claim_key = claim_key(namespace, key);
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let session = instance_session();
+        let outcome = with_client(|c| {
+            Ok(c.claim_with(
+                namespace,
+                key,
+                owner,
+                &holder,
+                ClaimKind::Transactional,
+                Some(session),
+            )?)
+        });
+        match outcome {
+            Outcome::Claimed { token } => {
+                let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+                let op = Op { key: claim_key, owner: owner.into(), kind: OpKind::Claimed, subxact };
+                record(full_xid, &holder, op);
+                return token;
+            }
+            Outcome::Taken { current }
+                if current.holder == holder || current.state == ClaimState::Held =>
+            {
+                TobError::Taken { namespace: namespace.into(), key: key.into(), current }.raise()
+            }
+            Outcome::Taken { current } => {
+                // Pending or prepared in another transaction: wait for its fate.
+                let nowait = guc::CLAIM_WAIT.get() == guc::ClaimWait::Nowait;
+                if nowait || started.elapsed() >= guc::claim_wait_timeout() {
+                    TobError::WouldWait {
+                        namespace: namespace.into(),
+                        key: key.into(),
+                        current,
+                        waited: !nowait,
+                    }
+                    .raise()
+                }
+                backend::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Outcome::Error { code: tob_proto::ErrorCode::UnknownSession } => {
+                // The instance session expired; the worker opens another. Claims made earlier
+                // in this transaction are lost and will fail the commit.
+                wait_for_new_session(session);
+            }
+            Outcome::Error { code } => {
+                TobError::Refused { code, message: code.name().into() }.raise()
+            }
+            other => TobError::Refused {
+                code: tob_proto::ErrorCode::Malformed,
+                message: format!("unexpected answer {other:?}"),
+            }
+            .raise(),
+        }
+    }
+}
+
+fn wait_for_new_session(old: SessionId) {
+    let deadline = Instant::now() + guc::connect_timeout() + guc::request_timeout();
+    while shmem::session() == old.0 {
+        if Instant::now() >= deadline {
+            TobError::Unreachable("the instance's session expired and no new one opened".into())
+                .raise()
+        }
+        backend::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Schedules the release of `owner`'s claim on `key` for this transaction's commit. Returns
+/// false if `owner` does not hold it (or another transaction is releasing it).
+pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
+    require_preloaded("tob_release inside a transaction");
+    let (full_xid, holder) = current_holder();
+    let claim_key = claim_key(namespace, key);
+    let outcome = with_client(|c| Ok(c.release_on_commit(claim_key.clone(), owner, &holder)?));
+    match outcome {
+        Outcome::ReleaseScheduled => {
+            let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+            let op = Op { key: claim_key, owner: owner.into(), kind: OpKind::Releasing, subxact };
+            record(full_xid, &holder, op);
+            true
+        }
+        Outcome::NotOwner => false,
+        Outcome::Error { code } => TobError::Refused { code, message: code.name().into() }.raise(),
+        other => TobError::Refused {
+            code: tob_proto::ErrorCode::Malformed,
+            message: format!("unexpected answer {other:?}"),
+        }
+        .raise(),
+    }
+}
+
+/// Before commit (or PREPARE TRANSACTION): prepare every live claim; a lost one aborts.
+fn prepare_for_commit(two_phase: bool) {
+    let Some((holder, keys, keeps)) = TXN.with(|cell| {
+        cell.borrow().as_ref().map(|t| {
+            let mut keys: Vec<ClaimKey> = t
+                .ops
+                .iter()
+                .filter(|op| op.kind == OpKind::Claimed)
+                .map(|op| op.key.clone())
+                .collect();
+            keys.sort();
+            keys.dedup();
+            (t.holder.clone(), keys, t.keeps_owed.clone())
+        })
+    }) else {
+        return;
+    };
+    if two_phase && !shmem::available() {
+        TobError::NotConfigured("PREPARE TRANSACTION with tob claims".into()).raise()
+    }
+    for key in keeps {
+        with_client(|c| Ok(c.keep_on_commit(key.clone(), &holder)?));
+    }
+    if keys.is_empty() {
+        return;
+    }
+    match with_client(|c| Ok(c.prepare(&holder, keys)?)) {
+        Outcome::Prepared => {}
+        Outcome::Lost { keys } => TobError::ClaimLost {
+            keys: keys.iter().map(|k| format!("\"{}\" in \"{}\"", k.key, k.namespace)).collect(),
+        }
+        .raise(),
+        Outcome::Error { code } => TobError::Refused { code, message: code.name().into() }.raise(),
+        other => TobError::Refused {
+            code: tob_proto::ErrorCode::Malformed,
+            message: format!("unexpected answer {other:?}"),
+        }
+        .raise(),
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    match event {
+        XACT_EVENT_PRE_COMMIT => prepare_for_commit(false),
+        XACT_EVENT_PRE_PREPARE => prepare_for_commit(true),
+        // The transaction is now PREPAREd: COMMIT/ROLLBACK PREPARED may come from any session,
+        // so the worker's reconciler settles it from pg_xact_status.
+        XACT_EVENT_PREPARE => TXN.with(|cell| cell.borrow_mut().take()).map_or((), |_| ()),
+        XACT_EVENT_COMMIT | XACT_EVENT_ABORT => {
+            // Interrupts are held and an ERROR here would be fatal: only queue, never raise.
+            if let Some(txn) = TXN.with(|cell| cell.borrow_mut().take())
+                && !txn.ops.is_empty()
+                && shmem::available()
+            {
+                let committed = event == XACT_EVENT_COMMIT;
+                shmem::push_settle(shmem::SettleEntry { full_xid: txn.full_xid, committed });
+            }
+        }
+        _ => {}
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn subxact_callback(
+    event: pg_sys::SubXactEvent::Type,
+    my_subid: pg_sys::SubTransactionId,
+    parent_subid: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    match event {
+        SUBXACT_EVENT_COMMIT_SUB => TXN.with(|cell| {
+            for op in cell.borrow_mut().iter_mut().flat_map(|t| t.ops.iter_mut()) {
+                if op.subxact == my_subid {
+                    op.subxact = parent_subid;
+                }
+            }
+        }),
+        SUBXACT_EVENT_ABORT_SUB => undo_subtransaction(my_subid),
+        _ => {}
+    }
+}
+
+/// A savepoint was rolled back: undo what it did. Best effort without raising (this runs
+/// during abort processing): a claim whose release fails is released when the transaction
+/// settles (an unprepared claim never survives), and a scheduled release that could not be
+/// withdrawn is withdrawn again before commit.
+fn undo_subtransaction(subxact: pg_sys::SubTransactionId) {
+    let undone: Vec<Op> = TXN.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let Some(txn) = slot.as_mut() else { return Vec::new() };
+        let (undone, kept) =
+            std::mem::take(&mut txn.ops).into_iter().partition(|op| op.subxact == subxact);
+        txn.ops = kept;
+        undone
+    });
+    if undone.is_empty() {
+        return;
+    }
+    let holder = TXN.with(|cell| cell.borrow().as_ref().map(|t| t.holder.clone()));
+    let Some(holder) = holder else { return };
+    let mut owed = Vec::new();
+    for op in undone {
+        let still_wanted = TXN.with(|cell| {
+            cell.borrow()
+                .as_ref()
+                .is_some_and(|t| t.ops.iter().any(|o| o.key == op.key && o.kind == op.kind))
+        });
+        if still_wanted {
+            continue; // the parent did the same before the savepoint
+        }
+        let done = backend::try_with_client(|c| match op.kind {
+            OpKind::Claimed => c
+                .command(Command::Release {
+                    key: op.key.clone(),
+                    owner: op.owner.clone(),
+                    holder: Some(holder.clone()),
+                })
+                .map(|_| ()),
+            OpKind::Releasing => c.keep_on_commit(op.key.clone(), &holder).map(|_| ()),
+        });
+        if !done && op.kind == OpKind::Releasing {
+            owed.push(op.key);
+        }
+    }
+    TXN.with(|cell| {
+        if let Some(txn) = cell.borrow_mut().as_mut() {
+            txn.keeps_owed.extend(owed);
+        }
+    });
+}

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The sequencer part of the demo (scripts/demo.sh runs it after the PostgreSQL part): a real 3-node
+# tob-sequencer cluster on loopback with two "databases" racing to claim the same usernames
+# and the leader killed mid-way; then the deterministic simulator attacking the same code with
+# faults, and the checkers that judge the result.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+cargo build --release -p tob-sim -p tob-cli -p tob-server --quiet
+sim=./target/release/tob-sim
+tob=./target/release/tob
+out=$(mktemp -d)
+cluster_pid=
+cleanup() {
+    [ -n "$cluster_pid" ] && kill "$cluster_pid" 2>/dev/null
+    pkill -f "tob-sequencer .*--data-dir $out/" 2>/dev/null || true
+    rm -rf "$out"
+}
+trap cleanup EXIT
+
+base=$(( 20000 + RANDOM % 20000 ))
+echo "== 0. A real 3-node cluster on loopback (ports $base..$((base + 5)))"
+$tob cluster up --dir "$out/cluster" --base-port "$base" > "$out/up.txt" 2> "$out/cluster.log" &
+cluster_pid=$!
+sleep 1.5
+export TOB_CLUSTER=$(sed -n 's/^TOB_CLUSTER=//p' "$out/up.txt")
+echo "   TOB_CLUSTER=$TOB_CLUSTER"
+$tob status | sed 's/^/   /'
+echo
+echo "   Two databases race to claim the same 20 usernames, at the same time:"
+for db in db-east db-west; do
+    ( for i in $(seq 1 20); do
+          if token=$($tob claim users "user$i" "$db" 2>/dev/null); then echo "$db user$i $token"; fi
+      done > "$out/won-$db.txt" ) &
+done
+wait %2 %3 2>/dev/null || wait
+east=$(wc -l < "$out/won-db-east.txt"); west=$(wc -l < "$out/won-db-west.txt")
+echo "   db-east won $east names, db-west won $west names, together $((east + west)) of 20"
+dupes=$(cat "$out"/won-*.txt | awk '{print $2}' | sort | uniq -d | wc -l)
+echo "   names won twice: $dupes"
+echo "   user7 belongs to: $($tob owner users user7)"
+echo
+leader_pid=$($tob --json status | python3 -c 'import json,sys
+for l in sys.stdin:
+    s=json.loads(l)
+    if s.get("role")=="leader": print(s["pid"])')
+echo "   kill -9 the leader (pid $leader_pid), then claim again:"
+kill -9 "$leader_pid"
+$tob claim users user7 db-late | sed "s/^/   /" || true
+$tob status | sed 's/^/   /'
+echo
+
+echo "== 1. The simulator: six clients race for four usernames on a 3-node cluster while the nemesis"
+echo "      partitions, crashes, loses, duplicates and delays. Seed 7, replayable:"
+$sim --seed 7 --history "$out/history.jsonl" --verbose | grep -v '^nemesis end' | sed 's/^/   /'
+
+echo
+echo "== 2. Who got alice? The first answered claims on alice from the recorded history:"
+grep '"f":"claim","key":"alice"' "$out/history.jsonl" | grep '"type":"ok"' | head -6 | sed 's/^/   /'
+
+echo
+echo "== 3. The history re-checked from the file (linearizability, total order, fencing, counters):"
+$sim check "$out/history.jsonl" --nodes n1,n2,n3 | sed 's/^/   /'
+
+echo
+echo "== 4. Forge one result: a claim that was refused ('taken') now says it won too."
+python3 - "$out/history.jsonl" "$out/forged.jsonl" <<'PY'
+import json, sys
+lines = open(sys.argv[1]).read().splitlines()
+for i, line in enumerate(lines):
+    e = json.loads(line)
+    if e.get("type") == "ok" and e.get("f") == "claim" and e["value"].get("result") == "taken":
+        e["value"] = {"result": "claimed", "token": 10**9}
+        lines[i] = json.dumps(e, separators=(",", ":"))
+        print("   forged:", lines[i])
+        break
+open(sys.argv[2], "w").write("\n".join(lines) + "\n")
+PY
+if $sim check "$out/forged.jsonl" --nodes n1,n2,n3 | sed 's/^/   /'; then
+    echo "   the checker missed the forgery!" >&2
+    exit 1
+fi
+echo "   -> rejected: two owners of one name is not a linearizable history."
+
+echo
+echo "== 5. 300 seeds, 3 and 5 nodes:"
+$sim --seeds 0..300 --nodes 3 | tail -1 | sed 's/^/   /'
+$sim --seeds 0..300 --nodes 5 | tail -1 | sed 's/^/   /'

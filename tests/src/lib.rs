@@ -1,0 +1,302 @@
+//! Harness for the end-to-end tests: a 3-node `tob-sequencer` cluster on OS-chosen loopback
+//! ports and throwaway PostgreSQL 15 servers (run as the `postgres` user, since PostgreSQL
+//! refuses root) with `tob` preloaded. Everything started is stopped and removed on drop, also
+//! when a test fails. Needs the extension installed (`scripts/test.sh` does it).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use tokio_postgres::{Client, Error};
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
+
+fn scratch_dir(kind: &str) -> PathBuf {
+    let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
+    let dir = PathBuf::from(format!("/tmp/tob-e2e-{}-{kind}{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn target_dir() -> PathBuf {
+    // The test binary lives in target/<profile>/deps.
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+fn sequencer_binary() -> PathBuf {
+    let binary = target_dir().join("tob-sequencer");
+    if !binary.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "tob-server", "--bin", "tob-sequencer"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "building tob-sequencer failed");
+    }
+    binary
+}
+
+struct Node {
+    id: u64,
+    peer: String,
+    client: String,
+    child: Option<Child>,
+}
+
+/// A 3-node sequencer cluster.
+pub struct Sequencers {
+    dir: PathBuf,
+    nodes: Vec<Node>,
+}
+
+impl Sequencers {
+    pub fn start() -> Sequencers {
+        let dir = scratch_dir("seq");
+        let nodes = (1..=3)
+            .map(|id| Node {
+                id,
+                peer: format!("127.0.0.1:{}", free_port()),
+                client: format!("127.0.0.1:{}", free_port()),
+                child: None,
+            })
+            .collect();
+        let mut cluster = Sequencers { dir, nodes };
+        for i in 0..3 {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let peers: Vec<String> =
+            self.nodes.iter().map(|n| format!("{}={},{}", n.id, n.peer, n.client)).collect();
+        let node = &self.nodes[i];
+        let mut cmd = Command::new(sequencer_binary());
+        cmd.arg("--node-id").arg(node.id.to_string()).arg("--cluster-id").arg("1");
+        cmd.arg("--data-dir").arg(self.dir.join(format!("n{}", node.id)));
+        for p in &peers {
+            cmd.arg("--peer").arg(p);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        self.nodes[i].child = Some(cmd.spawn().unwrap());
+    }
+
+    /// Client addresses, comma-separated: the value of `tob.cluster`.
+    pub fn addresses(&self) -> String {
+        self.nodes.iter().map(|n| n.client.clone()).collect::<Vec<_>>().join(",")
+    }
+
+    /// Kills node `i` with SIGKILL.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+
+    pub fn kill_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+
+    pub fn restart_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.spawn(i);
+        }
+    }
+
+    /// The index of the node whose pid `tob_status` reports as leader, by asking PostgreSQL.
+    pub async fn leader_index(&self, db: &Client) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let rows =
+                db.query("SELECT node FROM tob_status() WHERE role = 'leader'", &[]).await.unwrap();
+            if let Some(row) = rows.first() {
+                let node: String = row.get(0);
+                return self.nodes.iter().position(|n| n.client == node).unwrap();
+            }
+            assert!(Instant::now() < deadline, "no leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Sequencers {
+    fn drop(&mut self) {
+        self.kill_all();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A throwaway PostgreSQL 15 server with `tob` preloaded and pointed at a cluster.
+pub struct Postgres {
+    dir: PathBuf,
+    pub port: u16,
+}
+
+fn as_postgres(program: &str) -> Command {
+    let mut cmd = Command::new("runuser");
+    cmd.args(["-u", "postgres", "--", &format!("{PG_BIN}/{program}")]);
+    cmd.env_remove("RUST_BACKTRACE");
+    cmd
+}
+
+impl Postgres {
+    /// `extra` lines are appended to postgresql.conf.
+    pub fn start(cluster: &str, extra: &[&str]) -> Postgres {
+        let dir = scratch_dir("pg");
+        let status = Command::new("chown").arg("postgres:postgres").arg(&dir).status().unwrap();
+        assert!(status.success());
+        let data = dir.join("data");
+        let out = as_postgres("initdb")
+            .args(["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        let port = free_port();
+        let mut conf = format!(
+            "port = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\n\
+             shared_preload_libraries = 'tob'\ntob.cluster = '{cluster}'\n\
+             tob.session_ttl = '3s'\nmax_prepared_transactions = 10\n",
+            dir.display()
+        );
+        for line in extra {
+            conf.push_str(line);
+            conf.push('\n');
+        }
+        let conf_path = data.join("postgresql.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).unwrap();
+        existing.push_str(&conf);
+        std::fs::write(&conf_path, existing).unwrap();
+        let pg = Postgres { dir, port };
+        pg.pg_ctl_start();
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn pg_ctl_start(&self) {
+        let log = self.dir.join("log");
+        let out = as_postgres("pg_ctl")
+            .args(["-D", self.data().to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "start"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            self.log()
+        );
+    }
+
+    /// `pg_ctl stop -m immediate`: no shutdown checkpoint, like a crash.
+    pub fn stop_immediate(&self) {
+        let out = as_postgres("pg_ctl")
+            .args(["-D", self.data().to_str().unwrap(), "-m", "immediate", "-w", "stop"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn restart_after_crash(&self) {
+        self.pg_ctl_start();
+    }
+
+    /// The server log, for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Connects to `database` as the superuser.
+    pub async fn connect(&self, database: &str) -> Client {
+        let mut config = tokio_postgres::Config::new();
+        config.host_path(&self.dir).port(self.port).user("postgres").dbname(database);
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        client
+    }
+
+    /// Creates a database with the extension and a `users` table whose `name` is kept
+    /// unique across every database on the cluster by the `tob_unique` trigger.
+    pub async fn create_app_database(&self, database: &str) -> Client {
+        let admin = self.connect("postgres").await;
+        admin.batch_execute(&format!("CREATE DATABASE {database}")).await.unwrap();
+        let db = self.connect(database).await;
+        db.batch_execute(
+            "CREATE EXTENSION tob;
+             CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT NULL);
+             CREATE TRIGGER users_name_unique BEFORE INSERT OR UPDATE OR DELETE ON users
+                 FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');",
+        )
+        .await
+        .unwrap();
+        db
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = as_postgres("pg_ctl")
+            .args(["-D", self.data().to_str().unwrap(), "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits until the instance's background worker has a session (tob_claim needs one).
+pub async fn wait_until_ready(db: &Client) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = db.query_one("SELECT tob_sync()", &[]).await.is_ok();
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "cluster not ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The SQLSTATE of an error, or "" if it has none.
+pub fn sqlstate(error: &Error) -> String {
+    error.code().map(|c| c.code().to_owned()).unwrap_or_default()
+}
+
+/// Polls `check` until it is true or `timeout` passes; returns whether it became true.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

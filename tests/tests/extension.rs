@@ -1,0 +1,338 @@
+//! The `tob` extension against real PostgreSQL servers and a real 3-node cluster.
+
+use std::time::{Duration, Instant};
+
+use tob_e2e::{Postgres, Sequencers, eventually, sqlstate, wait_until_ready};
+
+async fn names(db: &tob_e2e::Client) -> Vec<String> {
+    let rows = db.query("SELECT name FROM users ORDER BY name", &[]).await.unwrap();
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
+async fn read_events(db: &tob_e2e::Client) -> Vec<(i64, String)> {
+    db.query("SELECT seq, payload FROM tob_read(1, 100, 'events')", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1)))
+        .collect()
+}
+
+async fn owner_state(db: &tob_e2e::Client, key: &str) -> Option<String> {
+    let rows = db.query("SELECT state FROM tob_owner('usernames', $1)", &[&key]).await.unwrap();
+    rows.first().map(|r| r.get(0))
+}
+
+/// Two servers, two databases each racing to insert the same usernames through the trigger:
+/// every name ends up in exactly one database, and its claim is held.
+#[tokio::test]
+async fn concurrent_inserts_across_databases_keep_each_name_once() {
+    let cluster = Sequencers::start();
+    let pg1 = Postgres::start(&cluster.addresses(), &[]);
+    let pg2 = Postgres::start(&cluster.addresses(), &[]);
+    let a = pg1.create_app_database("app").await;
+    let b = pg2.create_app_database("app").await;
+    wait_until_ready(&a).await;
+    wait_until_ready(&b).await;
+
+    let mut tasks = Vec::new();
+    for (server, offset) in [(&pg1, 0), (&pg1, 1), (&pg2, 2), (&pg2, 3)] {
+        let db = server.connect("app").await;
+        tasks.push(tokio::spawn(async move {
+            let mut won = 0;
+            for i in 0..40 {
+                // Each name is wanted by all four clients, in different orders.
+                let name = format!("user{}", (i * 7 + offset * 13) % 40);
+                match db.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await {
+                    Ok(_) => won += 1,
+                    Err(e) => assert_eq!(sqlstate(&e), "23505", "{e:?}"),
+                }
+            }
+            won
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    let mut all = names(&a).await;
+    all.extend(names(&b).await);
+    all.sort();
+    let expected: Vec<String> = {
+        let mut v: Vec<String> = (0..40).map(|i| format!("user{i}")).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(all, expected, "every name exactly once across both databases");
+    assert_eq!(total, 40);
+    // Claims become held once the worker settles the committed transactions.
+    for name in ["user0", "user17", "user39"] {
+        let held = eventually(Duration::from_secs(10), || async {
+            owner_state(&a, name).await.as_deref() == Some("held")
+        })
+        .await;
+        assert!(held, "{name} held");
+    }
+}
+
+/// Rollback and savepoint rollback release; a committed delete releases; an aborted delete
+/// keeps the name.
+#[tokio::test]
+async fn rollback_savepoint_and_delete_release() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let mut db = pg.create_app_database("app").await;
+    wait_until_ready(&db).await;
+    let other = pg.connect("app").await;
+
+    // Rolled back: free again.
+    let tx = db.transaction().await.unwrap();
+    tx.execute("INSERT INTO users (name) VALUES ('rolled')", &[]).await.unwrap();
+    tx.rollback().await.unwrap();
+    other.execute("INSERT INTO users (name) VALUES ('rolled')", &[]).await.unwrap();
+
+    // A savepoint rolled back releases what it claimed, and only that.
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO users (name) VALUES ('kept');
+         SAVEPOINT s;
+         INSERT INTO users (name) VALUES ('undone');
+         ROLLBACK TO SAVEPOINT s;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    assert_eq!(owner_state(&db, "undone").await, None);
+    assert!(owner_state(&db, "kept").await.is_some());
+    let err = other.execute("INSERT INTO users (name) VALUES ('kept')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "23505");
+
+    // An aborted DELETE keeps the claim; a committed one releases it.
+    db.batch_execute("BEGIN; DELETE FROM users WHERE name = 'kept'; ROLLBACK;").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            owner_state(&db, "kept").await.as_deref() == Some("held")
+        })
+        .await
+    );
+    let err = other.execute("INSERT INTO users (name) VALUES ('kept')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "23505");
+    db.execute("DELETE FROM users WHERE name = 'kept'", &[]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async { owner_state(&db, "kept").await.is_none() })
+            .await
+    );
+    other.execute("INSERT INTO users (name) VALUES ('kept')", &[]).await.unwrap();
+
+    // UPDATE moves the claim.
+    db.execute("INSERT INTO users (name) VALUES ('old_name')", &[]).await.unwrap();
+    db.execute("UPDATE users SET name = 'new_name' WHERE name = 'old_name'", &[]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            owner_state(&db, "old_name").await.is_none()
+                && owner_state(&db, "new_name").await.as_deref() == Some("held")
+        })
+        .await
+    );
+
+    // A savepoint that deleted a row and was rolled back keeps the name.
+    db.batch_execute(
+        "BEGIN;
+         SAVEPOINT s;
+         DELETE FROM users WHERE name = 'new_name';
+         ROLLBACK TO SAVEPOINT s;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(owner_state(&db, "new_name").await.as_deref(), Some("held"));
+}
+
+/// A claimer waits for a pending claim: it gets the name when the holder aborts, and 23505
+/// when the holder commits. `nowait` fails at once with 55P03.
+#[tokio::test]
+async fn waiting_claimer_follows_the_holders_fate() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let holder = pg.create_app_database("app").await;
+    wait_until_ready(&holder).await;
+
+    for (outcome, expected) in [("ROLLBACK", None), ("COMMIT", Some("23505"))] {
+        let name = format!("contested_{outcome}");
+        holder.batch_execute("BEGIN").await.unwrap();
+        holder.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await.unwrap();
+
+        let nowait = pg.connect("app").await;
+        nowait.batch_execute("SET tob.claim_wait = nowait").await.unwrap();
+        let err = nowait.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await;
+        assert_eq!(sqlstate(&err.unwrap_err()), "55P03");
+
+        let started = Instant::now();
+        let wait_client = pg.connect("app").await;
+        let waiting = tokio::spawn(async move {
+            wait_client.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await
+        });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!waiting.is_finished(), "the claimer waits while the holder is open");
+        holder.batch_execute(outcome).await.unwrap();
+        let result = waiting.await.unwrap();
+        match expected {
+            None => assert!(result.is_ok(), "{result:?}"),
+            Some(code) => assert_eq!(sqlstate(&result.unwrap_err()), code),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+}
+
+/// A waiting claimer gives up after tob.claim_wait_timeout with 55P03; statement_timeout
+/// and pg_cancel_backend interrupt a wait with 57014.
+#[tokio::test]
+async fn waits_end_on_timeouts_and_cancel() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let holder = pg.create_app_database("app").await;
+    wait_until_ready(&holder).await;
+    holder.batch_execute("BEGIN; INSERT INTO users (name) VALUES ('busy');").await.unwrap();
+
+    let db = pg.connect("app").await;
+    db.batch_execute("SET tob.claim_wait_timeout = '300ms'").await.unwrap();
+    let started = Instant::now();
+    let err = db.execute("INSERT INTO users (name) VALUES ('busy')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "55P03");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    db.batch_execute("SET tob.claim_wait_timeout = '60s'; SET statement_timeout = '300ms'")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = db.execute("INSERT INTO users (name) VALUES ('busy')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "57014");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    db.batch_execute("SET statement_timeout = 0").await.unwrap();
+    let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let canceller = pg.connect("app").await;
+    let waiting =
+        tokio::spawn(
+            async move { db.execute("INSERT INTO users (name) VALUES ('busy')", &[]).await },
+        );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    canceller.execute("SELECT pg_cancel_backend($1)", &[&pid]).await.unwrap();
+    let err = waiting.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&err), "57014");
+    assert!(started.elapsed() < Duration::from_secs(2), "cancel acts promptly");
+    holder.batch_execute("ROLLBACK").await.unwrap();
+}
+
+/// pg_terminate_backend in the middle of a transaction releases its claims.
+#[tokio::test]
+async fn terminated_backend_releases_its_claims() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let admin = pg.create_app_database("app").await;
+    wait_until_ready(&admin).await;
+    let victim = pg.connect("app").await;
+    let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    victim.batch_execute("BEGIN; INSERT INTO users (name) VALUES ('orphan');").await.unwrap();
+    assert_eq!(owner_state(&admin, "orphan").await.as_deref(), Some("pending"));
+    admin.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            owner_state(&admin, "orphan").await.is_none()
+        })
+        .await
+    );
+    admin.execute("INSERT INTO users (name) VALUES ('orphan')", &[]).await.unwrap();
+}
+
+/// Fencing: tokens grow; tob_fence accepts the newest and rejects an older one (TB001).
+#[tokio::test]
+async fn stale_fencing_token_is_rejected() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let a = pg.create_app_database("app").await;
+    wait_until_ready(&a).await;
+    let b = pg.connect("app").await;
+
+    let old: i64 = a.query_one("SELECT tob_lock('report')", &[]).await.unwrap().get(0);
+    b.batch_execute("SET tob.claim_wait = nowait").await.unwrap();
+    let err = b.query_one("SELECT tob_lock('report')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "55P03");
+    a.query_one("SELECT tob_fence('report', $1)", &[&old]).await.unwrap();
+    let unlocked: bool = a.query_one("SELECT tob_unlock('report')", &[]).await.unwrap().get(0);
+    assert!(unlocked);
+    let new: i64 = b.query_one("SELECT tob_lock('report')", &[]).await.unwrap().get(0);
+    assert!(new > old, "tokens grow: {new} > {old}");
+    b.query_one("SELECT tob_fence('report', $1)", &[&new]).await.unwrap();
+    let err = a.query_one("SELECT tob_fence('report', $1)", &[&old]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "TB001");
+}
+
+/// The cluster down: 08006 within the connect timeout, and nothing else breaks.
+#[tokio::test]
+async fn cluster_down_is_a_clear_error() {
+    let mut cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    wait_until_ready(&db).await;
+    cluster.kill_all();
+    db.batch_execute("SET tob.connect_timeout = '200ms'; SET tob.request_timeout = '1s'")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = db.query_one("SELECT tob_append('t', 'x')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "08006", "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let err = db.execute("INSERT INTO users (name) VALUES ('nobody')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "08006", "{err:?}");
+    assert!(names(&db).await.is_empty(), "the failed insert left nothing");
+    // Bad arguments are refused before any network call.
+    for (sql, code) in [
+        ("SELECT tob_claim('ns', '')", "22023"),
+        ("SELECT tob_claim('ns', NULL)", "22023"),
+        ("SELECT tob_claim('ns', repeat('x', 2000))", "22001"),
+        ("SELECT tob_next('')", "22023"),
+    ] {
+        let err = db.query_one(sql, &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), code, "{sql}");
+    }
+    // Back up: works again.
+    cluster.restart_all();
+    db.batch_execute("SET tob.connect_timeout = '2s'; SET tob.request_timeout = '10s'")
+        .await
+        .unwrap();
+    wait_until_ready(&db).await;
+    db.execute("INSERT INTO users (name) VALUES ('somebody')", &[]).await.unwrap();
+}
+
+/// Messages appended from two databases read back in the same total order from both.
+#[tokio::test]
+async fn reads_from_two_databases_agree_on_the_order() {
+    let cluster = Sequencers::start();
+    let pg1 = Postgres::start(&cluster.addresses(), &[]);
+    let pg2 = Postgres::start(&cluster.addresses(), &[]);
+    let a = pg1.create_app_database("app").await;
+    let b = pg2.create_app_database("app").await;
+    let mut seqs = Vec::new();
+    for i in 0..10 {
+        let (db, who) = if i % 2 == 0 { (&a, "a") } else { (&b, "b") };
+        let seq: i64 = db
+            .query_one("SELECT tob_append('events', $1)", &[&format!("{who}{i}")])
+            .await
+            .unwrap()
+            .get(0);
+        seqs.push(seq);
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let from_a = read_events(&a).await;
+    let from_b = read_events(&b).await;
+    assert_eq!(from_a.len(), 10);
+    assert_eq!(from_a, from_b);
+    let position: i64 = b.query_one("SELECT tob_sync()", &[]).await.unwrap().get(0);
+    assert!(position >= *seqs.last().unwrap());
+    let n1: i64 = a.query_one("SELECT tob_next('orders')", &[]).await.unwrap().get(0);
+    let n2: i64 = b.query_one("SELECT tob_next('orders')", &[]).await.unwrap().get(0);
+    assert_eq!(n2, n1 + 1, "a gap-free global counter");
+}
