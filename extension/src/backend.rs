@@ -82,19 +82,27 @@ pub fn interrupted() -> ! {
     TobError::Cancelled.raise()
 }
 
-/// Sleeps on this backend's latch for up to `duration`, acting on interrupts.
+/// Sleeps on this backend's latch for `duration`, acting on interrupts (the latch may be set
+/// for other reasons: keep waiting until the time is up).
 pub fn sleep(duration: Duration) {
-    unsafe {
-        let events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            events as i32,
-            duration.as_millis().max(1) as std::ffi::c_long,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
-        pg_sys::ResetLatch(pg_sys::MyLatch);
+    let until = std::time::Instant::now() + duration;
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        unsafe {
+            let events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                events as i32,
+                left.as_millis().max(1) as std::ffi::c_long,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        pgrx::check_for_interrupts!();
     }
-    pgrx::check_for_interrupts!();
 }
 
 /// This PostgreSQL instance's identity: its system identifier (from `initdb`).

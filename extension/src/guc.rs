@@ -37,6 +37,7 @@ pub static CLAIM_WAIT: GucSetting<ClaimWait> = GucSetting::<ClaimWait>::new(Clai
 pub static CLAIM_WAIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 pub static READ_CONSISTENCY: GucSetting<ReadMode> = GucSetting::<ReadMode>::new(ReadMode::Index);
 pub static SESSION_TTL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static TEST_PAUSE_AFTER_PREPARE_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static WORKER_DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
@@ -122,6 +123,16 @@ pub fn define() {
         &WORKER_DATABASE,
         GucContext::Postmaster,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"tob.test_pause_after_prepare",
+        c"For tests only: pause this long at commit after the claims are prepared, before the commit record.",
+        c"Opens the crash window the reconciler closes, so a test can stop the server inside it.",
+        &TEST_PAUSE_AFTER_PREPARE_MS,
+        0,
+        600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
     );
     unsafe { pg_sys::MarkGUCPrefixReserved(c"tob".as_ptr()) };
 }

@@ -163,7 +163,9 @@ impl Worker {
             let mut aborted = Vec::new();
             for holder in holders {
                 let Some(xid) = xid_of_holder(&holder) else { continue };
-                match transaction_status(xid).as_deref() {
+                let status = transaction_status(xid);
+                debug1!("tob: reconciler: {holder} is {status:?}");
+                match status.as_deref() {
                     Some("committed") => committed.push(holder),
                     Some("aborted") => aborted.push(holder),
                     Some(_) => {} // in progress, or PREPAREd and waiting for COMMIT PREPARED

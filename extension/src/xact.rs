@@ -230,8 +230,14 @@ fn prepare_for_commit(two_phase: bool) {
     if keys.is_empty() {
         return;
     }
+    make_xid_durable();
     match with_client(|c| Ok(c.prepare(&holder, keys)?)) {
-        Outcome::Prepared => {}
+        Outcome::Prepared => {
+            let pause = guc::TEST_PAUSE_AFTER_PREPARE_MS.get();
+            if pause > 0 {
+                backend::sleep(Duration::from_millis(pause as u64));
+            }
+        }
         Outcome::Lost { keys } => TobError::ClaimLost {
             keys: keys.iter().map(|k| format!("\"{}\" in \"{}\"", k.key, k.namespace)).collect(),
         }
@@ -242,6 +248,24 @@ fn prepare_for_commit(two_phase: bool) {
             message: format!("unexpected answer {other:?}"),
         }
         .raise(),
+    }
+}
+
+/// Makes this transaction's id durable in the WAL before its claims are prepared.
+///
+/// The reconciler decides a prepared claim's fate from `pg_xact_status(xid)`. After a crash,
+/// recovery sets the next transaction id past every id found in the WAL — but an id that never
+/// reached the WAL (its records were still in WAL buffers) is handed out again, and then the
+/// status would be that of an unrelated later transaction (found by the crash test: a claim
+/// finalized for a row that was never committed). One flushed no-op record carrying the id
+/// rules that out, at the cost of one more WAL flush per claiming transaction.
+fn make_xid_durable() {
+    unsafe {
+        let mut marker = *b"tob";
+        pg_sys::XLogBeginInsert();
+        pg_sys::XLogRegisterData(marker.as_mut_ptr().cast(), marker.len() as i32);
+        let end = pg_sys::XLogInsert(pg_sys::RmgrIds::RM_XLOG_ID as u8, pg_sys::XLOG_NOOP as u8);
+        pg_sys::XLogFlush(end);
     }
 }
 

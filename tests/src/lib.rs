@@ -229,8 +229,12 @@ impl Postgres {
 
     /// Connects to `database` as the superuser.
     pub async fn connect(&self, database: &str) -> Client {
+        self.connect_as(database, "postgres").await
+    }
+
+    pub async fn connect_as(&self, database: &str, user: &str) -> Client {
         let mut config = tokio_postgres::Config::new();
-        config.host_path(&self.dir).port(self.port).user("postgres").dbname(database);
+        config.host_path(&self.dir).port(self.port).user(user).dbname(database);
         let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(async move {
             let _ = connection.await;

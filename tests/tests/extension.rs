@@ -336,3 +336,144 @@ async fn reads_from_two_databases_agree_on_the_order() {
     let n2: i64 = b.query_one("SELECT tob_next('orders')", &[]).await.unwrap().get(0);
     assert_eq!(n2, n1 + 1, "a gap-free global counter");
 }
+
+/// PostgreSQL stopped with `-m immediate` after the claims were prepared and before the
+/// commit record: after the restart the reconciler sees the transaction aborted and releases
+/// the claim. A PREPAREd transaction's claims survive the crash and follow COMMIT PREPARED or
+/// ROLLBACK PREPARED.
+#[tokio::test]
+async fn crash_between_prepare_and_commit_is_reconciled() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    wait_until_ready(&db).await;
+
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO users (name) VALUES ('two_phase_commit');
+         PREPARE TRANSACTION 'p_commit';
+         BEGIN;
+         INSERT INTO users (name) VALUES ('two_phase_rollback');
+         PREPARE TRANSACTION 'p_rollback';",
+    )
+    .await
+    .unwrap();
+    assert_eq!(owner_state(&db, "two_phase_commit").await.as_deref(), Some("prepared"));
+
+    let committing = pg.connect("app").await;
+    committing.batch_execute("SET tob.test_pause_after_prepare = '30s'").await.unwrap();
+    let pending = tokio::spawn(async move {
+        committing.execute("INSERT INTO users (name) VALUES ('crashed')", &[]).await
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            owner_state(&db, "crashed").await.as_deref() == Some("prepared")
+        })
+        .await,
+        "state {:?}, pending {:?}\n{}",
+        owner_state(&db, "crashed").await,
+        pending.is_finished(),
+        pg.log()
+    );
+    pg.stop_immediate();
+    assert!(pending.await.unwrap().is_err(), "the connection died with the server");
+    pg.restart_after_crash();
+
+    let db = pg.connect("app").await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            owner_state(&db, "crashed").await.is_none()
+        })
+        .await,
+        "the reconciler released the claim of the transaction that never committed\n{}",
+        pg.log()
+    );
+    assert!(names(&db).await.iter().all(|n| n != "crashed"));
+    // The PREPAREd transactions stayed prepared across the crash, and so did their claims.
+    assert_eq!(owner_state(&db, "two_phase_commit").await.as_deref(), Some("prepared"));
+    db.batch_execute("COMMIT PREPARED 'p_commit'").await.unwrap();
+    db.batch_execute("ROLLBACK PREPARED 'p_rollback'").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            owner_state(&db, "two_phase_commit").await.as_deref() == Some("held")
+                && owner_state(&db, "two_phase_rollback").await.is_none()
+        })
+        .await
+    );
+    db.execute("INSERT INTO users (name) VALUES ('crashed')", &[]).await.unwrap();
+}
+
+/// The sequencer leader killed with kill -9 during a claim storm from two servers: no name
+/// in two databases, and every committed row's claim is held by its database.
+#[tokio::test]
+async fn leader_killed_during_claim_storm_loses_nothing() {
+    let mut cluster = Sequencers::start();
+    let pg1 = Postgres::start(&cluster.addresses(), &["cluster_name = 'one'"]);
+    let pg2 = Postgres::start(&cluster.addresses(), &["cluster_name = 'two'"]);
+    let a = pg1.create_app_database("app").await;
+    let b = pg2.create_app_database("app").await;
+    wait_until_ready(&a).await;
+    wait_until_ready(&b).await;
+
+    let mut tasks = Vec::new();
+    for (server, client) in [(&pg1, 0), (&pg1, 1), (&pg2, 2), (&pg2, 3)] {
+        let db = server.connect("app").await;
+        tasks.push(tokio::spawn(async move {
+            for i in 0..60 {
+                let name = format!("storm{}", (i * 5 + client * 11) % 60);
+                if let Err(e) = db.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await {
+                    // Refusals and failover errors are fine; a duplicate would not be.
+                    let code = sqlstate(&e);
+                    assert!(
+                        ["23505", "40001", "08006", "57014", "55P03"].contains(&code.as_str()),
+                        "{e:?}"
+                    );
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let leader = cluster.leader_index(&a).await;
+    cluster.kill(leader);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    cluster.restart(leader);
+
+    let in_a = names(&a).await;
+    let in_b = names(&b).await;
+    for name in &in_a {
+        assert!(!in_b.contains(name), "{name} in both databases");
+    }
+    assert!(!in_a.is_empty() && !in_b.is_empty());
+    for (db, rows, owner) in [(&a, &in_a, "one/app"), (&b, &in_b, "two/app")] {
+        for name in rows.iter() {
+            let held = eventually(Duration::from_secs(15), || async {
+                let row = db
+                    .query("SELECT owner, state FROM tob_owner('usernames', $1)", &[name])
+                    .await
+                    .unwrap();
+                row.first().is_some_and(|r| {
+                    r.get::<_, String>(0) == owner && r.get::<_, String>(1) == "held"
+                })
+            })
+            .await;
+            assert!(held, "committed {name} is held by {owner}");
+        }
+    }
+}
+
+/// Nothing is granted to PUBLIC; the tob_user role grants use.
+#[tokio::test]
+async fn privileges_need_the_tob_user_role() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let admin = pg.create_app_database("app").await;
+    admin.batch_execute("CREATE ROLE app_login LOGIN").await.unwrap();
+    let user = pg.connect_as("app", "app_login").await;
+    let err = user.query_one("SELECT tob_next('c')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "42501");
+    admin.batch_execute("GRANT tob_user TO app_login").await.unwrap();
+    let value: i64 = user.query_one("SELECT tob_next('c')", &[]).await.unwrap().get(0);
+    assert_eq!(value, 1);
+}
