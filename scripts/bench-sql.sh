@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# SQL-level benchmark (a program that prints figures, not a test): pgbench inserting fresh
+# names through the tob_unique trigger, beside the same insert against a local unique index,
+# at 1, 16 and 64 clients. A 3-node cluster and PostgreSQL 15, fsync on everywhere.
+# Usage: scripts/bench-sql.sh [seconds per run, default 10]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-10}
+./scripts/setup.sh
+./scripts/install-extension.sh > /tmp/tob-bench-build.log 2>&1 || { cat /tmp/tob-bench-build.log; exit 1; }
+pgbin=/usr/lib/postgresql/15/bin
+work=$(mktemp -d /tmp/tob-bench-XXXXXX)
+chmod 755 "$work"
+cluster_pid=
+cleanup() {
+    [ -d "$work/pg/data" ] && runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg/data" -m fast stop > /dev/null 2>&1 || true
+    [ -n "$cluster_pid" ] && kill "$cluster_pid" 2>/dev/null && wait "$cluster_pid" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+while :; do
+    base=$(( 20000 + RANDOM % 20000 ))
+    python3 -c "import socket,sys
+for p in range($base, $base + 6): s = socket.socket(); s.bind(('127.0.0.1', p)); s.close()" 2>/dev/null && break
+done
+./target/release/tob cluster up --dir "$work/cluster" --base-port "$base" > "$work/up.txt" 2> "$work/cluster.log" &
+cluster_pid=$!
+sleep 1.5
+cluster=$(sed -n 's/^TOB_CLUSTER=//p' "$work/up.txt")
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir -p "$work/pg" && chown postgres:postgres "$work/pg"
+runuser -u postgres -- "$pgbin/initdb" -D "$work/pg/data" -A trust -U postgres > /dev/null
+cat >> "$work/pg/data/postgresql.conf" <<CONF
+port = $port
+listen_addresses = ''
+unix_socket_directories = '$work/pg'
+shared_preload_libraries = 'tob'
+tob.cluster = '$cluster'
+max_connections = 200
+CONF
+env -u RUST_BACKTRACE runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w start > /dev/null
+psql() { command psql -X -q -v ON_ERROR_STOP=1 -h "$work/pg" -p "$port" -U postgres "$@"; }
+psql -d postgres -c "CREATE DATABASE bench"
+psql -d bench <<'SQL'
+CREATE EXTENSION tob;
+CREATE TABLE users_local (id bigserial PRIMARY KEY, name text NOT NULL UNIQUE);
+CREATE TABLE users_tob (id bigserial PRIMARY KEY, name text NOT NULL);
+CREATE TRIGGER users_tob_unique BEFORE INSERT OR UPDATE OR DELETE ON users_tob
+    FOR EACH ROW EXECUTE FUNCTION tob_unique('bench_usernames', 'name');
+SQL
+until psql -d bench -tAc "SELECT tob_sync()" > /dev/null 2>&1; do sleep 0.2; done
+fsync_mean() {
+    # Mean fsync latency of the first node, from its metrics endpoint.
+    local status metrics
+    metrics=$(TOB_CLUSTER=$cluster ./target/release/tob --json status 2>/dev/null | python3 -c 'import json,sys
+for line in sys.stdin:
+    d=json.loads(line)
+    if d.get("role")=="leader": print(d.get("metrics","")); break' || true)
+    [ -n "$metrics" ] || { echo "?"; return; }
+    curl -s "http://$metrics/metrics" 2>/dev/null | awk '/^tob_fsync_latency_seconds_sum /{s=$2} /^tob_fsync_latency_seconds_count /{c=$2} END{if(c>0) printf "%.0f", s/c*1e6; else print "?"}'
+}
+printf '%-22s %8s %10s %14s\n' workload clients tps "latency_ms"
+for clients in 1 16 64; do
+    for workload in local_unique tob_unique; do
+        out=$(env PGHOST="$work/pg" PGPORT="$port" PGUSER=postgres "$pgbin/pgbench" -n -c "$clients" -j 2 -T "$seconds" \
+              -f "sql/bench/insert_$workload.sql" bench 2>&1)
+        tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+        lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')
+        failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p')
+        printf '%-22s %8s %10s %14s   failed=%s\n' "$workload" "$clients" "$tps" "$lat" "${failed:-0}"
+    done
+done
+echo "leader fsync mean over the run: $(fsync_mean) us"
