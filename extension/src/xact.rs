@@ -31,6 +31,8 @@ struct Op {
     key: ClaimKey,
     owner: String,
     kind: OpKind,
+    /// Claimed prepared at once (outside a transaction block): no `Prepare` needed.
+    prepared: bool,
     /// The (sub)transaction that did it; moves to the parent when a savepoint is released.
     subxact: pg_sys::SubTransactionId,
 }
@@ -43,6 +45,8 @@ struct Txn {
     /// Scheduled releases a rolled-back savepoint could not withdraw yet: retried before
     /// commit, where failing can still abort.
     keeps_owed: Vec<ClaimKey>,
+    /// The transaction id is durable in the WAL (see [`make_xid_durable`]).
+    xid_durable: bool,
 }
 
 thread_local! {
@@ -91,19 +95,38 @@ fn current_holder() -> (u64, String) {
 }
 
 fn record(full_xid: u64, holder: &str, op: Op) {
+    record_transaction(full_xid, holder);
+    TXN.with(|cell| cell.borrow_mut().as_mut().expect("recorded above").ops.push(op));
+}
+
+/// Starts this transaction's bookkeeping (once).
+fn record_transaction(full_xid: u64, holder: &str) {
     TXN.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().is_some_and(|t| t.full_xid != full_xid) {
             *slot = None; // left over from a transaction whose end we did not see
         }
-        let txn = slot.get_or_insert_with(|| Txn {
+        slot.get_or_insert_with(|| Txn {
             full_xid,
             holder: holder.to_owned(),
             ops: Vec::new(),
             keeps_owed: Vec::new(),
+            xid_durable: false,
         });
-        txn.ops.push(op);
     });
+}
+
+/// Flushes the transaction id to the WAL once per transaction, before anything is prepared.
+fn ensure_xid_durable() {
+    let done = TXN.with(|cell| cell.borrow().as_ref().is_some_and(|t| t.xid_durable));
+    if !done {
+        make_xid_durable();
+        TXN.with(|cell| {
+            if let Some(txn) = cell.borrow_mut().as_mut() {
+                txn.xid_durable = true;
+            }
+        });
+    }
 }
 
 /// Claims `key` for `owner` until this transaction ends: final at commit, released at abort.
@@ -111,24 +134,32 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
     require_preloaded("tob_claim");
     let (full_xid, holder) = current_holder();
     let claim_key = claim_key(namespace, key);
+    // Outside a transaction block the statement's transaction commits as soon as the statement
+    // ends: claim prepared at once and save the Prepare round trip at commit. Safe because a
+    // prepared claim's fate is the transaction's (settled from the commit log); the cost is
+    // that such a claim does not expire with the session while the statement runs.
+    let prepared = !unsafe { pg_sys::IsTransactionBlock() };
+    let kind = if prepared { ClaimKind::Prepared } else { ClaimKind::Transactional };
+    if prepared {
+        record_transaction(full_xid, &holder);
+        ensure_xid_durable();
+    }
     let started = Instant::now();
     let mut pause = Duration::from_millis(2);
     loop {
-        let session = instance_session();
-        let outcome = with_client(|c| {
-            Ok(c.claim_with(
-                namespace,
-                key,
-                owner,
-                &holder,
-                ClaimKind::Transactional,
-                Some(session),
-            )?)
-        });
+        let session = if prepared { None } else { Some(instance_session()) };
+        let outcome =
+            with_client(|c| Ok(c.claim_with(namespace, key, owner, &holder, kind, session)?));
         match outcome {
             Outcome::Claimed { token } => {
                 let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-                let op = Op { key: claim_key, owner: owner.into(), kind: OpKind::Claimed, subxact };
+                let op = Op {
+                    key: claim_key,
+                    owner: owner.into(),
+                    kind: OpKind::Claimed,
+                    prepared,
+                    subxact,
+                };
                 record(full_xid, &holder, op);
                 return token;
             }
@@ -155,7 +186,7 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
             Outcome::Error { code: tob_proto::ErrorCode::UnknownSession } => {
                 // The instance session expired; the worker opens another. Claims made earlier
                 // in this transaction are lost and will fail the commit.
-                wait_for_new_session(session);
+                wait_for_new_session(session.expect("only session-bound claims expire"));
             }
             Outcome::Error { code } => {
                 TobError::Refused { code, message: code.name().into() }.raise()
@@ -190,7 +221,13 @@ pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
     match outcome {
         Outcome::ReleaseScheduled => {
             let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-            let op = Op { key: claim_key, owner: owner.into(), kind: OpKind::Releasing, subxact };
+            let op = Op {
+                key: claim_key,
+                owner: owner.into(),
+                kind: OpKind::Releasing,
+                prepared: false,
+                subxact,
+            };
             record(full_xid, &holder, op);
             true
         }
@@ -211,7 +248,7 @@ fn prepare_for_commit(two_phase: bool) {
             let mut keys: Vec<ClaimKey> = t
                 .ops
                 .iter()
-                .filter(|op| op.kind == OpKind::Claimed)
+                .filter(|op| op.kind == OpKind::Claimed && !op.prepared)
                 .map(|op| op.key.clone())
                 .collect();
             keys.sort();
@@ -227,17 +264,23 @@ fn prepare_for_commit(two_phase: bool) {
     for key in keeps {
         with_client(|c| Ok(c.keep_on_commit(key.clone(), &holder)?));
     }
-    if keys.is_empty() {
-        return;
+    if !keys.is_empty() {
+        prepare(&holder, keys);
     }
-    make_xid_durable();
-    match with_client(|c| Ok(c.prepare(&holder, keys)?)) {
-        Outcome::Prepared => {
-            let pause = guc::TEST_PAUSE_AFTER_PREPARE_MS.get();
-            if pause > 0 {
-                backend::sleep(Duration::from_millis(pause as u64));
-            }
-        }
+    let claimed = TXN.with(|cell| {
+        cell.borrow().as_ref().is_some_and(|t| t.ops.iter().any(|op| op.kind == OpKind::Claimed))
+    });
+    let pause = guc::TEST_PAUSE_AFTER_PREPARE_MS.get();
+    if claimed && pause > 0 {
+        backend::sleep(Duration::from_millis(pause as u64));
+    }
+}
+
+/// Prepares `keys` of `holder`; a lost one aborts the transaction (40001).
+fn prepare(holder: &str, keys: Vec<ClaimKey>) {
+    ensure_xid_durable();
+    match with_client(|c| Ok(c.prepare(holder, keys)?)) {
+        Outcome::Prepared => {}
         Outcome::Lost { keys } => TobError::ClaimLost {
             keys: keys.iter().map(|k| format!("\"{}\" in \"{}\"", k.key, k.namespace)).collect(),
         }
@@ -283,8 +326,8 @@ unsafe extern "C-unwind" fn xact_callback(
         XACT_EVENT_PREPARE => TXN.with(|cell| cell.borrow_mut().take()).map_or((), |_| ()),
         XACT_EVENT_COMMIT | XACT_EVENT_ABORT => {
             // Interrupts are held and an ERROR here would be fatal: only queue, never raise.
+            // Queued even without recorded ops: a claim whose answer was lost may still exist.
             if let Some(txn) = TXN.with(|cell| cell.borrow_mut().take())
-                && !txn.ops.is_empty()
                 && shmem::available()
             {
                 let committed = event == XACT_EVENT_COMMIT;

@@ -32,16 +32,18 @@ fn target_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
+/// The `tob-sequencer` binary of this build, (re)built once per test run so a stale binary
+/// from an older checkout is never tested against a newer extension.
 fn sequencer_binary() -> PathBuf {
-    let binary = target_dir().join("tob-sequencer");
-    if !binary.exists() {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
         let status = Command::new(env!("CARGO"))
             .args(["build", "-p", "tob-server", "--bin", "tob-sequencer"])
             .status()
             .unwrap();
         assert!(status.success(), "building tob-sequencer failed");
-    }
-    binary
+    });
+    target_dir().join("tob-sequencer")
 }
 
 struct Node {

@@ -360,35 +360,46 @@ async fn crash_between_prepare_and_commit_is_reconciled() {
     .unwrap();
     assert_eq!(owner_state(&db, "two_phase_commit").await.as_deref(), Some("prepared"));
 
-    let committing = pg.connect("app").await;
-    committing.batch_execute("SET tob.test_pause_after_prepare = '30s'").await.unwrap();
-    let pending = tokio::spawn(async move {
-        committing.execute("INSERT INTO users (name) VALUES ('crashed')", &[]).await
-    });
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            owner_state(&db, "crashed").await.as_deref() == Some("prepared")
-        })
-        .await,
-        "state {:?}, pending {:?}\n{}",
-        owner_state(&db, "crashed").await,
-        pending.is_finished(),
-        pg.log()
-    );
+    // Both ways a claim gets prepared: at once (a statement outside a transaction block) and
+    // by Prepare at COMMIT (inside one).
+    let mut pending = Vec::new();
+    for sql in [
+        "INSERT INTO users (name) VALUES ('crashed')",
+        "BEGIN; INSERT INTO users (name) VALUES ('crashed_block'); COMMIT;",
+    ] {
+        let committing = pg.connect("app").await;
+        committing.batch_execute("SET tob.test_pause_after_prepare = '30s'").await.unwrap();
+        pending.push(tokio::spawn(async move { committing.batch_execute(sql).await }));
+    }
+    for name in ["crashed", "crashed_block"] {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                owner_state(&db, name).await.as_deref() == Some("prepared")
+            })
+            .await,
+            "{name}: state {:?}\n{}",
+            owner_state(&db, name).await,
+            pg.log()
+        );
+    }
     pg.stop_immediate();
-    assert!(pending.await.unwrap().is_err(), "the connection died with the server");
+    for task in pending {
+        assert!(task.await.unwrap().is_err(), "the connection died with the server");
+    }
     pg.restart_after_crash();
 
     let db = pg.connect("app").await;
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            owner_state(&db, "crashed").await.is_none()
-        })
-        .await,
-        "the reconciler released the claim of the transaction that never committed\n{}",
-        pg.log()
-    );
-    assert!(names(&db).await.iter().all(|n| n != "crashed"));
+    for name in ["crashed", "crashed_block"] {
+        assert!(
+            eventually(Duration::from_secs(15), || async {
+                owner_state(&db, name).await.is_none()
+            })
+            .await,
+            "the reconciler released {name}, whose transaction never committed\n{}",
+            pg.log()
+        );
+        assert!(names(&db).await.iter().all(|n| n != name));
+    }
     // The PREPAREd transactions stayed prepared across the crash, and so did their claims.
     assert_eq!(owner_state(&db, "two_phase_commit").await.as_deref(), Some("prepared"));
     db.batch_execute("COMMIT PREPARED 'p_commit'").await.unwrap();

@@ -235,6 +235,26 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
 }
 
 /// Starts `nodes` tob-sequencer processes on loopback under `dir` and waits for them.
+/// Makes the child receive SIGTERM when `tob cluster up` dies, even by SIGKILL, so a killed
+/// development cluster does not leave nodes behind.
+fn stop_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl took effect.
+            if libc::getppid() as u32 != parent {
+                libc::raise(libc::SIGTERM);
+            }
+            Ok(())
+        });
+    }
+}
+
 fn cluster_up(
     dir: &std::path::Path,
     nodes: u64,
@@ -261,6 +281,7 @@ fn cluster_up(
         for p in &peers {
             cmd.arg("--peer").arg(p);
         }
+        stop_with_parent(&mut cmd);
         match cmd.spawn() {
             Ok(child) => children.push(child),
             Err(e) => {

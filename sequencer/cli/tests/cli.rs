@@ -141,3 +141,30 @@ fn no_cluster_is_a_usage_error_and_a_dead_one_is_unavailable() {
     assert_eq!(dead.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&dead.stderr).contains("unavailable"));
 }
+
+/// `tob cluster up` killed with SIGKILL takes its nodes with it (they get SIGTERM).
+#[test]
+fn killing_cluster_up_stops_its_nodes() {
+    let mut c = DevCluster::start();
+    let status = c.tob(&["--json", "status"]).stdout_text();
+    let pids: Vec<u64> = status
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["pid"].as_u64())
+        .collect();
+    assert_eq!(pids.len(), 3, "{status}");
+    c.up.kill().unwrap(); // SIGKILL
+    let _ = c.up.wait();
+    let alive = |pid: u64| {
+        std::path::Path::new(&format!("/proc/{pid}")).exists() && {
+            // A zombie is dead already (its parent is gone; init reaps it).
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            !stat.contains(") Z ")
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pids.iter().any(|&p| alive(p)) {
+        assert!(Instant::now() < deadline, "nodes outlived a SIGKILLed `tob cluster up`");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -269,7 +269,7 @@ impl Machine {
         session: Option<SessionId>,
     ) -> Outcome {
         let session = match (kind, session) {
-            (ClaimKind::Held, _) => None,
+            (ClaimKind::Held | ClaimKind::Prepared, _) => None,
             (_, None) => {
                 return Outcome::Error { code: ErrorCode::SessionRequired };
             }
@@ -286,13 +286,14 @@ impl Machine {
         }
         let state = match kind {
             ClaimKind::Transactional => ClaimState::Pending,
+            ClaimKind::Prepared => ClaimState::Prepared,
             ClaimKind::Held | ClaimKind::Ephemeral => ClaimState::Held,
         };
         let token = FencingToken(index);
         if let Some(s) = session {
             self.session_mut(s).claims.insert(key.clone());
         }
-        if state == ClaimState::Pending {
+        if matches!(state, ClaimState::Pending | ClaimState::Prepared) {
             self.state.in_flight.insert((holder.into(), key.clone()));
         }
         let record = ClaimRecord {

@@ -391,3 +391,24 @@ fn expiry_and_release_leave_no_in_flight_entry_behind() {
         Outcome::Lost { .. }
     ));
 }
+
+#[test]
+fn a_claim_prepared_at_once_needs_no_session_and_follows_its_holders_fate() {
+    let mut d = Driver::new();
+    let prepared = |d: &mut Driver, k: &str, holder: &str| {
+        d.run(Command::Claim {
+            key: key(k),
+            owner: "db1".into(),
+            holder: holder.into(),
+            kind: ClaimKind::Prepared,
+            session: None,
+        })
+    };
+    assert!(matches!(prepared(&mut d, "a", "pg:1:x1"), Outcome::Claimed { .. }));
+    assert!(matches!(prepared(&mut d, "b", "pg:1:x2"), Outcome::Claimed { .. }));
+    assert_eq!(state_of(&d, "a"), Some(ClaimState::Prepared));
+    assert!(matches!(d.claim("a", "u2", ClaimKind::Held, None), Outcome::Taken { .. }));
+    assert_eq!(settle(&mut d, &["pg:1:x1"], &["pg:1:x2"]), Outcome::Settled { claims: 2 });
+    assert_eq!(state_of(&d, "a"), Some(ClaimState::Held));
+    assert_eq!(state_of(&d, "b"), None);
+}

@@ -49,6 +49,9 @@ pub enum ClaimKind {
     Transactional,
     /// Held while its session lives (a lock); released when the session expires.
     Ephemeral,
+    /// Prepared at once in a transaction that is about to commit (a PostgreSQL statement
+    /// outside a transaction block): never expires; `Settle` ends it by the transaction's fate.
+    Prepared,
 }
 
 /// Where a claim is in its life. A key with no record is free.
