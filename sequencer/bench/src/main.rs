@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+mod etcd;
+
 use clap::Parser;
 use serde_json::json;
 use tob_client::{AsyncClient, Client, ClientConfig};
@@ -33,6 +35,11 @@ struct Args {
     /// One JSON object per run.
     #[arg(long)]
     json: bool,
+    /// Measure an etcd cluster instead (`--cluster` = its client host:port list): puts for
+    /// append, create-if-absent transactions for claim, linearizable range reads for read and
+    /// sync — for side-by-side figures on the same machine.
+    #[arg(long)]
+    etcd: bool,
 }
 
 fn main() {
@@ -57,15 +64,22 @@ fn main() {
     }
     for workload in &workloads {
         for &concurrency in &levels {
-            let fsync_before = fsync_totals(&nodes, args.cluster_id);
-            let run = run(
-                &nodes,
-                args.cluster_id,
-                workload,
-                concurrency,
-                Duration::from_secs(args.duration),
-            );
-            let fsync_after = fsync_totals(&nodes, args.cluster_id);
+            let duration = Duration::from_secs(args.duration);
+            let (fsync_before, run, fsync_after) = if args.etcd {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("tokio runtime");
+                runtime.block_on(async {
+                    let before = etcd::fsync_totals(&nodes).await;
+                    let run = etcd::run(&nodes, workload, concurrency, duration).await;
+                    (before, run, etcd::fsync_totals(&nodes).await)
+                })
+            } else {
+                let before = fsync_totals(&nodes, args.cluster_id);
+                let run = run(&nodes, args.cluster_id, workload, concurrency, duration);
+                (before, run, fsync_totals(&nodes, args.cluster_id))
+            };
             let fsync_mean_us = match (fsync_before, fsync_after) {
                 (Some((s0, c0)), Some((s1, c1))) if c1 > c0 => {
                     Some((s1 - s0) / (c1 - c0) as f64 * 1e6)
@@ -75,7 +89,8 @@ fn main() {
             if args.json {
                 println!(
                     "{}",
-                    json!({"workload": workload, "concurrency": concurrency, "ops_per_s": run.ops_per_s,
+                    json!({"system": if args.etcd { "etcd" } else { "tob" },
+                           "workload": workload, "concurrency": concurrency, "ops_per_s": run.ops_per_s,
                            "p50_us": run.p50_us, "p99_us": run.p99_us, "p999_us": run.p999_us,
                            "errors": run.errors, "fsync_mean_us": fsync_mean_us})
                 );
@@ -102,6 +117,24 @@ struct RunResult {
     p99_us: u64,
     p999_us: u64,
     errors: u64,
+}
+
+impl RunResult {
+    fn from_latencies(mut all: Vec<u64>, elapsed: Duration, errors: u64) -> RunResult {
+        all.sort_unstable();
+        let pct = |p: f64| {
+            all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        RunResult {
+            ops_per_s: all.len() as f64 / elapsed.as_secs_f64(),
+            p50_us: pct(0.50),
+            p99_us: pct(0.99),
+            p999_us: pct(0.999),
+            errors,
+        }
+    }
 }
 
 fn run(
@@ -188,20 +221,7 @@ async fn run_async(
     for task in tasks {
         all.extend(task.await.unwrap_or_default());
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| {
-        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0)
-    };
-    RunResult {
-        ops_per_s: all.len() as f64 / elapsed,
-        p50_us: pct(0.50),
-        p99_us: pct(0.99),
-        p999_us: pct(0.999),
-        errors: errors.load(Ordering::Relaxed),
-    }
+    RunResult::from_latencies(all, started.elapsed(), errors.load(Ordering::Relaxed))
 }
 
 /// Sum (seconds) and count of fsyncs across the nodes, from their metrics endpoints.
