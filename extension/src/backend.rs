@@ -105,6 +105,36 @@ pub fn sleep(duration: Duration) {
     }
 }
 
+/// Backoff while a key is pending in another transaction (or locked by another backend),
+/// bounded by `tob.claim_wait` and `tob.claim_wait_timeout`.
+pub struct Waiting {
+    started: std::time::Instant,
+    pause: Duration,
+}
+
+impl Waiting {
+    pub fn new() -> Waiting {
+        Waiting { started: std::time::Instant::now(), pause: Duration::from_millis(2) }
+    }
+
+    /// Sleeps a little (2 ms, doubling up to 50 ms), or raises 55P03 when this session does
+    /// not wait or has waited long enough.
+    pub fn wait_or_raise(&mut self, namespace: &str, key: &str, current: tob_proto::OwnerInfo) {
+        let nowait = crate::guc::CLAIM_WAIT.get() == crate::guc::ClaimWait::Nowait;
+        if nowait || self.started.elapsed() >= crate::guc::claim_wait_timeout() {
+            TobError::WouldWait {
+                namespace: namespace.into(),
+                key: key.into(),
+                current,
+                waited: !nowait,
+            }
+            .raise()
+        }
+        sleep(self.pause);
+        self.pause = (self.pause * 2).min(Duration::from_millis(50));
+    }
+}
+
 /// This PostgreSQL instance's identity: its system identifier (from `initdb`).
 pub fn system_identifier() -> u64 {
     unsafe { pg_sys::GetSystemIdentifier() }

@@ -50,6 +50,19 @@ impl From<ClientError> for TobError {
 }
 
 impl TobError {
+    /// The cluster answered with an error outcome, or with an outcome this call never gets.
+    pub fn from_outcome(outcome: tob_proto::Outcome) -> TobError {
+        match outcome {
+            tob_proto::Outcome::Error { code } => {
+                TobError::Refused { code, message: code.name().into() }
+            }
+            other => TobError::Refused {
+                code: ErrorCode::Malformed,
+                message: format!("unexpected answer {other:?}"),
+            },
+        }
+    }
+
     pub fn sqlstate(&self) -> PgSqlErrorCode {
         use PgSqlErrorCode::*;
         match self {

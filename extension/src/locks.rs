@@ -4,14 +4,14 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pgrx::prelude::*;
 use tob_proto::{ClaimKind, Command, ErrorCode, FencingToken, Outcome};
 
 use crate::backend::{self, with_client};
 use crate::error::TobError;
-use crate::{guc, xact};
+use crate::xact;
 
 const LOCK_NAMESPACE: &str = "tob.lock";
 
@@ -22,8 +22,7 @@ thread_local! {
 
 pub fn lock(resource: &str) -> FencingToken {
     let holder = backend::backend_holder();
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(2);
+    let mut waiting = backend::Waiting::new();
     loop {
         let session = xact::instance_session();
         let outcome = with_client(|c| {
@@ -41,29 +40,12 @@ pub fn lock(resource: &str) -> FencingToken {
                 remember(resource);
                 return token;
             }
-            Outcome::Taken { current } => {
-                let nowait = guc::CLAIM_WAIT.get() == guc::ClaimWait::Nowait;
-                if nowait || started.elapsed() >= guc::claim_wait_timeout() {
-                    TobError::WouldWait {
-                        namespace: LOCK_NAMESPACE.into(),
-                        key: resource.into(),
-                        current,
-                        waited: !nowait,
-                    }
-                    .raise()
-                }
-                backend::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(50));
+            Outcome::Taken { current } => waiting.wait_or_raise(LOCK_NAMESPACE, resource, current),
+            // The instance session expired: the worker opens a new one.
+            Outcome::Error { code: ErrorCode::UnknownSession } => {
+                backend::sleep(Duration::from_millis(10))
             }
-            Outcome::Error { code: ErrorCode::UnknownSession } => backend::sleep(pause),
-            Outcome::Error { code } => {
-                TobError::Refused { code, message: code.name().into() }.raise()
-            }
-            other => TobError::Refused {
-                code: ErrorCode::Malformed,
-                message: format!("unexpected answer {other:?}"),
-            }
-            .raise(),
+            other => TobError::from_outcome(other).raise(),
         }
     }
 }

@@ -144,8 +144,7 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
         record_transaction(full_xid, &holder);
         ensure_xid_durable();
     }
-    let started = Instant::now();
-    let mut pause = Duration::from_millis(2);
+    let mut waiting = backend::Waiting::new();
     loop {
         let session = if prepared { None } else { Some(instance_session()) };
         let outcome =
@@ -168,34 +167,14 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
             {
                 TobError::Taken { namespace: namespace.into(), key: key.into(), current }.raise()
             }
-            Outcome::Taken { current } => {
-                // Pending or prepared in another transaction: wait for its fate.
-                let nowait = guc::CLAIM_WAIT.get() == guc::ClaimWait::Nowait;
-                if nowait || started.elapsed() >= guc::claim_wait_timeout() {
-                    TobError::WouldWait {
-                        namespace: namespace.into(),
-                        key: key.into(),
-                        current,
-                        waited: !nowait,
-                    }
-                    .raise()
-                }
-                backend::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(50));
-            }
+            // Pending or prepared in another transaction: wait for its fate.
+            Outcome::Taken { current } => waiting.wait_or_raise(namespace, key, current),
             Outcome::Error { code: tob_proto::ErrorCode::UnknownSession } => {
                 // The instance session expired; the worker opens another. Claims made earlier
                 // in this transaction are lost and will fail the commit.
                 wait_for_new_session(session.expect("only session-bound claims expire"));
             }
-            Outcome::Error { code } => {
-                TobError::Refused { code, message: code.name().into() }.raise()
-            }
-            other => TobError::Refused {
-                code: tob_proto::ErrorCode::Malformed,
-                message: format!("unexpected answer {other:?}"),
-            }
-            .raise(),
+            other => TobError::from_outcome(other).raise(),
         }
     }
 }
@@ -232,12 +211,7 @@ pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
             true
         }
         Outcome::NotOwner => false,
-        Outcome::Error { code } => TobError::Refused { code, message: code.name().into() }.raise(),
-        other => TobError::Refused {
-            code: tob_proto::ErrorCode::Malformed,
-            message: format!("unexpected answer {other:?}"),
-        }
-        .raise(),
+        other => TobError::from_outcome(other).raise(),
     }
 }
 
@@ -285,12 +259,7 @@ fn prepare(holder: &str, keys: Vec<ClaimKey>) {
             keys: keys.iter().map(|k| format!("\"{}\" in \"{}\"", k.key, k.namespace)).collect(),
         }
         .raise(),
-        Outcome::Error { code } => TobError::Refused { code, message: code.name().into() }.raise(),
-        other => TobError::Refused {
-            code: tob_proto::ErrorCode::Malformed,
-            message: format!("unexpected answer {other:?}"),
-        }
-        .raise(),
+        other => TobError::from_outcome(other).raise(),
     }
 }
 
