@@ -109,6 +109,18 @@ impl Sequencers {
         self.spawn(i);
     }
 
+    /// Sends `signal` (e.g. "STOP", "CONT") to every node.
+    pub fn signal_all(&self, signal: &str) {
+        for node in &self.nodes {
+            if let Some(child) = &node.child {
+                let _ = Command::new("kill")
+                    .arg(format!("-{signal}"))
+                    .arg(child.id().to_string())
+                    .status();
+            }
+        }
+    }
+
     pub fn kill_all(&mut self) {
         for i in 0..self.nodes.len() {
             self.kill(i);
@@ -139,6 +151,7 @@ impl Sequencers {
 
 impl Drop for Sequencers {
     fn drop(&mut self) {
+        self.signal_all("CONT");
         self.kill_all();
         let _ = std::fs::remove_dir_all(&self.dir);
     }

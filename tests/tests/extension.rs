@@ -226,6 +226,35 @@ async fn waits_end_on_timeouts_and_cancel() {
     holder.batch_execute("ROLLBACK").await.unwrap();
 }
 
+/// A cluster that hangs (every node stopped with SIGSTOP) holds a call on the network:
+/// statement_timeout and pg_cancel_backend still end it promptly with 57014.
+#[tokio::test]
+async fn cancel_interrupts_a_call_to_a_hung_cluster() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    wait_until_ready(&db).await;
+    cluster.signal_all("STOP");
+    db.batch_execute("SET statement_timeout = '300ms'").await.unwrap();
+    let started = Instant::now();
+    let err = db.query_one("SELECT tob_append('t', 'x')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "57014", "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+
+    db.batch_execute("SET statement_timeout = 0").await.unwrap();
+    let pid: i32 = db.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let canceller = pg.connect("app").await;
+    let call = tokio::spawn(async move { db.query_one("SELECT tob_sync()", &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!call.is_finished(), "the call waits on the hung cluster");
+    let started = Instant::now();
+    canceller.execute("SELECT pg_cancel_backend($1)", &[&pid]).await.unwrap();
+    let err = call.await.unwrap().unwrap_err();
+    assert_eq!(sqlstate(&err), "57014", "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    cluster.signal_all("CONT");
+}
+
 /// pg_terminate_backend in the middle of a transaction releases its claims.
 #[tokio::test]
 async fn terminated_backend_releases_its_claims() {
