@@ -77,6 +77,11 @@ pub struct Flags {
     /// BENCHMARK ONLY: never fsync. Acknowledged writes are lost on power failure.
     #[arg(long, env = "TOB_UNSAFE_NO_FSYNC")]
     pub unsafe_no_fsync: bool,
+    /// TESTING ONLY (builds with the `planted-bugs` feature): a deliberate bug, to show that
+    /// the fault harness catches it. read-without-quorum, vote-without-log-check,
+    /// append-without-prev-check or apply-retries-twice.
+    #[arg(long)]
+    pub planted_bug: Option<String>,
 }
 
 /// A validated configuration.
@@ -96,6 +101,7 @@ pub struct Config {
     pub snapshot_entries: u64,
     pub max_requests_in_flight: usize,
     pub unsafe_no_fsync: bool,
+    pub planted_bug: Option<String>,
 }
 
 impl Config {
@@ -159,7 +165,22 @@ impl Config {
                 .unwrap_or(10_000)
                 .max(1),
             unsafe_no_fsync: flags.unsafe_no_fsync || file.unsafe_no_fsync.unwrap_or(false),
+            planted_bug: flags.planted_bug.clone(),
         };
+        if let Some(bug) = &config.planted_bug {
+            if !cfg!(feature = "planted-bugs") {
+                return Err("--planted-bug needs a build with the planted-bugs feature".into());
+            }
+            const BUGS: [&str; 4] = [
+                "read-without-quorum",
+                "vote-without-log-check",
+                "append-without-prev-check",
+                "apply-retries-twice",
+            ];
+            if !BUGS.contains(&bug.as_str()) {
+                return Err(format!("unknown planted bug {bug:?}; known: {}", BUGS.join(", ")));
+            }
+        }
         if config.tick_ms == 0 {
             return Err("tick_ms must be at least 1".into());
         }

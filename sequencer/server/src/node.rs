@@ -110,7 +110,15 @@ impl NodeActor {
         let mut raft_config = RaftConfig::new(NodeId(config.node_id), voters, seed());
         raft_config.election_ticks = config.election_ticks;
         raft_config.heartbeat_ticks = config.heartbeat_ticks;
-        let mut machine = Machine::new(MachineConfig::default());
+        let mut machine_config = MachineConfig::default();
+        match config.planted_bug.as_deref() {
+            Some("read-without-quorum") => raft_config.bugs.read_without_quorum = true,
+            Some("vote-without-log-check") => raft_config.bugs.vote_without_log_check = true,
+            Some("append-without-prev-check") => raft_config.bugs.append_without_prev_check = true,
+            Some("apply-retries-twice") => machine_config.bugs.apply_retries_twice = true,
+            _ => {}
+        }
+        let mut machine = Machine::new(machine_config);
         if let Some(snapshot) = &recovered.snapshot {
             machine.restore(&snapshot.data).expect("snapshot written by this node decodes");
         }

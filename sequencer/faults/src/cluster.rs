@@ -1,0 +1,210 @@
+//! Real `tob-sequencer` processes on loopback, every peer link through its own [`Proxy`], and
+//! the process faults: kill -9, restart, SIGSTOP/SIGCONT.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use crate::proxy::Proxy;
+
+struct Node {
+    id: u64,
+    peer: SocketAddr,
+    client: SocketAddr,
+    child: Option<Child>,
+    paused: bool,
+    /// Extra flags (a different tick rate, to skew its clock).
+    extra: Vec<String>,
+}
+
+pub struct Cluster {
+    binary: PathBuf,
+    dir: PathBuf,
+    nodes: Vec<Node>,
+    /// `(from, to)` → the proxy that carries from's messages to `to`.
+    links: BTreeMap<(usize, usize), Proxy>,
+    log: std::fs::File,
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+impl Cluster {
+    /// Starts `size` nodes, each with `flags` on its command line.
+    pub fn start(
+        binary: &Path,
+        dir: &Path,
+        size: usize,
+        flags: &[String],
+    ) -> std::io::Result<Cluster> {
+        std::fs::create_dir_all(dir)?;
+        let nodes: Vec<Node> = (0..size)
+            .map(|i| Node {
+                id: i as u64 + 1,
+                peer: free_port(),
+                client: free_port(),
+                child: None,
+                paused: false,
+                extra: flags.to_vec(),
+            })
+            .collect();
+        let mut links = BTreeMap::new();
+        for from in 0..size {
+            for (to, node) in nodes.iter().enumerate() {
+                if from != to {
+                    links.insert((from, to), Proxy::start(node.peer)?);
+                }
+            }
+        }
+        let log = std::fs::File::create(dir.join("nodes.log"))?;
+        let mut cluster =
+            Cluster { binary: binary.to_owned(), dir: dir.to_owned(), nodes, links, log };
+        for i in 0..size {
+            cluster.spawn(i)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn size(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn name(&self, i: usize) -> String {
+        format!("n{}", self.nodes[i].id)
+    }
+
+    /// Client addresses of every node.
+    pub fn client_addresses(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.client.to_string()).collect()
+    }
+
+    fn spawn(&mut self, i: usize) -> std::io::Result<()> {
+        let node = &self.nodes[i];
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--node-id").arg(node.id.to_string()).arg("--cluster-id").arg("1");
+        cmd.arg("--data-dir").arg(self.dir.join(format!("n{}", node.id)));
+        for (j, other) in self.nodes.iter().enumerate() {
+            // This node reaches the others through its own proxies.
+            let peer = if j == i { other.peer } else { self.links[&(i, j)].address };
+            cmd.arg("--peer").arg(format!("{}={},{}", other.id, peer, other.client));
+        }
+        cmd.args(&node.extra);
+        cmd.stdout(Stdio::null()).stderr(self.log.try_clone()?);
+        self.nodes[i].child = Some(cmd.spawn()?);
+        self.nodes[i].paused = false;
+        Ok(())
+    }
+
+    pub fn is_running(&self, i: usize) -> bool {
+        self.nodes[i].child.is_some()
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.nodes[i].paused = false;
+    }
+
+    pub fn restart(&mut self, i: usize) -> std::io::Result<()> {
+        self.kill(i);
+        self.spawn(i)
+    }
+
+    /// Restarts node `i` with more flags (kept for later restarts too).
+    pub fn restart_with(&mut self, i: usize, extra: Vec<String>) -> std::io::Result<()> {
+        let flags = &mut self.nodes[i].extra;
+        // A flag given again replaces its earlier value (clap refuses duplicates).
+        for pair in extra.chunks(2) {
+            if let Some(at) = flags.iter().position(|f| *f == pair[0]) {
+                flags.drain(at..(at + 2).min(flags.len()));
+            }
+        }
+        flags.extend(extra);
+        self.restart(i)
+    }
+
+    fn signal(&self, i: usize, signal: &str) {
+        if let Some(child) = &self.nodes[i].child {
+            let _ =
+                Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status();
+        }
+    }
+
+    pub fn pause(&mut self, i: usize) {
+        self.signal(i, "STOP");
+        self.nodes[i].paused = self.nodes[i].child.is_some();
+    }
+
+    pub fn resume(&mut self, i: usize) {
+        self.signal(i, "CONT");
+        self.nodes[i].paused = false;
+    }
+
+    /// Cuts every link from `from` to `to` (one way).
+    pub fn cut(&self, from: usize, to: usize) {
+        self.links[&(from, to)].cut();
+    }
+
+    /// Cuts node `i` off from every other node, both ways.
+    pub fn isolate(&self, i: usize) {
+        for j in 0..self.size() {
+            if j != i {
+                self.cut(i, j);
+                self.cut(j, i);
+            }
+        }
+    }
+
+    /// Splits the nodes into two sides that cannot talk.
+    pub fn partition(&self, side: &[usize]) {
+        for a in 0..self.size() {
+            for b in 0..self.size() {
+                if a != b && side.contains(&a) != side.contains(&b) {
+                    self.cut(a, b);
+                }
+            }
+        }
+    }
+
+    pub fn delay_all(&self, delay: std::time::Duration) {
+        for proxy in self.links.values() {
+            proxy.set_delay(delay);
+        }
+    }
+
+    pub fn reset_all(&self) {
+        for proxy in self.links.values() {
+            proxy.reset();
+        }
+    }
+
+    /// Heals every link, resumes paused nodes, restarts dead ones.
+    pub fn heal(&mut self) -> std::io::Result<()> {
+        for proxy in self.links.values() {
+            proxy.heal();
+        }
+        for i in 0..self.size() {
+            if self.nodes[i].paused {
+                self.resume(i);
+            }
+            if self.nodes[i].child.is_none() {
+                self.spawn(i)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.size() {
+            self.resume(i);
+            self.kill(i);
+        }
+    }
+}

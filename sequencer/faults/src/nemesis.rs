@@ -1,0 +1,193 @@
+//! The nemesis: a seeded schedule of faults over time, or one read from a small text file.
+//!
+//! Schedule file format, one step a line (`#` comments): `AT_MS ACTION [ARGS]`, actions
+//! `kill N`, `restart N`, `pause N`, `resume N`, `isolate N`, `cut A B` (one way),
+//! `partition A,B` (those nodes against the rest), `delay MS`, `reset`, `restart-all`,
+//! `skew N TICK_MS` (restart node N with another tick rate), `heal`. Nodes count from 0.
+
+use std::time::Duration;
+
+/// One fault or repair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Kill(usize),
+    Restart(usize),
+    Pause(usize),
+    Resume(usize),
+    Isolate(usize),
+    Cut(usize, usize),
+    Partition(Vec<usize>),
+    Delay(u64),
+    Reset,
+    RestartAll,
+    Skew(usize, u64),
+    Heal,
+}
+
+impl Action {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Kill(_) => "kill",
+            Action::Restart(_) => "restart",
+            Action::Pause(_) => "pause",
+            Action::Resume(_) => "resume",
+            Action::Isolate(_) => "isolate",
+            Action::Cut(..) => "cut",
+            Action::Partition(_) => "partition",
+            Action::Delay(_) => "delay",
+            Action::Reset => "reset",
+            Action::RestartAll => "restart-all",
+            Action::Skew(..) => "skew",
+            Action::Heal => "heal",
+        }
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Kill(n)
+            | Action::Restart(n)
+            | Action::Pause(n)
+            | Action::Resume(n)
+            | Action::Isolate(n) => {
+                write!(f, "{} {n}", self.kind())
+            }
+            Action::Cut(a, b) => write!(f, "cut {a} {b}"),
+            Action::Partition(side) => write!(
+                f,
+                "partition {}",
+                side.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",")
+            ),
+            Action::Delay(ms) => write!(f, "delay {ms}"),
+            Action::Skew(n, tick) => write!(f, "skew {n} {tick}"),
+            _ => write!(f, "{}", self.kind()),
+        }
+    }
+}
+
+/// SplitMix64: small, seeded, reproducible.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `low..high`.
+    pub fn range(&mut self, low: u64, high: u64) -> u64 {
+        low + self.next_u64() % (high - low).max(1)
+    }
+}
+
+/// A random schedule for `duration` on `nodes` nodes: a fault every 1–3 s, each repaired
+/// 0.5–2.5 s later (pauses outlast the election timeout), ending healed. Faults: kill -9 and
+/// restart, SIGSTOP/SIGCONT, an isolated node, a one-way cut, added latency, connection
+/// resets, every node restarted at once, a node restarted with a 30% faster or slower tick.
+pub fn random_schedule(seed: u64, duration: Duration, nodes: usize) -> Vec<(Duration, Action)> {
+    let mut rng = Rng::new(seed);
+    let mut steps = Vec::new();
+    let end = duration.as_millis() as u64;
+    let mut at = rng.range(500, 1500);
+    while at + 500 < end {
+        let n = rng.range(0, nodes as u64) as usize;
+        let hold = rng.range(500, 2500).min(end - at);
+        let (fault, repair) = match rng.range(0, 9) {
+            0 | 1 => (Action::Kill(n), Action::Restart(n)),
+            2 | 3 => (Action::Pause(n), Action::Resume(n)),
+            4 | 5 => (Action::Isolate(n), Action::Heal),
+            6 => {
+                let m = (n + 1 + rng.range(0, nodes as u64 - 1) as usize) % nodes;
+                (Action::Cut(n, m), Action::Heal)
+            }
+            7 => (Action::Delay(rng.range(2, 30)), Action::Heal),
+            _ => match rng.range(0, 4) {
+                0 => (Action::RestartAll, Action::Heal),
+                // Restarted with a clock 30% slow or fast: its lease bound must still hold.
+                1 => (Action::Skew(n, [7, 13][rng.range(0, 2) as usize]), Action::Heal),
+                _ => (Action::Reset, Action::Heal),
+            },
+        };
+        steps.push((Duration::from_millis(at), fault));
+        steps.push((Duration::from_millis(at + hold), repair));
+        at += hold + rng.range(300, 1500);
+    }
+    steps.push((duration, Action::Heal));
+    steps
+}
+
+/// Parses a schedule file (see the module documentation).
+pub fn parse_schedule(text: &str) -> Result<Vec<(Duration, Action)>, String> {
+    let mut steps = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let bad = |why: &str| format!("line {}: {why}: {line}", number + 1);
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let at: u64 = words[0].parse().map_err(|_| bad("time in ms expected"))?;
+        let num = |i: usize| -> Result<u64, String> {
+            words.get(i).and_then(|w| w.parse().ok()).ok_or_else(|| bad("number expected"))
+        };
+        let action = match words.get(1).copied() {
+            Some("kill") => Action::Kill(num(2)? as usize),
+            Some("restart") => Action::Restart(num(2)? as usize),
+            Some("pause") => Action::Pause(num(2)? as usize),
+            Some("resume") => Action::Resume(num(2)? as usize),
+            Some("isolate") => Action::Isolate(num(2)? as usize),
+            Some("cut") => Action::Cut(num(2)? as usize, num(3)? as usize),
+            Some("partition") => Action::Partition(
+                words
+                    .get(2)
+                    .ok_or_else(|| bad("nodes expected"))?
+                    .split(',')
+                    .map(|n| n.parse().map_err(|_| bad("node number expected")))
+                    .collect::<Result<_, _>>()?,
+            ),
+            Some("delay") => Action::Delay(num(2)?),
+            Some("reset") => Action::Reset,
+            Some("restart-all") => Action::RestartAll,
+            Some("skew") => Action::Skew(num(2)? as usize, num(3)?),
+            Some("heal") => Action::Heal,
+            _ => return Err(bad("unknown action")),
+        };
+        steps.push((Duration::from_millis(at), action));
+    }
+    Ok(steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_schedules_are_reproducible_and_end_healed() {
+        let a = random_schedule(7, Duration::from_secs(30), 3);
+        assert_eq!(a, random_schedule(7, Duration::from_secs(30), 3));
+        assert_ne!(a, random_schedule(8, Duration::from_secs(30), 3));
+        assert_eq!(a.last().unwrap().1, Action::Heal);
+        assert!(a.len() > 10);
+        assert!(a.windows(2).all(|w| w[0].0 <= w[1].0), "in time order");
+    }
+
+    #[test]
+    fn schedule_files_parse_and_bad_lines_are_named() {
+        let steps = parse_schedule(
+            "# a comment\n100 kill 1\n900 restart 1\n1000 partition 0,2\n2000 heal\n",
+        )
+        .unwrap();
+        assert_eq!(steps[0], (Duration::from_millis(100), Action::Kill(1)));
+        assert_eq!(steps[2].1, Action::Partition(vec![0, 2]));
+        let err = parse_schedule("100 explode 1").unwrap_err();
+        assert!(err.contains("line 1") && err.contains("unknown action"), "{err}");
+    }
+}
