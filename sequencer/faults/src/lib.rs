@@ -35,6 +35,8 @@ pub struct RunConfig {
     pub nodes: usize,
     /// Extra `tob-sequencer` flags for every node (e.g. `--planted-bug NAME`).
     pub sequencer_flags: Vec<String>,
+    /// Mean pause of each client between operations.
+    pub think: Duration,
 }
 
 /// What happened, as written to `summary.json`.
@@ -70,9 +72,9 @@ pub fn run(config: &RunConfig) -> std::io::Result<Summary> {
     let mut workers = Vec::new();
     for (process, kind) in kinds.iter().enumerate() {
         let (nodes, recorder, stop) = (addresses.clone(), recorder.clone(), stop_workers.clone());
-        let seed = config.seed;
+        let (seed, think) = (config.seed, config.think);
         workers.push(std::thread::spawn(move || {
-            workload::worker(process as u64, kind, nodes, seed, recorder, stop)
+            workload::worker(process as u64, kind, nodes, seed, think, recorder, stop)
         }));
     }
 
@@ -135,6 +137,7 @@ pub fn run(config: &RunConfig) -> std::io::Result<Summary> {
         "workload": config.workload,
         "nodes": config.nodes,
         "sequencer_flags": config.sequencer_flags,
+        "think_ms": config.think.as_millis() as u64,
         "operations": by_outcome,
         "operations_by_f": by_f,
         "deliveries": deliveries,

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tob_faults::{RunConfig, default_sequencer, nemesis, run};
 
-const USAGE: &str = "usage: tob-faults run --duration D --seed N --out DIR [--workload mixed|claims|appends|counter] [--schedule FILE] [--nodes N] [--sequencer PATH] [--planted-bug NAME]
-  D is seconds, or with a unit: 90s, 2m, 1h";
+const USAGE: &str = "usage: tob-faults run --duration D --seed N --out DIR [--workload mixed|claims|appends|counter] [--schedule FILE] [--nodes N] [--sequencer PATH] [--planted-bug NAME] [--think-ms MS]
+  D is seconds, or with a unit: 90s, 2m, 1h; MS is each client's mean pause between operations (default 5)";
 
 fn duration(text: &str) -> Option<Duration> {
     let (number, unit) =
@@ -38,6 +38,7 @@ fn main() -> ExitCode {
         schedule: None,
         nodes: 3,
         sequencer_flags: Vec::new(),
+        think: Duration::from_millis(5),
     };
     let mut schedule_file = None;
     let mut args = argv[1..].iter();
@@ -62,6 +63,9 @@ fn main() -> ExitCode {
                 true
             }
             "--nodes" => value.parse().map(|n| config.nodes = n).is_ok() && config.nodes >= 3,
+            "--think-ms" => {
+                value.parse().map(|ms| config.think = Duration::from_millis(ms)).is_ok()
+            }
             "--planted-bug" => {
                 config.sequencer_flags.extend(["--planted-bug".to_owned(), value.clone()]);
                 true

@@ -109,6 +109,7 @@ pub fn worker(
     kind: &'static str,
     nodes: Vec<String>,
     seed: u64,
+    think: Duration,
     recorder: Arc<Recorder>,
     stop: Arc<AtomicBool>,
 ) {
@@ -117,6 +118,11 @@ pub fn worker(
     let owner = format!("p{process}");
     let mut serial = 0u64;
     while !stop.load(Ordering::Relaxed) {
+        // Think time (0–2× the mean) keeps long runs' histories a checkable size.
+        let think_us = think.as_micros() as u64;
+        if think_us > 0 {
+            std::thread::sleep(Duration::from_micros(rng.range(0, 2 * think_us)));
+        }
         serial += 1;
         let key = format!("k{}", rng.range(0, KEYS));
         let (f, history_key, invoke, mode): (&str, Value, Value, Option<&str>) = match kind {

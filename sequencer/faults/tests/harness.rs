@@ -32,6 +32,7 @@ fn config(name: &str, seconds: u64, seed: u64, flags: &[&str]) -> RunConfig {
         schedule: None,
         nodes: 3,
         sequencer_flags: flags.iter().map(|f| f.to_string()).collect(),
+        think: Duration::from_millis(1),
     }
 }
 
