@@ -14,7 +14,7 @@ pub use tokio_postgres::{Client, Error};
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 
-fn scratch_dir(kind: &str) -> PathBuf {
+pub fn scratch_dir(kind: &str) -> PathBuf {
     let n = NEXT_DIR.fetch_add(1, Ordering::Relaxed);
     let dir = PathBuf::from(format!("/tmp/tob-e2e-{}-{kind}{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -34,11 +34,21 @@ fn target_dir() -> PathBuf {
 
 /// The `tob-sequencer` binary of this build, (re)built once per test run so a stale binary
 /// from an older checkout is never tested against a newer extension.
-fn sequencer_binary() -> PathBuf {
+pub fn sequencer_binary() -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
     BUILT.call_once(|| {
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "tob-server", "--bin", "tob-sequencer"])
+            // The same features as the fault harness's build, so neither rebuilds the other's
+            // binary; planted bugs stay off unless a node is started with --planted-bug.
+            .args([
+                "build",
+                "-p",
+                "tob-server",
+                "--bin",
+                "tob-sequencer",
+                "--features",
+                "planted-bugs",
+            ])
             .status()
             .unwrap();
         assert!(status.success(), "building tob-sequencer failed");

@@ -155,7 +155,8 @@ fn all_delivered(recorder: &Recorder, nodes: usize, target: u64) -> bool {
     recorder.delivered_up_to(nodes).iter().all(|&d| d >= target)
 }
 
-fn apply(cluster: &mut Cluster, action: &Action) -> std::io::Result<()> {
+/// Applies one nemesis step to the cluster.
+pub fn apply(cluster: &mut Cluster, action: &Action) -> std::io::Result<()> {
     let size = cluster.size();
     let node = |n: usize| n % size;
     match action {
