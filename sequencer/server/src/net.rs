@@ -228,13 +228,20 @@ impl StreamHandler<Result<(FrameKind, Vec<u8>), CodecError>> for Connection {
                         });
                     }
                     Err(e) => {
-                        let message = format!("undecodable request (unknown operation?): {e}");
+                        let message = format!(
+                            "undecodable request (an operation this node does not know: is the \
+                             client newer than the node?): {e}"
+                        );
                         let reply = Reply::Error {
                             code: ErrorCode::Malformed,
                             message: message.clone(),
                             leader: None,
                         };
-                        self.respond(ClientResponse { id: 0, reply });
+                        // Answer with the request's own id when it can be read, so the client
+                        // fails at once (malformed is not retryable) instead of retrying
+                        // elsewhere until its deadline.
+                        let id = postcard::take_from_bytes::<u64>(&payload).map_or(0, |(id, _)| id);
+                        self.respond(ClientResponse { id, reply });
                         self.close(&message);
                     }
                 }

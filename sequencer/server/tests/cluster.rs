@@ -326,6 +326,15 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
             other => panic!("expected an error, got {other:?}"),
         }
     }
+    // A well-framed request with an operation the node does not know (a newer client): the
+    // error carries the request's id, so the client fails at once instead of retrying.
+    let mut unknown = postcard::to_allocvec(&42u64).unwrap();
+    unknown.extend_from_slice(&[0x7f; 8]);
+    let answer = raw_call(&address, &frame::encode(FrameKind::Request, CLUSTER_ID, &unknown));
+    let (_, payload, _) = frame::decode(&answer, CLUSTER_ID, 1 << 20).unwrap().expect("an answer");
+    let response: tob_proto::ClientResponse = postcard::from_bytes(&payload).unwrap();
+    assert_eq!(response.id, 42);
+    assert!(matches!(response.reply, tob_proto::Reply::Error { code: ErrorCode::Malformed, .. }));
     // Oversized keys are refused by the cluster with a clear code.
     let mut client = cluster.client();
     let err = client.claim("users", &"k".repeat(5000), "u1").unwrap_err();
