@@ -292,7 +292,7 @@ unsafe extern "C-unwind" fn xact_callback(
         XACT_EVENT_PRE_PREPARE => prepare_for_commit(true),
         // The transaction is now PREPAREd: COMMIT/ROLLBACK PREPARED may come from any session,
         // so the worker's reconciler settles it from pg_xact_status.
-        XACT_EVENT_PREPARE => TXN.with(|cell| cell.borrow_mut().take()).map_or((), |_| ()),
+        XACT_EVENT_PREPARE => drop(TXN.with(|cell| cell.borrow_mut().take())),
         XACT_EVENT_COMMIT | XACT_EVENT_ABORT => {
             // Interrupts are held and an ERROR here would be fatal: only queue, never raise.
             // Queued even without recorded ops: a claim whose answer was lost may still exist.
