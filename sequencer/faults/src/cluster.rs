@@ -24,6 +24,8 @@ pub struct Cluster {
     nodes: Vec<Node>,
     /// `(from, to)` → the proxy that carries from's messages to `to`.
     links: BTreeMap<(usize, usize), Proxy>,
+    /// The proxy in front of each node's client port: clients only ever use these.
+    client_links: Vec<Proxy>,
     log: std::fs::File,
 }
 
@@ -58,9 +60,17 @@ impl Cluster {
                 }
             }
         }
+        let client_links =
+            nodes.iter().map(|n| Proxy::start(n.client)).collect::<std::io::Result<Vec<_>>>()?;
         let log = std::fs::File::create(dir.join("nodes.log"))?;
-        let mut cluster =
-            Cluster { binary: binary.to_owned(), dir: dir.to_owned(), nodes, links, log };
+        let mut cluster = Cluster {
+            binary: binary.to_owned(),
+            dir: dir.to_owned(),
+            nodes,
+            links,
+            client_links,
+            log,
+        };
         for i in 0..size {
             cluster.spawn(i)?;
         }
@@ -75,9 +85,14 @@ impl Cluster {
         format!("n{}", self.nodes[i].id)
     }
 
-    /// Client addresses of every node.
+    /// Client addresses of every node (through their client proxies).
     pub fn client_addresses(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| n.client.to_string()).collect()
+        self.client_links.iter().map(|p| p.address.to_string()).collect()
+    }
+
+    /// Cuts clients off from node `i` (the node and its peers do not notice).
+    pub fn cut_clients(&self, i: usize) {
+        self.client_links[i].cut();
     }
 
     fn spawn(&mut self, i: usize) -> std::io::Result<()> {
@@ -86,9 +101,14 @@ impl Cluster {
         cmd.arg("--node-id").arg(node.id.to_string()).arg("--cluster-id").arg("1");
         cmd.arg("--data-dir").arg(self.dir.join(format!("n{}", node.id)));
         for (j, other) in self.nodes.iter().enumerate() {
-            // This node reaches the others through its own proxies.
-            let peer = if j == i { other.peer } else { self.links[&(i, j)].address };
-            cmd.arg("--peer").arg(format!("{}={},{}", other.id, peer, other.client));
+            // This node reaches the others through its own proxies, and names the others'
+            // client proxies in redirects (its own entry must be what it listens on).
+            let (peer, client) = if j == i {
+                (other.peer, other.client)
+            } else {
+                (self.links[&(i, j)].address, self.client_links[j].address)
+            };
+            cmd.arg("--peer").arg(format!("{}={},{}", other.id, peer, client));
         }
         cmd.args(&node.extra);
         cmd.stdout(Stdio::null()).stderr(self.log.try_clone()?);
@@ -172,20 +192,20 @@ impl Cluster {
     }
 
     pub fn delay_all(&self, delay: std::time::Duration) {
-        for proxy in self.links.values() {
+        for proxy in self.links.values().chain(&self.client_links) {
             proxy.set_delay(delay);
         }
     }
 
     pub fn reset_all(&self) {
-        for proxy in self.links.values() {
+        for proxy in self.links.values().chain(&self.client_links) {
             proxy.reset();
         }
     }
 
     /// Heals every link, resumes paused nodes, restarts dead ones.
     pub fn heal(&mut self) -> std::io::Result<()> {
-        for proxy in self.links.values() {
+        for proxy in self.links.values().chain(&self.client_links) {
             proxy.heal();
         }
         for i in 0..self.size() {

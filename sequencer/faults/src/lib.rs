@@ -93,12 +93,17 @@ pub fn run(config: &RunConfig) -> std::io::Result<Summary> {
         if action.kind() != "heal" && action.kind() != "resume" && action.kind() != "restart" {
             *faults.entry(action.kind()).or_default() += 1;
         }
-        writeln!(log, "{:>7} ms  {action}", started.elapsed().as_millis())?;
+        // In the schedule-file format, so a run's log can be replayed with --schedule.
+        writeln!(log, "{} {action}", started.elapsed().as_millis())?;
         apply(&mut cluster, action)?;
     }
     // Heal, then every operation must complete and every follower catch up.
     cluster.heal()?;
-    writeln!(log, "{:>7} ms  final heal", started.elapsed().as_millis())?;
+    writeln!(
+        log,
+        "# {} final heal; then every operation completes",
+        started.elapsed().as_millis()
+    )?;
     std::thread::sleep(Duration::from_secs(2));
     stop_workers.store(true, Ordering::Relaxed);
     for w in workers {
@@ -166,6 +171,7 @@ pub fn apply(cluster: &mut Cluster, action: &Action) -> std::io::Result<()> {
         Action::Resume(n) => cluster.resume(node(*n)),
         Action::Isolate(n) => cluster.isolate(node(*n)),
         Action::Cut(a, b) => cluster.cut(node(*a), node(*b)),
+        Action::CutClients(n) => cluster.cut_clients(node(*n)),
         Action::Partition(side) => {
             cluster.partition(&side.iter().map(|n| node(*n)).collect::<Vec<_>>())
         }

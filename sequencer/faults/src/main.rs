@@ -118,6 +118,11 @@ fn main() -> ExitCode {
     );
     println!("replay the same schedule: {replay}");
     println!(
+        "or replay the faults as they happened: tob-faults run --schedule {}/nemesis.log --duration {}s --out DIR",
+        config.out.display(),
+        config.duration.as_secs()
+    );
+    println!(
         "check the history again:  tob-sim check {}/history.jsonl --nodes {}",
         config.out.display(),
         (1..=config.nodes).map(|i| format!("n{i}")).collect::<Vec<_>>().join(",")

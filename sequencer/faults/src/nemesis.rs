@@ -2,6 +2,7 @@
 //!
 //! Schedule file format, one step a line (`#` comments): `AT_MS ACTION [ARGS]`, actions
 //! `kill N`, `restart N`, `pause N`, `resume N`, `isolate N`, `cut A B` (one way),
+//! `cut-clients N` (clients cannot reach node N),
 //! `partition A,B` (those nodes against the rest), `delay MS`, `reset`, `restart-all`,
 //! `skew N TICK_MS` (restart node N with another tick rate), `heal`. Nodes count from 0.
 
@@ -16,6 +17,8 @@ pub enum Action {
     Resume(usize),
     Isolate(usize),
     Cut(usize, usize),
+    /// Clients cannot reach node N (its peers still can).
+    CutClients(usize),
     Partition(Vec<usize>),
     Delay(u64),
     Reset,
@@ -33,6 +36,7 @@ impl Action {
             Action::Resume(_) => "resume",
             Action::Isolate(_) => "isolate",
             Action::Cut(..) => "cut",
+            Action::CutClients(_) => "cut-clients",
             Action::Partition(_) => "partition",
             Action::Delay(_) => "delay",
             Action::Reset => "reset",
@@ -50,9 +54,8 @@ impl std::fmt::Display for Action {
             | Action::Restart(n)
             | Action::Pause(n)
             | Action::Resume(n)
-            | Action::Isolate(n) => {
-                write!(f, "{} {n}", self.kind())
-            }
+            | Action::Isolate(n)
+            | Action::CutClients(n) => write!(f, "{} {n}", self.kind()),
             Action::Cut(a, b) => write!(f, "cut {a} {b}"),
             Action::Partition(side) => write!(
                 f,
@@ -104,6 +107,7 @@ pub fn random_schedule(seed: u64, duration: Duration, nodes: usize) -> Vec<(Dura
             0 | 1 => (Action::Kill(n), Action::Restart(n)),
             2 | 3 => (Action::Pause(n), Action::Resume(n)),
             4 | 5 => (Action::Isolate(n), Action::Heal),
+            6 if rng.range(0, 3) == 0 => (Action::CutClients(n), Action::Heal),
             6 => {
                 let m = (n + 1 + rng.range(0, nodes as u64 - 1) as usize) % nodes;
                 (Action::Cut(n, m), Action::Heal)
@@ -145,6 +149,7 @@ pub fn parse_schedule(text: &str) -> Result<Vec<(Duration, Action)>, String> {
             Some("resume") => Action::Resume(num(2)? as usize),
             Some("isolate") => Action::Isolate(num(2)? as usize),
             Some("cut") => Action::Cut(num(2)? as usize, num(3)? as usize),
+            Some("cut-clients") => Action::CutClients(num(2)? as usize),
             Some("partition") => Action::Partition(
                 words
                     .get(2)
@@ -177,6 +182,14 @@ mod tests {
         assert_eq!(a.last().unwrap().1, Action::Heal);
         assert!(a.len() > 10);
         assert!(a.windows(2).all(|w| w[0].0 <= w[1].0), "in time order");
+    }
+
+    #[test]
+    fn a_logged_schedule_reads_back_as_a_schedule_file() {
+        let steps = random_schedule(3, Duration::from_secs(120), 3);
+        let text: String =
+            steps.iter().map(|(at, action)| format!("{} {action}\n", at.as_millis())).collect();
+        assert_eq!(parse_schedule(&text).unwrap(), steps);
     }
 
     #[test]
