@@ -155,3 +155,127 @@ async fn usernames_stay_unique_and_claims_exact_under_faults() {
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Locks with fencing tokens under faults: workers on two PostgreSQL servers take the same
+/// `tob_lock` and write to one ledger guarded by `tob_fence`, while the nemesis attacks the
+/// sequencer nodes and the second server's background worker is paused past its session
+/// lease (its locks are freed while their holders still believe in them). The downstream
+/// resource must never accept a write with an older token after one with a newer token.
+#[tokio::test]
+async fn fenced_writes_never_go_backwards_under_faults() {
+    let dir = scratch_dir("fence");
+    let mut cluster = Cluster::start(&sequencer_binary(), &dir, 3, &[]).unwrap();
+    let addresses = cluster.client_addresses().join(",");
+    let pg1 = Postgres::start(&addresses, &["cluster_name = 'one'"]);
+    // A short lease on the second server: pausing its background worker loses its session,
+    // and with it the locks its backends still believe they hold.
+    let pg2 = Postgres::start(&addresses, &["cluster_name = 'two'", "tob.session_ttl = '1s'"]);
+    let ledger = pg1.create_app_database("app").await;
+    ledger
+        .batch_execute("CREATE TABLE ledger (id bigserial PRIMARY KEY, token bigint, writer text)")
+        .await
+        .unwrap();
+    wait_until_ready(&ledger).await;
+    pg2.create_app_database("app").await;
+    wait_until_ready(&pg2.connect("app").await).await;
+
+    let run = Duration::from_secs(30);
+    let until = Instant::now() + run;
+    let schedule = nemesis::random_schedule(17, run, 3);
+    let nemesis = std::thread::spawn(move || {
+        let started = Instant::now();
+        for (at, action) in &schedule {
+            if let Some(wait) = at.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            tob_faults::apply(&mut cluster, action).unwrap();
+        }
+        cluster.heal().unwrap();
+        cluster
+    });
+    let admin = pg2.connect("postgres").await;
+    let worker_pid: i32 = admin
+        .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'tob'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let pauses = tokio::spawn(async move {
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(7)).await;
+            let pid = worker_pid.to_string();
+            let _ = std::process::Command::new("kill").args(["-STOP", &pid]).status();
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+        }
+    });
+    let mut tasks = Vec::new();
+    for (i, pg) in [&pg1, &pg1, &pg2, &pg2].into_iter().enumerate() {
+        let lock_db = pg.connect("app").await;
+        let write_db = pg1.connect("app").await;
+        lock_db
+            .batch_execute("SET tob.claim_wait_timeout = '1s'; SET tob.request_timeout = '2s'")
+            .await
+            .unwrap();
+        tasks.push(tokio::spawn(async move {
+            let (mut accepted, mut stale) = (0u64, 0u64);
+            let writer = format!("w{i}");
+            while Instant::now() < until {
+                let Ok(row) = lock_db.query_one("SELECT tob_lock('job')", &[]).await else {
+                    continue;
+                };
+                let token: i64 = row.get(0);
+                // Hold the lock for a few writes; a fault may take it away meanwhile.
+                for _ in 0..5 {
+                    let write = async {
+                        write_db.batch_execute("BEGIN").await?;
+                        write_db.query_one("SELECT tob_fence('job', $1)", &[&token]).await?;
+                        write_db
+                            .execute(
+                                "INSERT INTO ledger (token, writer) VALUES ($1, $2)",
+                                &[&token, &writer],
+                            )
+                            .await?;
+                        write_db.batch_execute("COMMIT").await
+                    };
+                    match write.await {
+                        Ok(()) => accepted += 1,
+                        Err(e) => {
+                            stale += u64::from(tob_e2e::sqlstate(&e) == "TB001");
+                            let _ = write_db.batch_execute("ROLLBACK").await;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = lock_db.query_one("SELECT tob_unlock('job')", &[]).await;
+            }
+            (accepted, stale)
+        }));
+    }
+    let (mut accepted, mut stale) = (0, 0);
+    for task in tasks {
+        let (a, s) = task.await.unwrap();
+        accepted += a;
+        stale += s;
+    }
+    pauses.await.unwrap();
+    let cluster = nemesis.join().unwrap();
+    let tokens: Vec<i64> = ledger
+        .query("SELECT token FROM ledger ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(tokens.len() as u64, accepted);
+    assert!(accepted > 20, "the workload got through: {accepted} fenced writes");
+    for pair in tokens.windows(2) {
+        assert!(pair[0] <= pair[1], "a write with token {} after one with {}", pair[1], pair[0]);
+    }
+    let distinct: BTreeSet<i64> = tokens.iter().copied().collect();
+    println!(
+        "fenced writes: {accepted} accepted with {} distinct tokens, {stale} refused as stale",
+        distinct.len()
+    );
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
