@@ -15,6 +15,22 @@ use tob_faults::nemesis;
 const NAMES: u64 = 60;
 const RUN: Duration = Duration::from_secs(40);
 
+/// Runs a random nemesis schedule on its own thread; the cluster comes back healed.
+fn run_nemesis(mut cluster: Cluster, seed: u64, run: Duration) -> std::thread::JoinHandle<Cluster> {
+    let schedule = nemesis::random_schedule(seed, run, cluster.size());
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        for (at, action) in &schedule {
+            if let Some(wait) = at.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            tob_faults::apply(&mut cluster, action).unwrap();
+        }
+        cluster.heal().unwrap();
+        cluster
+    })
+}
+
 async fn names(db: &tob_e2e::Client) -> BTreeSet<String> {
     db.query("SELECT name FROM users", &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
 }
@@ -57,7 +73,7 @@ async fn client(pg_socket: std::path::PathBuf, port: u16, seed: u64, until: Inst
 #[tokio::test]
 async fn usernames_stay_unique_and_claims_exact_under_faults() {
     let dir = scratch_dir("faults");
-    let mut cluster = Cluster::start(&sequencer_binary(), &dir, 3, &[]).unwrap();
+    let cluster = Cluster::start(&sequencer_binary(), &dir, 3, &[]).unwrap();
     let addresses = cluster.client_addresses().join(",");
     let pg1 = Postgres::start(&addresses, &["cluster_name = 'one'"]);
     let pg2 = Postgres::start(&addresses, &["cluster_name = 'two'"]);
@@ -68,18 +84,7 @@ async fn usernames_stay_unique_and_claims_exact_under_faults() {
     }
 
     let until = Instant::now() + RUN;
-    let schedule = nemesis::random_schedule(5, RUN, 3);
-    let nemesis = std::thread::spawn(move || {
-        let started = Instant::now();
-        for (at, action) in &schedule {
-            if let Some(wait) = at.checked_sub(started.elapsed()) {
-                std::thread::sleep(wait);
-            }
-            tob_faults::apply(&mut cluster, action).unwrap();
-        }
-        cluster.heal().unwrap();
-        cluster
-    });
+    let nemesis = run_nemesis(cluster, 5, RUN);
     let mut tasks = Vec::new();
     for (i, pg) in [&pg1, &pg1, &pg1, &pg2, &pg2, &pg2].into_iter().enumerate() {
         let socket = pg.socket_dir().to_path_buf();
@@ -164,7 +169,7 @@ async fn usernames_stay_unique_and_claims_exact_under_faults() {
 #[tokio::test]
 async fn fenced_writes_never_go_backwards_under_faults() {
     let dir = scratch_dir("fence");
-    let mut cluster = Cluster::start(&sequencer_binary(), &dir, 3, &[]).unwrap();
+    let cluster = Cluster::start(&sequencer_binary(), &dir, 3, &[]).unwrap();
     let addresses = cluster.client_addresses().join(",");
     let pg1 = Postgres::start(&addresses, &["cluster_name = 'one'"]);
     // A short lease on the second server: pausing its background worker loses its session,
@@ -181,18 +186,7 @@ async fn fenced_writes_never_go_backwards_under_faults() {
 
     let run = Duration::from_secs(30);
     let until = Instant::now() + run;
-    let schedule = nemesis::random_schedule(17, run, 3);
-    let nemesis = std::thread::spawn(move || {
-        let started = Instant::now();
-        for (at, action) in &schedule {
-            if let Some(wait) = at.checked_sub(started.elapsed()) {
-                std::thread::sleep(wait);
-            }
-            tob_faults::apply(&mut cluster, action).unwrap();
-        }
-        cluster.heal().unwrap();
-        cluster
-    });
+    let nemesis = run_nemesis(cluster, 17, run);
     let admin = pg2.connect("postgres").await;
     let worker_pid: i32 = admin
         .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'tob'", &[])

@@ -69,27 +69,8 @@ impl std::fmt::Display for Action {
     }
 }
 
-/// SplitMix64: small, seeded, reproducible.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `low..high`.
-    pub fn range(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next_u64() % (high - low).max(1)
-    }
-}
+/// The seeded generator of the simulator and the consensus core: one seed, one schedule.
+pub type Rng = tob_raft::SplitMix64;
 
 /// A random schedule for `duration` on `nodes` nodes: a fault every 1–3 s, each repaired
 /// 0.5–2.5 s later (pauses outlast the election timeout), ending healed. Faults: kill -9 and
