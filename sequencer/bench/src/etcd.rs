@@ -4,15 +4,14 @@
 //! HTTP/1.1 with keep-alive, one connection per task to the leader (etcd's gRPC clients
 //! would be somewhat cheaper for etcd's CPU; the disk work is the same).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::RunResult;
+use crate::{RunResult, Shared, claim_id};
 
 /// One keep-alive HTTP connection.
 struct Http {
@@ -98,13 +97,7 @@ pub async fn run(
     duration: Duration,
 ) -> RunResult {
     let target = leader(endpoints).await.unwrap_or_else(|| endpoints[0].clone());
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(AtomicU64::new(0));
-    let last_claimed = Arc::new(AtomicU64::new(0));
-    let run_id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let Shared { stop, errors, last_claimed, run_id } = Shared::new();
     let started = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|t| {
@@ -127,11 +120,7 @@ pub async fn run(
                             http.post("/v3/kv/put", &json!({"key": key, "value": value})).await
                         }
                         "claim" => {
-                            let id = if i.is_multiple_of(10) {
-                                last_claimed.load(Ordering::Relaxed)
-                            } else {
-                                (t as u64) << 40 | i
-                            };
+                            let id = claim_id(&last_claimed, t, i);
                             let key = base64(format!("claims/{run_id}-{id}").as_bytes());
                             let owner = base64(format!("t{t}").as_bytes());
                             let r = http

@@ -160,14 +160,7 @@ async fn run_async(
     let mut config = ClientConfig::new(nodes.to_vec(), cluster_id);
     config.request_timeout = Duration::from_secs(10);
     let client = AsyncClient::new(config);
-    let stop = Arc::new(AtomicBool::new(false));
-    let errors = Arc::new(AtomicU64::new(0));
-    // Claims: about one attempt in ten goes for a name another task claimed just before.
-    let last_claimed = Arc::new(AtomicU64::new(0));
-    let run_id = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
+    let Shared { stop, errors, last_claimed, run_id } = Shared::new();
     let started = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
         .map(|t| {
@@ -183,11 +176,7 @@ async fn run_async(
                     let ok = match workload.as_str() {
                         "append" => client.append(Some("bench"), b"0123456789abcdef").await.is_ok(),
                         "claim" => {
-                            let id = if i.is_multiple_of(10) {
-                                last_claimed.load(Ordering::Relaxed)
-                            } else {
-                                (t as u64) << 40 | i
-                            };
+                            let id = claim_id(&last_claimed, t, i);
                             let r = client
                                 .claim("bench", &format!("{run_id}-{id}"), &format!("t{t}"))
                                 .await;
@@ -222,6 +211,36 @@ async fn run_async(
         all.extend(task.await.unwrap_or_default());
     }
     RunResult::from_latencies(all, started.elapsed(), errors.load(Ordering::Relaxed))
+}
+
+/// What the tasks of one run share.
+struct Shared {
+    stop: Arc<AtomicBool>,
+    errors: Arc<AtomicU64>,
+    /// The last name a task claimed, so that other tasks can collide with it.
+    last_claimed: Arc<AtomicU64>,
+    /// Makes names unique across runs against the same cluster.
+    run_id: u64,
+}
+
+impl Shared {
+    fn new() -> Shared {
+        Shared {
+            stop: Arc::new(AtomicBool::new(false)),
+            errors: Arc::new(AtomicU64::new(0)),
+            last_claimed: Arc::new(AtomicU64::new(0)),
+            run_id: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// The name task `t` claims on its `i`th attempt: fresh, except that about one attempt in ten
+/// goes for a name another task claimed just before.
+fn claim_id(last_claimed: &AtomicU64, t: usize, i: u64) -> u64 {
+    if i.is_multiple_of(10) { last_claimed.load(Ordering::Relaxed) } else { (t as u64) << 40 | i }
 }
 
 /// Sum (seconds) and count of fsyncs across the nodes, from their metrics endpoints.
