@@ -587,14 +587,21 @@ fn bad_configuration_is_refused_with_a_clear_message_and_sigterm_stops_cleanly()
 
 #[test]
 fn snapshots_compact_the_log_and_bring_a_lagging_node_back() {
-    let mut cluster = Cluster::start_with(3, "snapshot", &["--snapshot-entries", "50"]);
+    // Frames far smaller than the snapshot: InstallSnapshot must still get through (found by
+    // the one-hour fault run, where a 9.5 MB snapshot met the 8 MiB frame limit).
+    let mut cluster = Cluster::start_with(
+        3,
+        "snapshot",
+        &["--snapshot-entries", "50", "--max-frame-bytes", "2048"],
+    );
     cluster.leader(Duration::from_secs(10));
     let mut client = cluster.client();
     let lagging = (cluster.leader(Duration::from_secs(1)) + 1) % 3;
     cluster.kill(lagging);
     let mut acked = Vec::new();
     for i in 0..400 {
-        acked.push((client.append(None, format!("s{i}").as_bytes()).unwrap(), format!("s{i}")));
+        let payload = format!("s{i}-{}", "x".repeat(20));
+        acked.push((client.append(None, payload.as_bytes()).unwrap(), payload));
     }
     // The leader has compacted far past what the lagging node holds: it needs a snapshot.
     let leader = cluster.leader(Duration::from_secs(1));
@@ -617,7 +624,11 @@ fn snapshots_compact_the_log_and_bring_a_lagging_node_back() {
     // And everything survives a restart of every node from snapshots plus WAL.
     cluster.restart_all();
     let mut client = cluster.client();
-    let messages = client.read_messages(Seq(1), 1000, None).unwrap();
+    let mut messages = Vec::new();
+    while messages.len() < acked.len() {
+        let from = Seq(messages.len() as u64 + 1);
+        messages.extend(client.read_messages(from, 1000, None).unwrap());
+    }
     for (seq, payload) in &acked {
         assert_eq!(messages[seq.0 as usize - 1].payload, payload.as_bytes());
     }
