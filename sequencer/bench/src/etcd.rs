@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::{RunResult, Shared, claim_id};
+use crate::{RunResult, Shared, claim_id, histogram_totals};
 
 /// One keep-alive HTTP connection.
 struct Http {
@@ -178,20 +178,26 @@ pub async fn fsync_totals(endpoints: &[String]) -> Option<(f64, u64)> {
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut body = String::new();
         stream.read_to_string(&mut body).await.ok()?;
-        for line in body.lines() {
-            if let Some(v) = line.strip_prefix("etcd_disk_wal_fsync_duration_seconds_sum ") {
-                sum += v.parse::<f64>().ok()?;
-            }
-            if let Some(v) = line.strip_prefix("etcd_disk_wal_fsync_duration_seconds_count ") {
-                count += v.parse::<u64>().ok()?;
-            }
-        }
+        let (s, c) = histogram_totals(&body, "etcd_disk_wal_fsync_duration_seconds")?;
+        sum += s;
+        count += c;
     }
     Some((sum, count))
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn histogram_totals_read_sum_and_count_of_the_named_histogram_only() {
+        let page = "x_sum 9\nx_count 9\netcd_disk_wal_fsync_duration_seconds_bucket{le=\"1\"} 3\n\
+                    etcd_disk_wal_fsync_duration_seconds_sum 0.5\n\
+                    etcd_disk_wal_fsync_duration_seconds_count 4\n";
+        assert_eq!(
+            crate::histogram_totals(page, "etcd_disk_wal_fsync_duration_seconds"),
+            Some((0.5, 4))
+        );
+    }
+
     #[test]
     fn base64_matches_the_standard_alphabet_and_padding() {
         assert_eq!(super::base64(b""), "");

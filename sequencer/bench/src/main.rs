@@ -254,13 +254,23 @@ fn fsync_totals(nodes: &[String], cluster_id: u64) -> Option<(f64, u64)> {
         stream.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").ok()?;
         let mut body = String::new();
         stream.read_to_string(&mut body).ok()?;
-        for line in body.lines() {
-            if let Some(v) = line.strip_prefix("tob_fsync_latency_seconds_sum ") {
-                sum += v.parse::<f64>().ok()?;
-            }
-            if let Some(v) = line.strip_prefix("tob_fsync_latency_seconds_count ") {
-                count += v.parse::<u64>().ok()?;
-            }
+        let (s, c) = histogram_totals(&body, "tob_fsync_latency_seconds")?;
+        sum += s;
+        count += c;
+    }
+    Some((sum, count))
+}
+
+/// `_sum` and `_count` of a Prometheus histogram in a metrics page (tob's or etcd's).
+fn histogram_totals(body: &str, name: &str) -> Option<(f64, u64)> {
+    let (mut sum, mut count) = (0.0, 0);
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        if let Some(v) = rest.strip_prefix("_sum ") {
+            sum += v.parse::<f64>().ok()?;
+        }
+        if let Some(v) = rest.strip_prefix("_count ") {
+            count += v.parse::<u64>().ok()?;
         }
     }
     Some((sum, count))
