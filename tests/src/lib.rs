@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use tob_faults::pg::{APP_SCHEMA, Server};
 pub use tokio_postgres::{Client, Error};
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 
 pub fn scratch_dir(kind: &str) -> PathBuf {
@@ -167,89 +167,37 @@ impl Drop for Sequencers {
     }
 }
 
-/// A throwaway PostgreSQL 15 server with `tob` preloaded and pointed at a cluster.
+/// A throwaway PostgreSQL 15 server with `tob` preloaded and pointed at a cluster (the fault
+/// harness's [`Server`], with async connections for the tests).
 pub struct Postgres {
-    dir: PathBuf,
+    server: Server,
     pub port: u16,
-}
-
-fn as_postgres(program: &str) -> Command {
-    let mut cmd = Command::new("runuser");
-    cmd.args(["-u", "postgres", "--", &format!("{PG_BIN}/{program}")]);
-    cmd.env_remove("RUST_BACKTRACE");
-    cmd
 }
 
 impl Postgres {
     /// `extra` lines are appended to postgresql.conf.
     pub fn start(cluster: &str, extra: &[&str]) -> Postgres {
-        let dir = scratch_dir("pg");
-        let status = Command::new("chown").arg("postgres:postgres").arg(&dir).status().unwrap();
-        assert!(status.success());
-        let data = dir.join("data");
-        let out = as_postgres("initdb")
-            .args(["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-        let port = free_port();
-        let mut conf = format!(
-            "port = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\n\
-             shared_preload_libraries = 'tob'\ntob.cluster = '{cluster}'\n\
-             tob.session_ttl = '3s'\nmax_prepared_transactions = 10\n",
-            dir.display()
-        );
-        for line in extra {
-            conf.push_str(line);
-            conf.push('\n');
-        }
-        let conf_path = data.join("postgresql.conf");
-        let mut existing = std::fs::read_to_string(&conf_path).unwrap();
-        existing.push_str(&conf);
-        std::fs::write(&conf_path, existing).unwrap();
-        let pg = Postgres { dir, port };
-        pg.pg_ctl_start();
-        pg
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.join("data")
-    }
-
-    fn pg_ctl_start(&self) {
-        let log = self.dir.join("log");
-        let out = as_postgres("pg_ctl")
-            .args(["-D", self.data().to_str().unwrap(), "-l", log.to_str().unwrap(), "-w", "start"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            self.log()
-        );
+        let server = Server::start(&scratch_dir("pg"), "", cluster, extra)
+            .unwrap_or_else(|e| panic!("starting PostgreSQL: {e}"));
+        Postgres { port: server.port, server }
     }
 
     /// `pg_ctl stop -m immediate`: no shutdown checkpoint, like a crash.
     pub fn stop_immediate(&self) {
-        let out = as_postgres("pg_ctl")
-            .args(["-D", self.data().to_str().unwrap(), "-m", "immediate", "-w", "stop"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+        self.server.stop_immediate().unwrap();
     }
 
     pub fn restart_after_crash(&self) {
-        self.pg_ctl_start();
+        self.server.restart_after_crash().unwrap();
     }
 
     /// The server log, for failure messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+        self.server.log()
     }
 
     pub fn socket_dir(&self) -> &Path {
-        &self.dir
+        self.server.socket_dir()
     }
 
     /// Connects to `database` as the superuser.
@@ -259,7 +207,7 @@ impl Postgres {
 
     pub async fn connect_as(&self, database: &str, user: &str) -> Client {
         let mut config = tokio_postgres::Config::new();
-        config.host_path(&self.dir).port(self.port).user(user).dbname(database);
+        config.host_path(self.socket_dir()).port(self.port).user(user).dbname(database);
         let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
         tokio::spawn(async move {
             let _ = connection.await;
@@ -273,26 +221,8 @@ impl Postgres {
         let admin = self.connect("postgres").await;
         admin.batch_execute(&format!("CREATE DATABASE {database}")).await.unwrap();
         let db = self.connect(database).await;
-        db.batch_execute(
-            "CREATE EXTENSION tob;
-             CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT NULL);
-             CREATE TRIGGER users_name_unique BEFORE INSERT OR UPDATE OR DELETE ON users
-                 FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');",
-        )
-        .await
-        .unwrap();
+        db.batch_execute(APP_SCHEMA).await.unwrap();
         db
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = as_postgres("pg_ctl")
-            .args(["-D", self.data().to_str().unwrap(), "-m", "immediate", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -1,12 +1,16 @@
 //! Jepsen-style fault testing of real clusters: `tob-sequencer` processes on loopback with a
 //! fault-injecting proxy on every peer link ([`proxy`]), process faults ([`cluster`]), a
-//! seeded or scripted nemesis ([`nemesis`]), clients that record a history ([`workload`]),
-//! and the project's history checkers (from `tob-sim`) plus a final heal phase that requires
-//! every follower to deliver every acknowledged message.
+//! seeded or scripted nemesis ([`nemesis`]), clients that record a history ([`workload`];
+//! through PostgreSQL servers with the extension in [`sql`], on throwaway [`pg`]
+//! servers), and the project's history checkers (from `tob-sim`) plus a final heal phase that
+//! requires every operation to complete, every follower to deliver every acknowledged message
+//! and the PostgreSQL end state to be exact.
 
 pub mod cluster;
 pub mod nemesis;
+pub mod pg;
 pub mod proxy;
+pub mod sql;
 pub mod workload;
 
 use std::collections::BTreeMap;
@@ -28,7 +32,8 @@ pub struct RunConfig {
     pub out: PathBuf,
     pub duration: Duration,
     pub seed: u64,
-    /// `mixed` (claims, appends and a counter), `claims`, `appends` or `counter`.
+    /// `mixed` (claims, appends and a counter), `claims`, `appends` or `counter` against the
+    /// cluster; `usernames` or `fencing` through PostgreSQL (see [`sql`]).
     pub workload: String,
     /// A schedule file's steps, or `None` for a random schedule from the seed.
     pub schedule: Option<Vec<(Duration, Action)>>,
@@ -56,8 +61,23 @@ pub fn run(config: &RunConfig) -> std::io::Result<Summary> {
     let stop_workers = Arc::new(AtomicBool::new(false));
     let stop_followers = Arc::new(AtomicBool::new(false));
 
+    let sql_run = if sql::is_sql_workload(&config.workload) {
+        let (seed, duration, think) = (config.seed, config.duration, config.think);
+        Some(sql::SqlRun::start(
+            &config.workload,
+            &addresses,
+            seed,
+            duration,
+            think,
+            recorder.clone(),
+        )?)
+    } else {
+        None
+    };
     let mut followers = Vec::new();
-    for (i, address) in addresses.iter().enumerate() {
+    // The PostgreSQL workloads append nothing: no followers.
+    let follow: &[String] = if sql_run.is_some() { &[] } else { &addresses };
+    for (i, address) in follow.iter().enumerate() {
         let (node, address) = (cluster.name(i), address.clone());
         let (recorder, stop) = (recorder.clone(), stop_followers.clone());
         followers
@@ -67,6 +87,7 @@ pub fn run(config: &RunConfig) -> std::io::Result<Summary> {
         "claims" => &["claims", "claims", "claims", "claims"],
         "appends" => &["appends", "appends", "appends"],
         "counter" => &["counter", "counter"],
+        "usernames" | "fencing" => &[],
         _ => &["claims", "claims", "claims", "appends", "appends", "counter"],
     };
     let mut workers = Vec::new();
@@ -109,6 +130,10 @@ pub fn run(config: &RunConfig) -> std::io::Result<Summary> {
     for w in workers {
         let _ = w.join();
     }
+    let ending = match sql_run {
+        Some(sql_run) => Some(sql_run.finish()?),
+        None => None,
+    };
     let target = recorder.highest_acked_seq.load(Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline && !all_delivered(&recorder, cluster.size(), target) {
@@ -123,8 +148,11 @@ pub fn run(config: &RunConfig) -> std::io::Result<Summary> {
     let history = recorder.take();
     std::fs::write(config.out.join("history.jsonl"), history.to_jsonl())?;
     let names: Vec<String> = (1..=config.nodes).map(|i| format!("n{i}")).collect();
-    let anomalies: Vec<String> =
+    let mut anomalies: Vec<String> =
         tob_sim::checkers::check_history(&history, &names).iter().map(|v| v.to_string()).collect();
+    if let Some(ending) = &ending {
+        anomalies.extend(ending.anomalies.iter().cloned());
+    }
     let mut by_outcome: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_f: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
     for event in &history.events {
@@ -149,6 +177,7 @@ pub fn run(config: &RunConfig) -> std::io::Result<Summary> {
         "highest_acknowledged_seq": target,
         "faults": faults,
         "anomalies": anomalies,
+        "postgres": ending.map(|e| e.facts),
         "history": "history.jsonl",
         "nemesis_log": "nemesis.log",
     });

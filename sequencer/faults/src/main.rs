@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use tob_faults::{RunConfig, default_sequencer, nemesis, run};
 
-const USAGE: &str = "usage: tob-faults run --duration D --seed N --out DIR [--workload mixed|claims|appends|counter] [--schedule FILE] [--nodes N] [--sequencer PATH] [--planted-bug NAME] [--think-ms MS]
-  D is seconds, or with a unit: 90s, 2m, 1h; MS is each client's mean pause between operations (default 5)";
+const USAGE: &str = "usage: tob-faults run --duration D --seed N --out DIR [--workload mixed|claims|appends|counter|usernames|fencing] [--schedule FILE] [--nodes N] [--sequencer PATH] [--planted-bug NAME] [--think-ms MS]
+  D is seconds, or with a unit: 90s, 2m, 1h; MS is each client's mean pause between operations (default 5)
+  usernames and fencing run through two PostgreSQL 15 servers with the tob extension (installed by ./scripts/install-extension.sh)";
 
 fn duration(text: &str) -> Option<Duration> {
     let (number, unit) =
@@ -56,7 +57,8 @@ fn main() -> ExitCode {
             }
             "--workload" => {
                 config.workload = value.clone();
-                ["mixed", "claims", "appends", "counter"].contains(&value.as_str())
+                ["mixed", "claims", "appends", "counter", "usernames", "fencing"]
+                    .contains(&value.as_str())
             }
             "--schedule" => {
                 schedule_file = Some(value.clone());
@@ -118,9 +120,10 @@ fn main() -> ExitCode {
     );
     println!("replay the same schedule: {replay}");
     println!(
-        "or replay the faults as they happened: tob-faults run --schedule {}/nemesis.log --duration {}s --out DIR",
+        "or replay the faults as they happened: tob-faults run --schedule {}/nemesis.log --duration {}s --workload {} --out DIR",
         config.out.display(),
-        config.duration.as_secs()
+        config.duration.as_secs(),
+        config.workload
     );
     println!(
         "check the history again:  tob-sim check {}/history.jsonl --nodes {}",

@@ -57,6 +57,13 @@ impl Recorder {
             .collect()
     }
 
+    /// The history so far, sorted, leaving it in place.
+    pub fn snapshot(&self) -> History {
+        let mut history = self.history.lock().unwrap().clone();
+        history.sort();
+        history
+    }
+
     pub fn take(&self) -> History {
         let mut history = std::mem::take(&mut *self.history.lock().unwrap());
         history.sort();

@@ -1,6 +1,7 @@
 //! Fencing tokens: each token names one grant (one key, one owner), and a grant that was
 //! acknowledged before another claim was invoked has a smaller token than anything that claim
-//! returns as a new grant — across all keys, since tokens are log indexes.
+//! returns as a new grant — across all keys, since tokens are log indexes. Locks taken with
+//! `tob_lock` (operations `lock`, same values as `claim`) follow the same rule.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +16,9 @@ pub fn check(ops: &[Operation]) -> Vec<Violation> {
     let mut out = Vec::new();
     // token -> (key, owner, earliest completion, earliest invocation)
     let mut grants: BTreeMap<u64, (&str, &str, u64, u64)> = BTreeMap::new();
-    for op in ops.iter().filter(|op| op.f == "claim" && op.outcome == Outcome::Ok) {
+    // A `tob_lock` is a claim too: the same tokens, from the same log.
+    let is_grant = |op: &&Operation| op.f == "claim" || op.f == "lock";
+    for op in ops.iter().filter(is_grant).filter(|op| op.outcome == Outcome::Ok) {
         if op.result.get("result").and_then(Value::as_str) != Some("claimed") {
             continue;
         }
@@ -72,16 +75,14 @@ mod tests {
     use crate::history::{Event, History};
     use serde_json::json;
 
+    fn grant(h: &mut History, f: &str, p: u64, key: &str, owner: &str, t: (u64, u64), token: u64) {
+        h.push(Event::op(p, "invoke", f, json!(key), json!({"owner": owner}), t.0));
+        let value = json!({"result": "claimed", "token": token});
+        h.push(Event::op(p, "ok", f, json!(key), value, t.1));
+    }
+
     fn claim(h: &mut History, p: u64, key: &str, owner: &str, t0: u64, t1: u64, token: u64) {
-        h.push(Event::op(p, "invoke", "claim", json!(key), json!({"owner": owner}), t0));
-        h.push(Event::op(
-            p,
-            "ok",
-            "claim",
-            json!(key),
-            json!({"result": "claimed", "token": token}),
-            t1,
-        ));
+        grant(h, "claim", p, key, owner, (t0, t1), token);
     }
 
     #[test]
@@ -103,5 +104,13 @@ mod tests {
         claim(&mut decreasing, 1, "a", "u1", 0, 1, 9);
         claim(&mut decreasing, 2, "b", "u2", 2, 3, 4);
         assert_eq!(check(&decreasing.operations().unwrap()).len(), 1);
+    }
+
+    #[test]
+    fn lock_tokens_follow_the_same_rule() {
+        let mut h = History::default();
+        grant(&mut h, "lock", 1, "job", "w1", (0, 1), 9);
+        grant(&mut h, "lock", 2, "job", "w2", (2, 3), 4);
+        assert_eq!(check(&h.operations().unwrap()).len(), 1);
     }
 }

@@ -3,17 +3,20 @@
 //!
 //! Protocol checkers (`election_safety`, `log_matching`, `leader_completeness`,
 //! `state_machine_safety`) are fed observations by the simulator while it runs. History
-//! checkers (`total_order`, `linearizability`, `fencing`, `counters`) read only the client
-//! history, so they can also check a history file recorded elsewhere (`tob-sim check FILE`).
+//! checkers (`total_order`, `linearizability`, `fencing`, `counters`, and for the PostgreSQL
+//! workloads `unique_rows` and `fenced_writes`) read only the client history, so they can also
+//! check a history file recorded elsewhere (`tob-sim check FILE`).
 
 pub mod counters;
 pub mod election_safety;
+pub mod fenced_writes;
 pub mod fencing;
 pub mod leader_completeness;
 pub mod linearizability;
 pub mod log_matching;
 pub mod state_machine_safety;
 pub mod total_order;
+pub mod unique_rows;
 
 use crate::history::History;
 
@@ -54,6 +57,8 @@ pub fn check_history(history: &History, final_nodes: &[String]) -> Vec<Violation
     out.extend(linearizability::check(&ops));
     out.extend(fencing::check(&ops));
     out.extend(counters::check(&ops));
+    out.extend(unique_rows::check(&ops));
+    out.extend(fenced_writes::check(&ops));
     out
 }
 
