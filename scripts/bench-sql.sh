@@ -3,6 +3,7 @@
 # names through the tob_unique trigger, beside the same insert against a local unique index,
 # at 1, 16 and 64 clients. A 3-node cluster and PostgreSQL 15, fsync on everywhere.
 # Usage: scripts/bench-sql.sh [seconds per run, default 10]
+# BENCH_CLIENTS="1 16 64" and BENCH_WORKLOADS="local_unique tob_unique" choose the rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
@@ -60,8 +61,8 @@ for line in sys.stdin:
     curl -s "http://$metrics/metrics" 2>/dev/null | awk '/^tob_fsync_latency_seconds_sum /{s=$2} /^tob_fsync_latency_seconds_count /{c=$2} END{if(c>0) printf "%.0f", s/c*1e6; else print "?"}'
 }
 printf '%-22s %8s %10s %14s\n' workload clients tps "latency_ms"
-for clients in 1 16 64; do
-    for workload in local_unique tob_unique; do
+for clients in ${BENCH_CLIENTS:-1 16 64}; do
+    for workload in ${BENCH_WORKLOADS:-local_unique tob_unique}; do
         out=$(env PGHOST="$work/pg" PGPORT="$port" PGUSER=postgres "$pgbin/pgbench" -n -c "$clients" -j 2 -T "$seconds" \
               -f "sql/bench/insert_$workload.sql" bench 2>&1)
         tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
