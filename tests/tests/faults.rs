@@ -29,6 +29,15 @@ fn count(summary: &Value, f: &str, outcome: &str) -> u64 {
     summary["operations_by_f"][f][outcome].as_u64().unwrap_or(0)
 }
 
+/// Runs `workload` like `tob-faults run` does; no checker may find an anomaly.
+fn run_without_anomalies(workload: &str, seconds: u64, seed: u64) -> (RunConfig, Value) {
+    let config = config(workload, seconds, seed);
+    let summary = run(&config).unwrap();
+    println!("{}", serde_json::to_string_pretty(&summary.json).unwrap());
+    assert_eq!(summary.anomalies, Vec::<String>::new());
+    (config, summary.json)
+}
+
 fn faults_named(summary: &Value, what: &str) -> usize {
     let faults = summary["postgres"]["postgres_faults"].as_array().cloned().unwrap_or_default();
     faults.iter().filter(|f| f["fault"].as_str().is_some_and(|s| s.starts_with(what))).count()
@@ -36,11 +45,8 @@ fn faults_named(summary: &Value, what: &str) -> usize {
 
 #[test]
 fn usernames_stay_unique_and_claims_exact_under_faults() {
-    let config = config("usernames", 40, 5);
-    let summary = run(&config).unwrap();
-    let json = &summary.json;
-    println!("{}", serde_json::to_string_pretty(json).unwrap());
-    assert_eq!(summary.anomalies, Vec::<String>::new());
+    let (config, json) = run_without_anomalies("usernames", 40, 5);
+    let json = &json;
     assert!(count(json, "insert", "ok") > 100, "the workload got through");
     assert!(count(json, "insert", "fail") > 0, "names were contended (23505)");
     assert_eq!(faults_named(json, "terminate-backend (done)"), 1);
@@ -54,11 +60,8 @@ fn usernames_stay_unique_and_claims_exact_under_faults() {
 
 #[test]
 fn fenced_writes_never_go_backwards_under_faults() {
-    let config = config("fencing", 30, 17);
-    let summary = run(&config).unwrap();
-    let json = &summary.json;
-    println!("{}", serde_json::to_string_pretty(json).unwrap());
-    assert_eq!(summary.anomalies, Vec::<String>::new());
+    let (config, json) = run_without_anomalies("fencing", 30, 17);
+    let json = &json;
     assert!(count(json, "fenced_write", "ok") > 20, "the workload got through");
     assert!(count(json, "lock", "ok") > 4, "locks changed hands");
     assert_eq!(faults_named(json, "pause-background-worker"), 3);

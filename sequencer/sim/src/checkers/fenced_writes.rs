@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::{Violation, violation};
+use super::{Violation, tokens_gone_backwards, violation};
 use crate::history::{Operation, Outcome};
 
 const NAME: &str = "fenced_writes";
@@ -34,27 +34,18 @@ pub fn check(ops: &[Operation]) -> Vec<Violation> {
         }
     }
     for (resource, writes) in by_resource {
-        let mut by_invoke: Vec<(u64, u64)> =
-            writes.iter().map(|w| (w.invoke_time, token(w).unwrap_or(0))).collect();
-        by_invoke.sort_unstable();
-        let mut by_complete: Vec<(u64, u64)> =
-            writes.iter().map(|w| (w.complete_time, token(w).unwrap_or(0))).collect();
-        by_complete.sort_unstable();
-        let (mut done, mut newest) = (0, 0);
-        for (invoke, token) in by_invoke {
-            while done < by_complete.len() && by_complete[done].0 < invoke {
-                newest = newest.max(by_complete[done].1);
-                done += 1;
-            }
-            if token < newest {
-                out.push(violation(
-                    NAME,
-                    format!(
-                        "{resource}: a write with token {token} was accepted after one with \
-                         token {newest} had been"
-                    ),
-                ));
-            }
+        let ops: Vec<(u64, u64, u64)> = writes
+            .iter()
+            .map(|w| (w.invoke_time, w.complete_time, token(w).unwrap_or(0)))
+            .collect();
+        for (token, newer) in tokens_gone_backwards(&ops) {
+            out.push(violation(
+                NAME,
+                format!(
+                    "{resource}: a write with token {token} was accepted after one with token \
+                     {newer} had been"
+                ),
+            ));
         }
     }
     out

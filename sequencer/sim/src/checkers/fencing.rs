@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use super::{Violation, violation};
+use super::{Violation, tokens_gone_backwards, violation};
 use crate::history::{Operation, Outcome};
 
 const NAME: &str = "fencing";
@@ -48,23 +48,12 @@ pub fn check(ops: &[Operation]) -> Vec<Violation> {
     }
     // Grant g happened before its earliest acknowledgement and after the invocation of the
     // claim that made it, which is no earlier than the earliest invocation returning g.
-    let mut by_invoke: Vec<(u64, u64)> = grants.iter().map(|(t, g)| (g.3, *t)).collect();
-    by_invoke.sort_unstable();
-    let mut by_complete: Vec<(u64, u64)> = grants.iter().map(|(t, g)| (g.2, *t)).collect();
-    by_complete.sort_unstable();
-    let mut done = 0;
-    let mut max_done = 0;
-    for (invoke, token) in by_invoke {
-        while done < by_complete.len() && by_complete[done].0 < invoke {
-            max_done = max_done.max(by_complete[done].1);
-            done += 1;
-        }
-        if token < max_done {
-            out.push(violation(
-                NAME,
-                format!("token {token} granted after token {max_done} was already acknowledged"),
-            ));
-        }
+    let ops: Vec<(u64, u64, u64)> = grants.iter().map(|(t, g)| (g.3, g.2, *t)).collect();
+    for (token, newer) in tokens_gone_backwards(&ops) {
+        out.push(violation(
+            NAME,
+            format!("token {token} granted after token {newer} was already acknowledged"),
+        ));
     }
     out
 }

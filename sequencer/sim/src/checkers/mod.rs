@@ -37,6 +37,28 @@ pub(crate) fn violation(checker: &'static str, message: impl Into<String>) -> Vi
     Violation { checker, message: message.into() }
 }
 
+/// Real-time order of tokens: for operations given as `(invoke, complete, token)`, every
+/// `(token, newer)` where an operation returning `token` was invoked after one returning the
+/// larger `newer` had completed.
+pub(crate) fn tokens_gone_backwards(ops: &[(u64, u64, u64)]) -> Vec<(u64, u64)> {
+    let mut by_invoke: Vec<(u64, u64)> = ops.iter().map(|&(i, _, t)| (i, t)).collect();
+    by_invoke.sort_unstable();
+    let mut by_complete: Vec<(u64, u64)> = ops.iter().map(|&(_, c, t)| (c, t)).collect();
+    by_complete.sort_unstable();
+    let (mut done, mut newest) = (0, 0);
+    let mut out = Vec::new();
+    for (invoke, token) in by_invoke {
+        while done < by_complete.len() && by_complete[done].0 < invoke {
+            newest = newest.max(by_complete[done].1);
+            done += 1;
+        }
+        if token < newest {
+            out.push((token, newest));
+        }
+    }
+    out
+}
+
 /// Identifies a log entry's contents without keeping them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct EntrySummary {
