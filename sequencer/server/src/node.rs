@@ -94,6 +94,13 @@ pub struct NodeActor {
     metrics_address: String,
     known_leader: Option<u64>,
     snapshot_in_progress: bool,
+    /// Encoded size of the latest snapshot, and command bytes applied since it was taken: a
+    /// new snapshot waits until the log has grown by half the last one's size, so encoding
+    /// the whole state (O(state) work on this thread) costs O(1) per applied byte however
+    /// large the state grows. Without it, a state of a million claims was re-encoded every
+    /// `snapshot_entries` entries and took most of the node's CPU.
+    last_snapshot_bytes: u64,
+    applied_bytes_since_snapshot: u64,
     subscriptions: Vec<Subscription>,
 }
 
@@ -122,6 +129,7 @@ impl NodeActor {
         if let Some(snapshot) = &recovered.snapshot {
             machine.restore(&snapshot.data).expect("snapshot written by this node decodes");
         }
+        let last_snapshot_bytes = recovered.snapshot.as_ref().map_or(0, |s| s.data.len() as u64);
         let raft = Raft::new(raft_config, recovered);
         NodeActor {
             config,
@@ -141,6 +149,8 @@ impl NodeActor {
             metrics_address,
             known_leader: None,
             snapshot_in_progress: false,
+            last_snapshot_bytes,
+            applied_bytes_since_snapshot: 0,
             subscriptions: Vec::new(),
         }
     }
@@ -202,11 +212,14 @@ impl NodeActor {
             }
             if let Some(snapshot) = &ready.snapshot {
                 self.machine.restore(&snapshot.data).expect("leader snapshot decodes");
+                self.last_snapshot_bytes = snapshot.data.len() as u64;
+                self.applied_bytes_since_snapshot = 0;
             }
             for entry in ready.committed {
                 match entry.kind {
                     EntryKind::Noop => self.machine.apply_noop(entry.index.0),
                     EntryKind::Command(bytes) => {
+                        self.applied_bytes_since_snapshot += bytes.len() as u64;
                         if let Some(applied) = self.machine.apply(entry.index.0, &bytes) {
                             self.answer(applied.request, applied.outcome);
                         }
@@ -374,19 +387,23 @@ impl NodeActor {
         }
     }
 
-    /// Every `snapshot_entries` applied entries, encodes the state here and writes the file on another
-    /// thread, so the node keeps serving while megabytes reach the disk; the log is compacted
-    /// when the write is durable.
+    /// Every `snapshot_entries` applied entries — and once the log has grown by half the last
+    /// snapshot's size — encodes the state here and writes the file on another thread, so the
+    /// node keeps serving while megabytes reach the disk; the log is compacted when the write
+    /// is durable.
     fn maybe_snapshot(&mut self, ctx: &mut Context<Self>) {
         let applied = LogIndex(self.machine.applied_index());
         if self.snapshot_in_progress
             || applied.0 < self.raft.snapshot_index().0 + self.config.snapshot_entries
+            || self.applied_bytes_since_snapshot < self.last_snapshot_bytes / 2
         {
             return;
         }
         let Some(term) = self.raft.term_at(applied) else { return };
         let voters = self.raft.config().voters.clone();
         let snapshot = Snapshot { index: applied, term, voters, data: self.machine.snapshot() };
+        self.last_snapshot_bytes = snapshot.data.len() as u64;
+        self.applied_bytes_since_snapshot = 0;
         self.snapshot_in_progress = true;
         let dir = self.wal.dir().to_owned();
         let node = ctx.address();
