@@ -6,14 +6,9 @@
 //! clock: session expiry is itself a command (`Expire`) that the leader proposes, and it only
 //! takes effect if no keep-alive was applied in between.
 //!
-//! Snapshots are the `postcard` encoding of [`MachineState`], whose collections are encoded in order
-//! (`BTreeMap`, `VecDeque`; the claims' hash map is encoded in key order), so replicas at the
-//! same index produce byte-identical snapshots.
+//! Snapshots are the `postcard` encoding of [`MachineState`], whose collections are all ordered
+//! (`BTreeMap`, `VecDeque`), so replicas at the same index produce byte-identical snapshots.
 
-// HashMap is banned workspace-wide for its unordered iteration; the claims map is the one
-// exception: looked up only, and encoded in key order (see `in_key_order`).
-#[allow(clippy::disallowed_types)]
-use std::collections::HashMap;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 mod expiry;
@@ -101,12 +96,7 @@ pub struct MachineState {
     applied_index: u64,
     last_seq: u64,
     messages: VecDeque<StoredMessage>,
-    /// Looked up on every claim-related command, never walked in order: a hash map costs one
-    /// string comparison per lookup where a tree of a million string keys cost dozens, each
-    /// a cache miss (it was the busiest spot of a node under a claim benchmark). Encoded in
-    /// key order, so snapshots stay byte-identical across replicas.
-    #[serde(serialize_with = "in_key_order")]
-    claims: ClaimMap,
+    claims: BTreeMap<ClaimKey, ClaimRecord>,
     /// `(holder, key)` of every claim a transaction has in flight: pending or prepared by that
     /// holder, or scheduled for release at its commit. What `Settle` and reconcilers walk.
     in_flight: BTreeSet<(String, ClaimKey)>,
@@ -115,17 +105,6 @@ pub struct MachineState {
     clients: BTreeMap<ClientId, ClientRecord>,
     /// `(last_active_index, client)` of every client, to find the idlest in O(log n).
     clients_by_activity: BTreeSet<(u64, ClientId)>,
-}
-
-/// The claims, by key (see [`MachineState::claims`] for why a hash map).
-#[allow(clippy::disallowed_types)]
-type ClaimMap = HashMap<ClaimKey, ClaimRecord>;
-
-/// Serialises the claims as the map of its entries in key order, exactly as a `BTreeMap`.
-fn in_key_order<S: serde::Serializer>(map: &ClaimMap, serializer: S) -> Result<S::Ok, S::Error> {
-    let mut entries: Vec<(&ClaimKey, &ClaimRecord)> = map.iter().collect();
-    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    serializer.collect_map(entries)
 }
 
 /// The result of applying one log entry.
