@@ -7,3 +7,4 @@ pub mod config;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod wal_writer;

@@ -115,13 +115,17 @@ async fn start(config: Config) -> Result<(), StartError> {
         .filter(|p| p.id != config.node_id)
         .map(|p| (p.id, PeerLink::new(p.peer_address, peer_codec).start()))
         .collect();
-    let arbiter = Arbiter::new();
-    let node_config = config.clone();
-    let node_metrics = metrics.clone();
-    let node_metrics_address = metrics_address.clone();
-    let node = NodeActor::start_in_arbiter(&arbiter.handle(), move |_| {
-        NodeActor::new(node_config, wal, recovered, peers, node_metrics, node_metrics_address)
-    });
+    // The node shares this thread with the connections and peer links; only the fsync runs
+    // elsewhere (see `wal_writer`).
+    let node = NodeActor::new(
+        config.clone(),
+        wal,
+        recovered,
+        peers,
+        metrics.clone(),
+        metrics_address.clone(),
+    )
+    .start();
     actix::spawn(tob_server::metrics::serve(metrics_listener, metrics.clone()));
     let limit = config.max_requests_in_flight;
     actix::spawn(serve(

@@ -1,7 +1,8 @@
-//! The node actor: owns the consensus core, the state machine and the write-ahead log, and
-//! carries out each `Ready` in the order of the persistence contract. It runs on its own
-//! arbiter (thread), so an fsync blocks only it; messages queue meanwhile and the next `Ready`
-//! carries them all — that is the group commit.
+//! The node actor: owns the consensus core and the state machine, and carries out each `Ready`
+//! in the order of the persistence contract. It runs on the I/O thread with the connections
+//! and peer links; the write-ahead log runs on a thread of its own ([`WalWriter`]). While one
+//! `Ready` is being made durable, requests and peer messages keep being stepped into the core,
+//! and the next `Ready` carries them all — that is the group commit.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,14 +16,15 @@ use tob_proto::{
     ReadConsistency, Reply, Request, RequestId,
 };
 use tob_raft::{
-    Config as RaftConfig, EntryKind, LogIndex, Message, NodeId, Raft, ReadMode, ReadState, Role,
-    Snapshot,
+    Config as RaftConfig, EntryKind, LogIndex, Message, NodeId, Raft, ReadMode, ReadState, Ready,
+    Role, Snapshot,
 };
 use tob_wal::Wal;
 
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::net::{Outbound, PeerLink};
+use crate::wal_writer::{Persisted, WalWriter};
 
 /// Most messages one read returns (fewer if their bytes would not fit a frame).
 const READ_MESSAGES_MAX: usize = 10_000;
@@ -77,7 +79,13 @@ pub struct NodeActor {
     config: Config,
     raft: Raft,
     machine: Machine,
-    wal: Wal,
+    /// The log until `started` hands it to the writer thread.
+    wal: Option<Wal>,
+    wal_writer: Option<WalWriter>,
+    data_dir: std::path::PathBuf,
+    /// The `Ready` whose durable parts the writer is working on: the rest of it (messages
+    /// that wait for the fsync, committed entries, reads) is carried out on [`Persisted`].
+    persisting: Option<Ready>,
     peers: BTreeMap<u64, Addr<PeerLink>>,
     waiters: BTreeMap<(ClientId, RequestId), Vec<Waiter>>,
     reads: BTreeMap<u64, (Waiter, ReadRequest)>,
@@ -135,7 +143,10 @@ impl NodeActor {
             config,
             raft,
             machine,
-            wal,
+            data_dir: wal.dir().to_owned(),
+            wal: Some(wal),
+            wal_writer: None,
+            persisting: None,
             peers,
             waiters: BTreeMap::new(),
             reads: BTreeMap::new(),
@@ -185,59 +196,58 @@ impl NodeActor {
         }
     }
 
-    /// Carries out every Ready: send, persist (one fsync), send after-persist, apply, advance.
+    /// Carries out every Ready: send, persist (one fsync, on the writer thread), then on
+    /// [`Persisted`] send after-persist, apply, advance. One Ready is persisted at a time.
     fn drive(&mut self) {
-        while self.raft.has_ready() {
+        while self.persisting.is_none() && self.raft.has_ready() {
             let mut ready = self.raft.ready();
             for message in std::mem::take(&mut ready.messages) {
                 self.send(message);
             }
             if ready.must_persist() {
-                let started = Instant::now();
-                let written = self
-                    .wal
-                    .append(ready.snapshot.as_ref(), &ready.entries, ready.hard_state)
-                    .and_then(|()| self.wal.sync());
-                self.metrics.fsync_latency.observe_duration(started.elapsed());
-                self.metrics.fsyncs.fetch_add(1, Relaxed);
-                self.metrics.batch_entries.observe(ready.entries.len() as f64);
-                if let Err(e) = written {
-                    // Nothing after this point may be acknowledged: stop the node.
-                    tracing::error!(error = %e, "write-ahead log failed; stopping");
-                    std::process::exit(70);
-                }
+                let entries = std::mem::take(&mut ready.entries);
+                let writer = self.wal_writer.as_ref().expect("started");
+                writer.persist(ready.snapshot.take(), entries, ready.hard_state);
+                self.persisting = Some(ready);
+                break;
             }
-            for message in ready.messages_after_persist {
-                self.send(message);
-            }
-            if let Some(snapshot) = &ready.snapshot {
-                self.machine.restore(&snapshot.data).expect("leader snapshot decodes");
-                self.last_snapshot_bytes = snapshot.data.len() as u64;
-                self.applied_bytes_since_snapshot = 0;
-            }
-            for entry in ready.committed {
-                match entry.kind {
-                    EntryKind::Noop => self.machine.apply_noop(entry.index.0),
-                    EntryKind::Command(bytes) => {
-                        self.applied_bytes_since_snapshot += bytes.len() as u64;
-                        if let Some(applied) = self.machine.apply(entry.index.0, &bytes) {
-                            self.answer(applied.request, applied.outcome);
-                        }
-                    }
-                }
-            }
-            self.ready_reads.extend(ready.read_states);
-            for context in ready.aborted_reads {
-                if let Some((waiter, _)) = self.reads.remove(&context) {
-                    self.refuse(&waiter, ErrorCode::NotLeader, "leadership lost");
-                }
-            }
-            self.serve_reads();
-            self.raft.advance();
+            self.finish_ready(ready, None);
         }
         self.publish_metrics();
         self.push_to_subscribers();
         self.refuse_waiters_if_deposed();
+    }
+
+    /// The part of a Ready that follows its fsync: messages that needed it, the leader's
+    /// snapshot restored, committed entries applied, reads served, then `advance`.
+    fn finish_ready(&mut self, ready: Ready, snapshot: Option<Snapshot>) {
+        for message in ready.messages_after_persist {
+            self.send(message);
+        }
+        if let Some(snapshot) = &snapshot {
+            self.machine.restore(&snapshot.data).expect("leader snapshot decodes");
+            self.last_snapshot_bytes = snapshot.data.len() as u64;
+            self.applied_bytes_since_snapshot = 0;
+        }
+        for entry in ready.committed {
+            match entry.kind {
+                EntryKind::Noop => self.machine.apply_noop(entry.index.0),
+                EntryKind::Command(bytes) => {
+                    self.applied_bytes_since_snapshot += bytes.len() as u64;
+                    if let Some(applied) = self.machine.apply(entry.index.0, &bytes) {
+                        self.answer(applied.request, applied.outcome);
+                    }
+                }
+            }
+        }
+        self.ready_reads.extend(ready.read_states);
+        for context in ready.aborted_reads {
+            if let Some((waiter, _)) = self.reads.remove(&context) {
+                self.refuse(&waiter, ErrorCode::NotLeader, "leadership lost");
+            }
+        }
+        self.serve_reads();
+        self.raft.advance();
     }
 
     /// A node that is no longer leader answers every client still waiting on it with
@@ -405,7 +415,7 @@ impl NodeActor {
         self.last_snapshot_bytes = snapshot.data.len() as u64;
         self.applied_bytes_since_snapshot = 0;
         self.snapshot_in_progress = true;
-        let dir = self.wal.dir().to_owned();
+        let dir = self.data_dir.clone();
         let node = ctx.address();
         std::thread::spawn(move || {
             let written = tob_wal::write_snapshot(&dir, &snapshot).map_err(|e| e.to_string());
@@ -447,6 +457,9 @@ impl Actor for NodeActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(100_000);
+        let wal = self.wal.take().expect("a node starts once");
+        let node = ctx.address().recipient();
+        self.wal_writer = Some(WalWriter::spawn(wal, node, self.metrics.clone()));
         ctx.run_interval(Duration::from_millis(self.config.tick_ms), |node, ctx| {
             node.catch_up_ticks();
             node.schedule_drive(ctx);
@@ -459,6 +472,21 @@ impl Handler<Drive> for NodeActor {
     type Result = ();
     fn handle(&mut self, _: Drive, ctx: &mut Context<Self>) {
         self.drive_scheduled = false;
+        self.drive();
+        self.maybe_snapshot(ctx);
+    }
+}
+
+impl Handler<Persisted> for NodeActor {
+    type Result = ();
+    fn handle(&mut self, done: Persisted, ctx: &mut Context<Self>) {
+        if let Err(e) = done.result {
+            // Nothing after this point may be acknowledged: stop the node.
+            tracing::error!(error = %e, "write-ahead log failed; stopping");
+            std::process::exit(70);
+        }
+        let ready = self.persisting.take().expect("a Ready was being persisted");
+        self.finish_ready(ready, done.snapshot);
         self.drive();
         self.maybe_snapshot(ctx);
     }
@@ -485,10 +513,7 @@ impl Handler<SnapshotWritten> for NodeActor {
         if self.raft.snapshot_index() >= index || self.raft.term_at(index) != Some(term) {
             return;
         }
-        if let Err(e) = self.wal.forget_covered(index.0) {
-            tracing::error!(error = %e, "log compaction failed; stopping");
-            std::process::exit(70);
-        }
+        self.wal_writer.as_ref().expect("started").forget_covered(index.0);
         self.raft.compact(done.snapshot);
     }
 }
