@@ -180,6 +180,35 @@ impl Cluster {
         }
     }
 
+    /// Node `n` keeps every link; the other nodes split into two halves (in node order) that
+    /// cannot reach each other — Jepsen's bridge.
+    pub fn bridge(&self, n: usize) {
+        let others: Vec<usize> = (0..self.size()).filter(|&i| i != n).collect();
+        let (left, right) = others.split_at(others.len() / 2);
+        for &a in left {
+            for &b in right {
+                self.cut(a, b);
+                self.cut(b, a);
+            }
+        }
+    }
+
+    /// The node that is leader in the highest term among those that answer (asked directly,
+    /// not through the proxies, with a short timeout), if any.
+    pub fn leader(&self) -> Option<usize> {
+        let addresses = self.nodes.iter().map(|n| n.client.to_string()).collect();
+        let mut config = tob_client::ClientConfig::new(addresses, 1);
+        config.connect_timeout = std::time::Duration::from_millis(200);
+        config.request_timeout = std::time::Duration::from_millis(300);
+        let mut client = tob_client::Client::new(config);
+        (0..self.size())
+            .filter(|&i| self.nodes[i].child.is_some() && !self.nodes[i].paused)
+            .filter_map(|i| client.status_of(i).ok().map(|s| (s, i)))
+            .filter(|(s, _)| s.role == "leader")
+            .max_by_key(|(s, _)| s.term)
+            .map(|(_, i)| i)
+    }
+
     /// Splits the nodes into two sides that cannot talk.
     pub fn partition(&self, side: &[usize]) {
         for a in 0..self.size() {

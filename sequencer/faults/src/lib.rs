@@ -192,7 +192,18 @@ fn all_delivered(recorder: &Recorder, nodes: usize, target: u64) -> bool {
 /// Applies one nemesis step to the cluster.
 pub fn apply(cluster: &mut Cluster, action: &Action) -> std::io::Result<()> {
     let size = cluster.size();
-    let node = |n: usize| n % size;
+    // `leader` resolves now; with no leader (mid-election) the fault hits node 0.
+    let leader = if matches!(
+        action,
+        Action::Kill(nemesis::LEADER)
+            | Action::Pause(nemesis::LEADER)
+            | Action::Isolate(nemesis::LEADER)
+    ) {
+        cluster.leader().unwrap_or(0)
+    } else {
+        0
+    };
+    let node = |n: usize| if n == nemesis::LEADER { leader } else { n % size };
     match action {
         Action::Kill(n) => cluster.kill(node(*n)),
         Action::Restart(n) => cluster.restart(node(*n))?,
@@ -201,6 +212,7 @@ pub fn apply(cluster: &mut Cluster, action: &Action) -> std::io::Result<()> {
         Action::Isolate(n) => cluster.isolate(node(*n)),
         Action::Cut(a, b) => cluster.cut(node(*a), node(*b)),
         Action::CutClients(n) => cluster.cut_clients(node(*n)),
+        Action::Bridge(n) => cluster.bridge(node(*n)),
         Action::Partition(side) => {
             cluster.partition(&side.iter().map(|n| node(*n)).collect::<Vec<_>>())
         }

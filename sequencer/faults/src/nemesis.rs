@@ -3,10 +3,16 @@
 //! Schedule file format, one step a line (`#` comments): `AT_MS ACTION [ARGS]`, actions
 //! `kill N`, `restart N`, `pause N`, `resume N`, `isolate N`, `cut A B` (one way),
 //! `cut-clients N` (clients cannot reach node N),
-//! `partition A,B` (those nodes against the rest), `delay MS`, `reset`, `restart-all`,
-//! `skew N TICK_MS` (restart node N with another tick rate), `heal`. Nodes count from 0.
+//! `partition A,B` (those nodes against the rest), `bridge N` (node N still reaches everyone,
+//! the others are split in two halves that cannot talk), `delay MS` (latency with ±50%
+//! jitter on every link), `reset`, `restart-all`, `skew N TICK_MS` (restart node N with
+//! another tick rate), `heal`. Nodes count from 0; `kill`, `pause` and `isolate` also take
+//! `leader`: whichever node is leader when the step runs (repair those with `heal`).
 
 use std::time::Duration;
+
+/// In place of a node number: the node that is leader when the step runs.
+pub const LEADER: usize = usize::MAX;
 
 /// One fault or repair.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +26,8 @@ pub enum Action {
     /// Clients cannot reach node N (its peers still can).
     CutClients(usize),
     Partition(Vec<usize>),
+    /// Node N reaches everyone; the others split into two halves that cannot talk.
+    Bridge(usize),
     Delay(u64),
     Reset,
     RestartAll,
@@ -38,6 +46,7 @@ impl Action {
             Action::Cut(..) => "cut",
             Action::CutClients(_) => "cut-clients",
             Action::Partition(_) => "partition",
+            Action::Bridge(_) => "bridge",
             Action::Delay(_) => "delay",
             Action::Reset => "reset",
             Action::RestartAll => "restart-all",
@@ -50,11 +59,15 @@ impl Action {
 impl std::fmt::Display for Action {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            Action::Kill(LEADER) | Action::Pause(LEADER) | Action::Isolate(LEADER) => {
+                write!(f, "{} leader", self.kind())
+            }
             Action::Kill(n)
             | Action::Restart(n)
             | Action::Pause(n)
             | Action::Resume(n)
             | Action::Isolate(n)
+            | Action::Bridge(n)
             | Action::CutClients(n) => write!(f, "{} {n}", self.kind()),
             Action::Cut(a, b) => write!(f, "cut {a} {b}"),
             Action::Partition(side) => write!(
@@ -74,8 +87,10 @@ pub type Rng = tob_raft::SplitMix64;
 
 /// A random schedule for `duration` on `nodes` nodes: a fault every 1–3 s, each repaired
 /// 0.5–2.5 s later (pauses outlast the election timeout), ending healed. Faults: kill -9 and
-/// restart, SIGSTOP/SIGCONT, an isolated node, a one-way cut, added latency, connection
-/// resets, every node restarted at once, a node restarted with a 30% faster or slower tick.
+/// restart, SIGSTOP/SIGCONT, an isolated node — each also aimed at whichever node leads —,
+/// a bridge, a majority/minority partition (5 nodes), a one-way cut, clients cut off from a
+/// node, added latency with jitter, connection resets, every node restarted at once, a node
+/// restarted with a 30% faster or slower tick.
 pub fn random_schedule(seed: u64, duration: Duration, nodes: usize) -> Vec<(Duration, Action)> {
     let mut rng = Rng::new(seed);
     let mut steps = Vec::new();
@@ -85,9 +100,16 @@ pub fn random_schedule(seed: u64, duration: Duration, nodes: usize) -> Vec<(Dura
         let n = rng.range(0, nodes as u64) as usize;
         let hold = rng.range(500, 2500).min(end - at);
         let (fault, repair) = match rng.range(0, 9) {
+            0 if rng.range(0, 3) == 0 => (Action::Kill(LEADER), Action::Heal),
             0 | 1 => (Action::Kill(n), Action::Restart(n)),
+            2 if rng.range(0, 3) == 0 => (Action::Pause(LEADER), Action::Heal),
             2 | 3 => (Action::Pause(n), Action::Resume(n)),
-            4 | 5 => (Action::Isolate(n), Action::Heal),
+            4 => (Action::Isolate([n, LEADER][rng.range(0, 2) as usize]), Action::Heal),
+            5 if nodes >= 5 && rng.range(0, 2) == 0 => {
+                let m = (n + 1 + rng.range(0, nodes as u64 - 1) as usize) % nodes;
+                (Action::Partition(vec![n, m]), Action::Heal)
+            }
+            5 => (Action::Bridge(n), Action::Heal),
             6 if rng.range(0, 3) == 0 => (Action::CutClients(n), Action::Heal),
             6 => {
                 let m = (n + 1 + rng.range(0, nodes as u64 - 1) as usize) % nodes;
@@ -123,12 +145,16 @@ pub fn parse_schedule(text: &str) -> Result<Vec<(Duration, Action)>, String> {
         let num = |i: usize| -> Result<u64, String> {
             words.get(i).and_then(|w| w.parse().ok()).ok_or_else(|| bad("number expected"))
         };
+        let node = |i: usize| -> Result<usize, String> {
+            if words.get(i) == Some(&"leader") { Ok(LEADER) } else { Ok(num(i)? as usize) }
+        };
         let action = match words.get(1).copied() {
-            Some("kill") => Action::Kill(num(2)? as usize),
+            Some("kill") => Action::Kill(node(2)?),
             Some("restart") => Action::Restart(num(2)? as usize),
-            Some("pause") => Action::Pause(num(2)? as usize),
+            Some("pause") => Action::Pause(node(2)?),
             Some("resume") => Action::Resume(num(2)? as usize),
-            Some("isolate") => Action::Isolate(num(2)? as usize),
+            Some("isolate") => Action::Isolate(node(2)?),
+            Some("bridge") => Action::Bridge(num(2)? as usize),
             Some("cut") => Action::Cut(num(2)? as usize, num(3)? as usize),
             Some("cut-clients") => Action::CutClients(num(2)? as usize),
             Some("partition") => Action::Partition(
@@ -176,11 +202,15 @@ mod tests {
     #[test]
     fn schedule_files_parse_and_bad_lines_are_named() {
         let steps = parse_schedule(
-            "# a comment\n100 kill 1\n900 restart 1\n1000 partition 0,2\n2000 heal\n",
+            "# a comment\n100 kill 1\n900 restart 1\n1000 partition 0,2\n2000 heal\n\
+             2100 isolate leader\n2200 bridge 1\n",
         )
         .unwrap();
         assert_eq!(steps[0], (Duration::from_millis(100), Action::Kill(1)));
         assert_eq!(steps[2].1, Action::Partition(vec![0, 2]));
+        assert_eq!(steps[4].1, Action::Isolate(LEADER));
+        assert_eq!(steps[5].1, Action::Bridge(1));
+        assert_eq!(steps[4].1.to_string(), "isolate leader");
         let err = parse_schedule("100 explode 1").unwrap_err();
         assert!(err.contains("line 1") && err.contains("unknown action"), "{err}");
     }

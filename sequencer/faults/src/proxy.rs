@@ -1,7 +1,8 @@
 //! A fault-injecting TCP proxy on loopback. Each proxy carries one direction of one link
 //! (node i dials node j's peer port through the proxy for i→j), so cutting it is a one-way
 //! partition. Controls take effect at once: `cut` drops every connection and refuses new ones
-//! until `heal`; `set_delay` holds every chunk that long before forwarding it.
+//! until `heal`; `set_delay` holds every chunk for that long ±50% (jitter) before forwarding
+//! it — bytes stay in order, as TCP's would.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -92,6 +93,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, c: &Controls, generation: u64) {
     let _ = from.set_read_timeout(Some(Duration::from_millis(50)));
     let _ = to.set_nodelay(true);
     let mut buf = vec![0u8; 64 * 1024];
+    // Jitter needs no replay: the timing of real processes is not reproducible anyway.
+    let nanos = std::time::SystemTime::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_nanos() as u64);
+    let mut rng = tob_raft::SplitMix64::new(nanos ^ generation);
     loop {
         if c.generation.load(Ordering::Relaxed) != generation {
             break;
@@ -101,7 +105,8 @@ fn pump(mut from: TcpStream, mut to: TcpStream, c: &Controls, generation: u64) {
             Ok(n) => {
                 let delay = c.delay_us.load(Ordering::Relaxed);
                 if delay > 0 {
-                    std::thread::sleep(Duration::from_micros(delay));
+                    let jittered = rng.range(delay / 2, delay + delay / 2 + 1);
+                    std::thread::sleep(Duration::from_micros(jittered));
                 }
                 if c.generation.load(Ordering::Relaxed) != generation
                     || to.write_all(&buf[..n]).is_err()

@@ -74,3 +74,30 @@ fn a_planted_bug_in_the_real_binary_is_caught() {
     println!("caught: {}", violations[0]);
     let _ = std::fs::remove_dir_all(&config.out);
 }
+
+#[test]
+fn leader_targeted_faults_hit_whichever_node_leads() {
+    use tob_faults::cluster::Cluster;
+    use tob_faults::nemesis::{Action, LEADER};
+    let dir = std::env::temp_dir().join(format!("tob-faults-test-{}-leader", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut cluster = Cluster::start(&sequencer(), &dir, 3, &[]).unwrap();
+    let until = |what: &str, check: &mut dyn FnMut(&Cluster) -> bool, cluster: &Cluster| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !check(cluster) {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    until("a first leader", &mut |c| c.leader().is_some(), &cluster);
+    let first = cluster.leader().unwrap();
+    tob_faults::apply(&mut cluster, &Action::Isolate(LEADER)).unwrap();
+    // Cut off from its peers, the old leader is replaced by one of the others.
+    until("a new leader", &mut |c| c.leader().is_some_and(|l| l != first), &cluster);
+    tob_faults::apply(&mut cluster, &Action::Heal).unwrap();
+    let second = cluster.leader().unwrap();
+    tob_faults::apply(&mut cluster, &Action::Kill(LEADER)).unwrap();
+    assert!(!cluster.is_running(second), "the leader at the time was killed");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
