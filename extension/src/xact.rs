@@ -191,27 +191,53 @@ fn wait_for_new_session(old: SessionId) {
 }
 
 /// Schedules the release of `owner`'s claim on `key` for this transaction's commit. Returns
-/// false if `owner` does not hold it (or another transaction is releasing it).
+/// false if `owner` does not hold it.
+///
+/// If `owner` holds it but another transaction's release of it is still being settled, this
+/// waits (as a claim waits for a pending one, bounded by `tob.claim_wait_timeout`; 55P03
+/// after that). That other transaction has ended — PostgreSQL's row lock saw to it — but the
+/// background worker has not told the cluster yet; the cluster refuses a second scheduled
+/// release meanwhile. Treating that refusal as "not ours" let a DELETE commit while its claim
+/// stayed held for good (found by a 30-minute fault run: a DELETE cut short by
+/// `pg_terminate_backend`, then the same DELETE again from a new connection).
 pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
     require_preloaded("tob_release inside a transaction");
     let (full_xid, holder) = current_holder();
     let claim_key = claim_key(namespace, key);
-    let outcome = with_client(|c| Ok(c.release_on_commit(claim_key.clone(), owner, &holder)?));
-    match outcome {
-        Outcome::ReleaseScheduled => {
-            let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-            let op = Op {
-                key: claim_key,
-                owner: owner.into(),
-                kind: OpKind::Releasing,
-                prepared: false,
-                subxact,
-            };
-            record(full_xid, &holder, op);
-            true
+    // The reconciler decides a scheduled release by the transaction's fate, as it does a
+    // prepared claim: the transaction id must survive a crash (see `make_xid_durable`).
+    record_transaction(full_xid, &holder);
+    ensure_xid_durable();
+    let mut waiting = backend::Waiting::new();
+    loop {
+        let outcome =
+            with_client(|c| Ok(c.release_on_commit(claim_key.clone(), owner, &holder)?));
+        match outcome {
+            Outcome::ReleaseScheduled => {
+                let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+                let op = Op {
+                    key: claim_key,
+                    owner: owner.into(),
+                    kind: OpKind::Releasing,
+                    prepared: false,
+                    subxact,
+                };
+                record(full_xid, &holder, op);
+                return true;
+            }
+            Outcome::NotOwner => {
+                let current = with_client(|c| {
+                    Ok(c.owner(namespace, key, tob_proto::ReadConsistency::Index)?)
+                });
+                match current {
+                    Some(current) if current.owner == owner => {
+                        waiting.wait_or_raise(namespace, key, current)
+                    }
+                    _ => return false,
+                }
+            }
+            other => TobError::from_outcome(other).raise(),
         }
-        Outcome::NotOwner => false,
-        other => TobError::from_outcome(other).raise(),
     }
 }
 

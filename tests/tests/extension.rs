@@ -517,3 +517,67 @@ async fn privileges_need_the_tob_user_role() {
     let value: i64 = user.query_one("SELECT tob_next('c')", &[]).await.unwrap().get(0);
     assert_eq!(value, 1);
 }
+
+/// A DELETE whose transaction ended but whose end the background worker has not yet told the
+/// cluster leaves a release scheduled; deleting the same row again must wait for it to settle
+/// and then release the claim — not commit while the claim stays held for good (found by a
+/// 30-minute fault run). If the wait runs out, the DELETE fails with 55P03 and the row stays.
+#[tokio::test]
+async fn a_second_delete_waits_for_an_unsettled_one_and_releases() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    wait_until_ready(&db).await;
+    db.batch_execute("INSERT INTO users (name) VALUES ('alice'), ('bob')").await.unwrap();
+    let worker: i32 = db
+        .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'tob'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill").arg(name).arg(worker.to_string()).status();
+        assert!(status.unwrap().success());
+    };
+    let other = pg.connect("app").await;
+    for (name, wait, deleted) in [("alice", "10s", true), ("bob", "300ms", false)] {
+        // The worker stopped: the rolled-back DELETE's end stays unsettled in the cluster.
+        signal("-STOP");
+        other
+            .batch_execute(&format!("BEGIN; DELETE FROM users WHERE name = '{name}'; ROLLBACK"))
+            .await
+            .unwrap();
+        db.batch_execute(&format!("SET tob.claim_wait_timeout = '{wait}'")).await.unwrap();
+        let started = Instant::now();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&name];
+        let delete = db.execute("DELETE FROM users WHERE name = $1", &params);
+        let result = if deleted {
+            // The worker resumes while the DELETE waits.
+            let resume = async {
+                tokio::time::sleep(Duration::from_millis(800)).await;
+                signal("-CONT");
+            };
+            tokio::join!(delete, resume).0
+        } else {
+            let result = delete.await;
+            signal("-CONT");
+            result
+        };
+        if deleted {
+            assert_eq!(result.unwrap(), 1);
+            assert!(started.elapsed() >= Duration::from_millis(700), "it waited for the worker");
+            let released = eventually(Duration::from_secs(10), || async {
+                owner_state(&db, name).await.is_none()
+            })
+            .await;
+            assert!(released, "{name}: deleted, so its claim must be released");
+        } else {
+            assert_eq!(sqlstate(&result.unwrap_err()), "55P03");
+            assert!(names(&db).await.contains(&name.to_owned()), "the failed DELETE kept the row");
+            let held = eventually(Duration::from_secs(10), || async {
+                owner_state(&db, name).await.as_deref() == Some("held")
+            })
+            .await;
+            assert!(held, "{name}: the row stays, so does its claim");
+        }
+    }
+}
