@@ -86,6 +86,9 @@ pub struct NodeActor {
     /// The `Ready` whose durable parts the writer is working on: the rest of it (messages
     /// that wait for the fsync, committed entries, reads) is carried out on [`Persisted`].
     persisting: Option<Ready>,
+    /// A durable local snapshot whose compaction waits for the Ready being persisted, so the
+    /// log is never compacted between a Ready and its `advance`.
+    compaction_due: Option<Snapshot>,
     peers: BTreeMap<u64, Addr<PeerLink>>,
     waiters: BTreeMap<(ClientId, RequestId), Vec<Waiter>>,
     reads: BTreeMap<u64, (Waiter, ReadRequest)>,
@@ -147,6 +150,7 @@ impl NodeActor {
             wal: Some(wal),
             wal_writer: None,
             persisting: None,
+            compaction_due: None,
             peers,
             waiters: BTreeMap::new(),
             reads: BTreeMap::new(),
@@ -487,6 +491,7 @@ impl Handler<Persisted> for NodeActor {
         }
         let ready = self.persisting.take().expect("a Ready was being persisted");
         self.finish_ready(ready, done.snapshot);
+        self.compact_if_due();
         self.drive();
         self.maybe_snapshot(ctx);
     }
@@ -508,13 +513,24 @@ impl Handler<SnapshotWritten> for NodeActor {
             tracing::error!(error = %e, "snapshot failed; stopping");
             std::process::exit(70);
         }
-        let (index, term) = (done.snapshot.index, done.snapshot.term);
+        self.compaction_due = Some(done.snapshot);
+        if self.persisting.is_none() {
+            self.compact_if_due();
+        }
+    }
+}
+
+impl NodeActor {
+    /// Compacts the log up to a durable local snapshot (between Readies only).
+    fn compact_if_due(&mut self) {
+        let Some(snapshot) = self.compaction_due.take() else { return };
+        let (index, term) = (snapshot.index, snapshot.term);
         // A snapshot from the leader may have replaced the log meanwhile.
         if self.raft.snapshot_index() >= index || self.raft.term_at(index) != Some(term) {
             return;
         }
         self.wal_writer.as_ref().expect("started").forget_covered(index.0);
-        self.raft.compact(done.snapshot);
+        self.raft.compact(snapshot);
     }
 }
 
