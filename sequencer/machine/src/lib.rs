@@ -7,10 +7,12 @@
 //! takes effect if no keep-alive was applied in between.
 //!
 //! Snapshots are the `postcard` encoding of [`MachineState`], whose collections are all ordered
-//! (`BTreeMap`, `VecDeque`), so replicas at the same index produce byte-identical snapshots.
+//! (`BTreeMap`, `VecDeque`, and claims by a fixed hash of their key), so replicas at the same
+//! index produce byte-identical snapshots.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+mod claim_table;
 mod expiry;
 
 pub use expiry::ExpiryWatch;
@@ -20,6 +22,8 @@ use tob_proto::{
     ClaimKey, ClaimKind, ClaimState, ClientId, Command, ErrorCode, FencingToken, Limits, Outcome,
     OwnerInfo, ReleasedClaim, Request, RequestId, Seq, SessionId,
 };
+
+use crate::claim_table::ClaimTable;
 
 /// Deliberately wrong behaviour for the simulator's self-tests (`planted-bugs` feature only).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -96,7 +100,7 @@ pub struct MachineState {
     applied_index: u64,
     last_seq: u64,
     messages: VecDeque<StoredMessage>,
-    claims: BTreeMap<ClaimKey, ClaimRecord>,
+    claims: ClaimTable<ClaimRecord>,
     /// `(holder, key)` of every claim a transaction has in flight: pending or prepared by that
     /// holder, or scheduled for release at its commit. What `Settle` and reconcilers walk.
     in_flight: BTreeSet<(String, ClaimKey)>,
@@ -312,7 +316,7 @@ impl Machine {
         let lost: Vec<ClaimKey> = keys
             .iter()
             .filter(|key| {
-                !self.state.claims.get(*key).is_some_and(|c| {
+                !self.state.claims.get(key).is_some_and(|c| {
                     c.holder == holder
                         && matches!(c.state, ClaimState::Pending | ClaimState::Prepared)
                 })
