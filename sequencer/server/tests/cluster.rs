@@ -238,10 +238,17 @@ fn a_torn_wal_tail_is_truncated_and_a_corrupt_record_refuses_to_start() {
     let wal = cluster.nodes[victim].dir.join("wal-00000001.log");
     let mut bytes = std::fs::read(&wal).unwrap();
 
-    // Torn: a partial frame after the last whole one.
+    // Torn: a partial frame where the next one would have gone — after the last whole one,
+    // inside the space the log reserved (zeros to the end of the file).
+    let mut end = 0;
+    while bytes.len() >= end + 12 && bytes[end..end + 4] == *b"TOBW" {
+        end += 12 + u32::from_le_bytes(bytes[end + 4..end + 8].try_into().unwrap()) as usize;
+    }
+    assert!(end > 0, "the log holds frames");
     let mut torn = bytes.clone();
-    torn.extend_from_slice(&frame::MAGIC);
-    torn.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3]);
+    torn.resize(torn.len().max(end + 11), 0);
+    torn[end..end + 4].copy_from_slice(b"TOBW");
+    torn[end + 4..end + 11].copy_from_slice(&[200, 0, 0, 0, 1, 2, 3]);
     std::fs::write(&wal, &torn).unwrap();
     cluster.spawn(victim);
     let mut client = cluster.client();

@@ -165,12 +165,12 @@ fn a_damaged_frame_header_in_the_middle_is_corruption_not_a_tail() {
     wal.append(None, &[entry(1, 1)], Some(hs(1, 0))).unwrap();
     wal.sync().unwrap();
     let path = segment_path(&dir.0, 1);
-    let second_frame_at = fs::metadata(&path).unwrap().len() as usize;
     wal.append(None, &[entry(2, 1)], None).unwrap();
     wal.append(None, &[entry(3, 1)], None).unwrap();
     wal.sync().unwrap();
     drop(wal);
     let mut bytes = fs::read(&path).unwrap();
+    let second_frame_at = frame_starts(&bytes)[1];
     bytes[second_frame_at] ^= 0xff; // its magic
     fs::write(&path, &bytes).unwrap();
     match Wal::open(&dir.0, WalConfig::default()) {
@@ -189,4 +189,89 @@ fn a_damaged_frame_header_in_the_middle_is_corruption_not_a_tail() {
     drop(wal);
     let (_, recovered) = open(&dir);
     assert_eq!(recovered.entries.len(), 3);
+}
+
+fn open_reserving(dir: &TempDir, bytes: u64) -> (Wal, Recovered) {
+    let config = WalConfig { segment_bytes_max: bytes, ..WalConfig::default() };
+    Wal::open(&dir.0, config).expect("opens")
+}
+
+/// Where each frame of a segment starts, read from the frame headers.
+fn frame_starts(bytes: &[u8]) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut at = 0;
+    while bytes.len() >= at + FRAME_HEADER_BYTES && bytes[at..at + 4] == FRAME_MAGIC {
+        starts.push(at);
+        at += FRAME_HEADER_BYTES
+            + u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap()) as usize;
+    }
+    starts.push(at);
+    starts
+}
+
+#[test]
+fn space_is_reserved_written_in_place_and_given_back_on_close() {
+    let dir = TempDir::new();
+    let path = segment_path(&dir.0, 1);
+    let (mut wal, _) = open_reserving(&dir, 1 << 20);
+    assert_eq!(fs::metadata(&path).unwrap().len(), 1 << 20, "reserved when opened");
+    wal.append(None, &[entry(1, 1)], Some(hs(1, 0))).unwrap();
+    wal.append(None, &[entry(2, 1)], None).unwrap();
+    wal.sync().unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().len(), 1 << 20, "frames written inside it");
+    drop(wal);
+    let written = fs::read(&path).unwrap();
+    assert_eq!(frame_starts(&written).len(), 3, "two frames and nothing after them");
+    assert_eq!(*frame_starts(&written).last().unwrap(), written.len());
+    let (_, recovered) = open_reserving(&dir, 1 << 20);
+    assert_eq!(recovered.entries, vec![entry(1, 1), entry(2, 1)]);
+}
+
+#[test]
+fn a_crash_leaves_reserved_zeros_that_replay_reads_as_the_end() {
+    let dir = TempDir::new();
+    let path = segment_path(&dir.0, 1);
+    let (mut wal, _) = open_reserving(&dir, 1 << 20);
+    wal.append(None, &[entry(1, 1)], Some(hs(1, 0))).unwrap();
+    wal.sync().unwrap();
+    wal.append(None, &[entry(2, 1), entry(3, 1)], None).unwrap();
+    wal.sync().unwrap();
+    std::mem::forget(wal); // killed: nothing trimmed
+    let bytes = fs::read(&path).unwrap();
+    assert_eq!(bytes.len(), 1 << 20);
+    let starts = frame_starts(&bytes);
+
+    // Intact frames followed by zeros: everything comes back.
+    let (wal, recovered) = open_reserving(&dir, 1 << 20);
+    assert_eq!(recovered.entries, vec![entry(1, 1), entry(2, 1), entry(3, 1)]);
+    std::mem::forget(wal);
+
+    // The second frame torn inside the reserved space: its last bytes never reached the disk
+    // and read as zeros. Dropped, and the file cut where it began.
+    let mut torn = bytes.clone();
+    torn[starts[2] - 4..starts[2]].fill(0);
+    fs::write(&path, &torn).unwrap();
+    let (wal, recovered) = open_reserving(&dir, 1 << 20);
+    assert_eq!(recovered.entries, vec![entry(1, 1)]);
+    drop(wal);
+    assert_eq!(fs::metadata(&path).unwrap().len(), starts[1] as u64);
+
+    // A torn header (only part of the magic written) at the end of reserved space: the end.
+    let mut torn_header = bytes[..starts[1]].to_vec();
+    torn_header.extend_from_slice(&FRAME_MAGIC[..2]);
+    torn_header.resize(1 << 20, 0);
+    fs::write(&path, &torn_header).unwrap();
+    let (_, recovered) = open_reserving(&dir, 1 << 20);
+    assert_eq!(recovered.entries, vec![entry(1, 1)]);
+
+    // But a damaged frame with a whole frame after it is corruption, reserved space or not.
+    let mut corrupt = bytes.clone();
+    corrupt[starts[0] + FRAME_HEADER_BYTES] ^= 0xff;
+    fs::write(&path, &corrupt).unwrap();
+    match Wal::open(&dir.0, WalConfig { segment_bytes_max: 1 << 20, ..WalConfig::default() }) {
+        Err(WalError::Corrupt { offset, .. }) => assert_eq!(offset, 0),
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("opened a corrupt log"),
+    }
+    assert_eq!(fs::read(&path).unwrap(), corrupt, "the evidence is kept");
 }
