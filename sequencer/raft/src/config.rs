@@ -14,6 +14,9 @@ pub struct PlantedBugs {
     pub append_without_prev_check: bool,
 }
 
+/// Entry bytes in one Append unless configured otherwise.
+pub const MAX_APPEND_BYTES_DEFAULT: usize = 1024 * 1024;
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub id: NodeId,
@@ -28,6 +31,8 @@ pub struct Config {
     pub max_inflight_appends: usize,
     /// Upper bound on entry bytes in one Append.
     pub max_append_bytes: usize,
+    /// Largest piece of a snapshot in one InstallSnapshot message.
+    pub snapshot_chunk_bytes: usize,
     /// Largest relative difference between two nodes' tick rates, in parts per thousand, that
     /// lease reads tolerate. A lease lasts `election_ticks * (1000 - d) / (1000 + d) - 1` ticks
     /// from the moment the confirming heartbeat was sent. If tick rates differ by more than
@@ -46,7 +51,8 @@ impl Config {
             election_ticks: 10,
             heartbeat_ticks: 2,
             max_inflight_appends: 64,
-            max_append_bytes: 1024 * 1024,
+            max_append_bytes: MAX_APPEND_BYTES_DEFAULT,
+            snapshot_chunk_bytes: 1024 * 1024,
             lease_drift_permille: 100,
             seed,
             bugs: PlantedBugs::default(),
@@ -63,5 +69,6 @@ impl Config {
         assert!(self.voters.contains(&self.id), "a node must be one of the voters");
         assert!(self.heartbeat_ticks >= 1 && self.heartbeat_ticks < self.election_ticks);
         assert!(self.max_inflight_appends >= 1);
+        assert!(self.snapshot_chunk_bytes >= 1);
     }
 }

@@ -34,7 +34,7 @@
 //! proposal batching, pipelined Appends bounded per follower, and term-skipping backtracking;
 //! commitment only by counting replicas of current-term entries; a no-op from every new
 //! leader; ReadIndex reads and opt-in lease reads ([`Config::lease_drift_permille`] states the
-//! clock-drift bound); snapshots, InstallSnapshot and log compaction. Membership is static
+//! clock-drift bound); snapshots sent piece by piece (InstallSnapshot) and log compaction. Membership is static
 //! (the voter list is a `Vec` so that joint consensus can be added).
 
 mod config;
@@ -45,7 +45,7 @@ mod ready;
 mod rng;
 mod types;
 
-pub use config::{Config, PlantedBugs};
+pub use config::{Config, MAX_APPEND_BYTES_DEFAULT, PlantedBugs};
 pub use raft::{NotLeader, Raft, ReadMode, Recovered, Role};
 pub use ready::{ReadState, Ready};
 pub use rng::SplitMix64;

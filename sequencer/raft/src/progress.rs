@@ -12,8 +12,9 @@ pub(crate) enum ReplicationState {
     Probe,
     /// Known match: Appends are pipelined, at most `max_inflight` at once.
     Replicate,
-    /// An InstallSnapshot of `index` is on its way.
-    Snapshot { index: LogIndex },
+    /// The snapshot at `index` is on its way, piece by piece; the follower confirmed holding
+    /// its first `received` bytes.
+    Snapshot { index: LogIndex, received: u64 },
 }
 
 /// Heartbeat answers without replication progress before the leader re-probes a follower.
@@ -38,6 +39,9 @@ pub(crate) struct Progress {
     /// index: pipelined Appends were probably lost, so the leader falls back to probing.
     pub stalled_heartbeats: u32,
     match_at_last_heartbeat: LogIndex,
+    /// Snapshot bytes the follower had confirmed at the last heartbeat answer: no more since
+    /// means the piece in flight (or its answer) was lost, and it is sent again.
+    pub snapshot_received_at_heartbeat: u64,
 }
 
 impl Progress {
@@ -52,12 +56,13 @@ impl Progress {
             acked_round: 0,
             stalled_heartbeats: 0,
             match_at_last_heartbeat: LogIndex(0),
+            snapshot_received_at_heartbeat: 0,
         }
     }
 
     pub fn become_probe(&mut self) {
         self.next_index = self.match_index.next().max(match self.state {
-            ReplicationState::Snapshot { index } => index.next(),
+            ReplicationState::Snapshot { index, .. } => index.next(),
             _ => LogIndex(0),
         });
         self.state = ReplicationState::Probe;

@@ -78,6 +78,31 @@ struct ReadRounds {
 
 /// One Raft node.
 #[derive(Debug)]
+/// What an InstallSnapshot piece says about the snapshot it belongs to.
+struct SnapshotPiece {
+    index: LogIndex,
+    term: Term,
+    voters: Vec<NodeId>,
+    offset: u64,
+    total: u64,
+}
+
+/// The bytes of a snapshot received so far, in order.
+struct IncomingSnapshot {
+    index: LogIndex,
+    term: Term,
+    voters: Vec<NodeId>,
+    total: u64,
+    data: Vec<u8>,
+}
+
+impl From<SnapshotPiece> for IncomingSnapshot {
+    fn from(piece: SnapshotPiece) -> IncomingSnapshot {
+        let SnapshotPiece { index, term, voters, total, .. } = piece;
+        IncomingSnapshot { index, term, voters, total, data: Vec::new() }
+    }
+}
+
 pub struct Raft {
     config: Config,
     rng: SplitMix64,
@@ -106,6 +131,8 @@ pub struct Raft {
 
     messages: Vec<Message>,
     messages_after_persist: Vec<Message>,
+    /// A snapshot arriving piece by piece from the leader.
+    incoming_snapshot: Option<IncomingSnapshot>,
     read_states: Vec<ReadState>,
     aborted_reads: Vec<u64>,
     persisted_hard_state: HardState,
@@ -155,6 +182,7 @@ impl Raft {
             broadcast_needed: false,
             messages: Vec::new(),
             messages_after_persist: Vec::new(),
+            incoming_snapshot: None,
             read_states: Vec::new(),
             aborted_reads: Vec::new(),
             persisted_hard_state: recovered.hard_state,
@@ -493,6 +521,7 @@ impl Raft {
 
     fn become_leader(&mut self) {
         self.role = Role::Leader;
+        self.incoming_snapshot = None;
         self.leader = Some(self.config.id);
         self.heartbeat_elapsed = 0;
         self.election_elapsed = 0;
@@ -531,17 +560,28 @@ impl Raft {
                 self.log.commit_to(commit);
                 self.send_now(from, self.term, MessageBody::HeartbeatResponse { round });
             }
-            MessageBody::InstallSnapshot { snapshot } => {
+            MessageBody::InstallSnapshot { index, snapshot_term, voters, offset, total, data } => {
                 self.heard_from_leader(from);
-                let match_index = if snapshot.index <= self.log.committed {
+                let match_index = if index <= self.log.committed {
+                    self.incoming_snapshot = None;
                     self.log.committed
-                } else if self.log.term(snapshot.index) == Some(snapshot.term) {
-                    self.log.commit_to(snapshot.index);
-                    snapshot.index
-                } else {
-                    let index = snapshot.index;
-                    self.log.restore(snapshot);
+                } else if self.log.term(index) == Some(snapshot_term) {
+                    self.incoming_snapshot = None;
+                    self.log.commit_to(index);
                     index
+                } else {
+                    let piece = SnapshotPiece { index, term: snapshot_term, voters, offset, total };
+                    match self.receive_snapshot_piece(piece, data) {
+                        Ok(snapshot) => {
+                            self.log.restore(snapshot);
+                            index
+                        }
+                        Err(received) => {
+                            let body = MessageBody::SnapshotReceived { index, received };
+                            self.send_now(from, self.term, body);
+                            return;
+                        }
+                    }
                 };
                 self.send_after_persist(
                     from,
@@ -550,6 +590,41 @@ impl Raft {
             }
             _ => {}
         }
+    }
+
+    /// Adds one piece to the snapshot being received. Returns the whole snapshot once all its
+    /// bytes are here, or else how many bytes in order are held (the piece the leader should
+    /// send next). Pieces out of order, repeated, or of another snapshot are dropped; a new
+    /// snapshot starts at offset 0 and replaces an unfinished one.
+    fn receive_snapshot_piece(
+        &mut self,
+        piece: SnapshotPiece,
+        data: Vec<u8>,
+    ) -> Result<Snapshot, u64> {
+        let offset = piece.offset;
+        let same = self.incoming_snapshot.as_ref().is_some_and(|s| {
+            s.index == piece.index && s.term == piece.term && s.total == piece.total
+        });
+        if !same {
+            if offset != 0 {
+                return Err(0);
+            }
+            // Reserve what the leader announced, within reason: it is a peer, not a client, but
+            // a corrupt length must not allocate the machine's memory at once.
+            let reserve = piece.total.min(64 * 1024 * 1024) as usize;
+            self.incoming_snapshot =
+                Some(IncomingSnapshot { data: Vec::with_capacity(reserve), ..piece.into() });
+        }
+        let incoming = self.incoming_snapshot.as_mut().expect("set above");
+        let held = incoming.data.len() as u64;
+        if offset == held && held + data.len() as u64 <= incoming.total {
+            incoming.data.extend_from_slice(&data);
+        }
+        if (incoming.data.len() as u64) < incoming.total {
+            return Err(incoming.data.len() as u64);
+        }
+        let done = self.incoming_snapshot.take().expect("checked above");
+        Ok(Snapshot { index: done.index, term: done.term, voters: done.voters, data: done.data })
     }
 
     fn heard_from_leader(&mut self, leader: NodeId) {
@@ -640,7 +715,7 @@ impl Raft {
         match message.body {
             MessageBody::AppendResponse(AppendResult::Accepted { match_index }) => {
                 match progress.state {
-                    ReplicationState::Snapshot { index } if match_index < index => return,
+                    ReplicationState::Snapshot { index, .. } if match_index < index => return,
                     ReplicationState::Snapshot { .. } | ReplicationState::Probe => {
                         // The follower's log matches ours up to `match_index`: start pipelining.
                         progress.acknowledge(match_index);
@@ -680,16 +755,34 @@ impl Raft {
                 let stalled = progress.heartbeat_answered(self.log.last_index());
                 match progress.state {
                     ReplicationState::Probe => progress.probe_sent = false,
-                    // The snapshot or pipelined Appends may have been lost; probing finds out.
-                    ReplicationState::Snapshot { .. } | ReplicationState::Replicate if stalled => {
-                        progress.become_probe()
+                    // Pipelined Appends may have been lost; probing finds out.
+                    ReplicationState::Replicate if stalled => progress.become_probe(),
+                    ReplicationState::Replicate => {}
+                    // No piece confirmed since the last answer: the one in flight, or its
+                    // answer, was lost. Send it again (the follower drops a repeat).
+                    ReplicationState::Snapshot { received, .. } => {
+                        let lost = received == progress.snapshot_received_at_heartbeat;
+                        progress.snapshot_received_at_heartbeat = received;
+                        if lost {
+                            self.send_snapshot_piece(from);
+                        }
+                        self.advance_reads();
+                        return;
                     }
-                    ReplicationState::Snapshot { .. } | ReplicationState::Replicate => {}
                 }
                 if progress.match_index < self.log.last_index() {
                     self.send_append(from);
                 }
                 self.advance_reads();
+            }
+            MessageBody::SnapshotReceived { index, received } => {
+                if let ReplicationState::Snapshot { index: sending, .. } = progress.state {
+                    // A follower answering about an older snapshot of ours gets the current
+                    // one from its start.
+                    let received = if index == sending { received } else { 0 };
+                    progress.state = ReplicationState::Snapshot { index: sending, received };
+                    self.send_snapshot_piece(from);
+                }
             }
             _ => {}
         }
@@ -736,15 +829,11 @@ impl Raft {
         let prev_index = progress.next_index.prev();
         let Some(prev_term) = self.log.term(prev_index) else {
             // The follower needs entries we compacted away.
-            let snapshot = self.log.snapshot.clone().expect("compacted log has a snapshot");
-            progress.state = ReplicationState::Snapshot { index: snapshot.index };
+            let index = self.log.snapshot.as_ref().expect("compacted log has a snapshot").index;
+            progress.state = ReplicationState::Snapshot { index, received: 0 };
+            progress.snapshot_received_at_heartbeat = 0;
             progress.inflight.clear();
-            self.messages.push(Message {
-                from: self.config.id,
-                to,
-                term,
-                body: MessageBody::InstallSnapshot { snapshot },
-            });
+            self.send_snapshot_piece(to);
             return;
         };
         let entries = self.log.slice(progress.next_index, last, max_bytes);
@@ -762,6 +851,29 @@ impl Raft {
             term,
             body: MessageBody::Append { prev_index, prev_term, entries, commit },
         });
+    }
+
+    /// Sends `to` the piece of our snapshot that follows what it confirmed. If we compacted
+    /// again meanwhile, the newer snapshot starts over from its first byte.
+    fn send_snapshot_piece(&mut self, to: NodeId) {
+        let chunk = self.config.snapshot_chunk_bytes as u64;
+        let snapshot = self.log.snapshot.as_ref().expect("sending a snapshot we have");
+        let progress = self.progress.get_mut(&to).expect("progress for every peer");
+        let ReplicationState::Snapshot { index, received } = progress.state else { return };
+        let offset = if index == snapshot.index { received } else { 0 };
+        progress.state = ReplicationState::Snapshot { index: snapshot.index, received: offset };
+        let total = snapshot.data.len() as u64;
+        let offset = offset.min(total);
+        let end = (offset + chunk).min(total);
+        let body = MessageBody::InstallSnapshot {
+            index: snapshot.index,
+            snapshot_term: snapshot.term,
+            voters: snapshot.voters.clone(),
+            offset,
+            total,
+            data: snapshot.data[offset as usize..end as usize].to_vec(),
+        };
+        self.messages.push(Message { from: self.config.id, to, term: self.term, body });
     }
 
     fn broadcast_heartbeat(&mut self) {

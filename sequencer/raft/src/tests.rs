@@ -12,14 +12,26 @@ struct Cluster {
     reads: BTreeMap<u64, Vec<ReadState>>,
     /// Every Ready seen, for checks on the persistence contract.
     readies: Vec<(u64, Ready)>,
+    /// Snapshot pieces at these offsets are lost (once each).
+    lose_pieces_at: BTreeSet<u64>,
+    /// Every snapshot piece is delivered twice.
+    repeat_pieces: bool,
+    /// Every snapshot piece sent: (offset, bytes).
+    pieces_sent: Vec<(u64, usize)>,
 }
 
 impl Cluster {
     fn new(n: u64) -> Cluster {
+        Cluster::with_config(n, |_| {})
+    }
+
+    fn with_config(n: u64, edit: impl Fn(&mut Config)) -> Cluster {
         let voters: Vec<NodeId> = (1..=n).map(NodeId).collect();
         let nodes = (1..=n)
             .map(|id| {
-                (id, Raft::new(Config::new(NodeId(id), voters.clone(), 42), Recovered::default()))
+                let mut config = Config::new(NodeId(id), voters.clone(), 42);
+                edit(&mut config);
+                (id, Raft::new(config, Recovered::default()))
             })
             .collect();
         Cluster {
@@ -28,6 +40,9 @@ impl Cluster {
             applied: BTreeMap::new(),
             reads: BTreeMap::new(),
             readies: Vec::new(),
+            lose_pieces_at: BTreeSet::new(),
+            repeat_pieces: false,
+            pieces_sent: Vec::new(),
         }
     }
 
@@ -60,9 +75,19 @@ impl Cluster {
                 return;
             }
             for m in messages {
-                if !self.cut.contains(&(m.from.0, m.to.0)) {
-                    self.nodes.get_mut(&m.to.0).unwrap().step(m);
+                if self.cut.contains(&(m.from.0, m.to.0)) {
+                    continue;
                 }
+                if let MessageBody::InstallSnapshot { offset, data, .. } = &m.body {
+                    self.pieces_sent.push((*offset, data.len()));
+                    if self.lose_pieces_at.remove(offset) {
+                        continue;
+                    }
+                    if self.repeat_pieces {
+                        self.nodes.get_mut(&m.to.0).unwrap().step(m.clone());
+                    }
+                }
+                self.nodes.get_mut(&m.to.0).unwrap().step(m);
             }
         }
         panic!("cluster never settled");
@@ -285,4 +310,122 @@ fn recovery_restores_term_vote_and_log() {
     assert_eq!(restarted.term(), raft.term());
     assert_eq!(restarted.last_index(), raft.last_index());
     assert_eq!(restarted.role(), Role::Follower);
+}
+
+#[test]
+fn a_large_snapshot_travels_in_pieces_that_survive_loss_and_repeats() {
+    // Lost pieces are sent again after a heartbeat answer shows no progress; repeated ones
+    // are dropped by the follower (each on its own: a repeat would also make up for a loss).
+    snapshot_in_pieces([3000, 7000].into(), false);
+    snapshot_in_pieces(BTreeSet::new(), true);
+}
+
+fn snapshot_in_pieces(lose_pieces_at: BTreeSet<u64>, repeat_pieces: bool) {
+    let mut c = Cluster::with_config(3, |config| config.snapshot_chunk_bytes = 1000);
+    let leader = c.elect();
+    let lagging = (1..=3).find(|&i| i != leader).unwrap();
+    c.isolate(lagging);
+    for i in 0..30u8 {
+        c.nodes.get_mut(&leader).unwrap().propose(vec![i]).unwrap();
+        c.settle();
+    }
+    let raft = c.nodes.get_mut(&leader).unwrap();
+    let index = raft.commit_index();
+    let snapshot = Snapshot {
+        index,
+        term: raft.term_at(index).unwrap(),
+        voters: raft.config().voters.clone(),
+        data: (0..10_500u32).map(|i| (i % 251) as u8).collect(),
+    };
+    raft.compact(snapshot.clone());
+    c.readies.clear();
+    c.cut.clear();
+    c.lose_pieces_at = lose_pieces_at;
+    c.repeat_pieces = repeat_pieces;
+    c.tick(30);
+    let installed: Vec<&Snapshot> = c
+        .readies
+        .iter()
+        .filter(|(id, _)| *id == lagging)
+        .filter_map(|(_, r)| r.snapshot.as_ref())
+        .collect();
+    assert_eq!(installed, vec![&snapshot], "installed exactly once, byte for byte");
+    assert!(c.lose_pieces_at.is_empty(), "the pieces to lose were sent");
+    assert!(c.pieces_sent.iter().all(|&(_, len)| len <= 1000), "no piece over the limit");
+    let offsets: BTreeSet<u64> = c.pieces_sent.iter().map(|&(o, _)| o).collect();
+    assert_eq!(offsets, (0..11).map(|i| i * 1000).collect(), "every piece, lost ones again");
+    assert_eq!(c.nodes[&lagging].commit_index(), c.nodes[&leader].commit_index());
+    // The leader went back to sending entries, which the follower applies.
+    c.nodes.get_mut(&leader).unwrap().propose(vec![99]).unwrap();
+    c.tick(3); // the next heartbeat carries the new commit index
+    assert_eq!(
+        c.applied[&lagging].last().map(|e| e.kind.clone()),
+        Some(EntryKind::Command(vec![99]))
+    );
+}
+
+#[test]
+fn a_follower_restarted_mid_snapshot_asks_for_it_from_the_start() {
+    let mut c = Cluster::with_config(3, |config| config.snapshot_chunk_bytes = 100);
+    let leader = c.elect();
+    let lagging = (1..=3).find(|&i| i != leader).unwrap();
+    c.isolate(lagging);
+    for i in 0..10u8 {
+        c.nodes.get_mut(&leader).unwrap().propose(vec![i]).unwrap();
+        c.settle();
+    }
+    let raft = c.nodes.get_mut(&leader).unwrap();
+    let index = raft.commit_index();
+    let snapshot = Snapshot {
+        index,
+        term: raft.term_at(index).unwrap(),
+        voters: raft.config().voters.clone(),
+        data: vec![7; 450],
+    };
+    raft.compact(snapshot.clone());
+    // The follower takes pieces 0 and 100, then loses its memory (a restart) while the piece
+    // at 200 is lost: the next piece it sees is at 300, which it cannot use.
+    let term = c.nodes[&leader].term();
+    let piece = |offset: u64, data: Vec<u8>| Message {
+        from: NodeId(leader),
+        to: NodeId(lagging),
+        term,
+        body: MessageBody::InstallSnapshot {
+            index,
+            snapshot_term: snapshot.term,
+            voters: snapshot.voters.clone(),
+            offset,
+            total: 450,
+            data,
+        },
+    };
+    let follower = c.nodes.get_mut(&lagging).unwrap();
+    follower.step(piece(0, vec![7; 100]));
+    let answer = follower.ready().messages;
+    follower.advance();
+    assert!(
+        matches!(
+            answer[..],
+            [Message { body: MessageBody::SnapshotReceived { received: 100, .. }, .. }]
+        ),
+        "{answer:?}"
+    );
+    *follower = Raft::new(follower.config().clone(), Recovered::default());
+    follower.step(piece(300, vec![7; 100]));
+    let answer = follower.ready().messages;
+    follower.advance();
+    assert!(
+        matches!(
+            answer[..],
+            [Message { body: MessageBody::SnapshotReceived { received: 0, .. }, .. }]
+        ),
+        "{answer:?}"
+    );
+    // And through the leader it gets the whole of it.
+    c.cut.clear();
+    c.readies.clear();
+    c.tick(20);
+    let installed =
+        c.readies.iter().any(|(id, r)| *id == lagging && r.snapshot.as_ref() == Some(&snapshot));
+    assert!(installed);
 }

@@ -120,8 +120,24 @@ pub enum MessageBody {
     HeartbeatResponse {
         round: u64,
     },
+    /// One piece of the leader's snapshot at `index`: its bytes `offset..offset + data.len()`
+    /// of `total`. Snapshots travel in pieces of at most `Config::snapshot_chunk_bytes`, one
+    /// at a time, so a large state never needs one huge frame and heartbeats keep flowing
+    /// between the pieces.
     InstallSnapshot {
-        snapshot: Snapshot,
+        index: LogIndex,
+        snapshot_term: Term,
+        voters: Vec<NodeId>,
+        offset: u64,
+        total: u64,
+        data: Vec<u8>,
+    },
+    /// A follower holds the first `received` bytes of the snapshot at `index` (0: start over)
+    /// and wants the piece that follows. The last piece is answered with `AppendResponse`
+    /// instead, once the whole snapshot is durable.
+    SnapshotReceived {
+        index: LogIndex,
+        received: u64,
     },
 }
 

@@ -12,10 +12,7 @@ use tob_server::codec::FrameCodec;
 use tob_server::config::{Config, Flags};
 use tob_server::metrics::Metrics;
 use tob_server::net::{ListenerKind, PeerLink, serve};
-
-/// The largest frame a peer may send: the frame format's 32-bit length (see `main`).
-const PEER_FRAME_BYTES_MAX: usize = u32::MAX as usize;
-use tob_server::node::NodeActor;
+use tob_server::node::{NodeActor, peer_frame_bytes_max};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -103,12 +100,10 @@ async fn start(config: Config) -> Result<(), StartError> {
         config.data_dir.display()
     );
     let codec = FrameCodec { cluster_id: config.cluster_id, max_payload: config.max_frame_bytes };
-    // Peers send whole snapshots in one InstallSnapshot frame, which outgrow the client frame
-    // limit (a 9.5 MB snapshot met the 8 MiB limit in a one-hour fault run, and the lagging
-    // node could never catch up). Until snapshots travel in chunks, peer frames may be as
-    // large as the frame format allows.
-    let peer_codec =
-        FrameCodec { max_payload: PEER_FRAME_BYTES_MAX.max(codec.max_payload), ..codec };
+    // Snapshots travel in pieces, so peer frames stay within a bound of their own (a single
+    // 9.5 MB InstallSnapshot once met the 8 MiB client limit and a lagging node could never
+    // catch up).
+    let peer_codec = FrameCodec { max_payload: peer_frame_bytes_max(&config), ..codec };
     let peers: BTreeMap<u64, Addr<PeerLink>> = config
         .peers
         .values()

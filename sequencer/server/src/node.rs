@@ -115,6 +115,18 @@ pub struct NodeActor {
     subscriptions: Vec<Subscription>,
 }
 
+/// Snapshot bytes per InstallSnapshot piece: 1 MiB, or less when frames are configured smaller.
+pub fn snapshot_chunk_bytes(config: &Config) -> usize {
+    (config.max_frame_bytes / 2).clamp(1, 1 << 20)
+}
+
+/// The largest frame a peer may send: an Append holds at most 1 MiB of entries or a single
+/// larger one (a client request, so within `max_frame_bytes`), a snapshot piece at most
+/// [`snapshot_chunk_bytes`]; 64 KiB covers the message around them.
+pub fn peer_frame_bytes_max(config: &Config) -> usize {
+    config.max_frame_bytes.max(tob_raft::MAX_APPEND_BYTES_DEFAULT) + 64 * 1024
+}
+
 impl NodeActor {
     pub fn new(
         config: Config,
@@ -128,6 +140,7 @@ impl NodeActor {
         let mut raft_config = RaftConfig::new(NodeId(config.node_id), voters, seed());
         raft_config.election_ticks = config.election_ticks;
         raft_config.heartbeat_ticks = config.heartbeat_ticks;
+        raft_config.snapshot_chunk_bytes = snapshot_chunk_bytes(&config);
         let mut machine_config = MachineConfig::default();
         match config.planted_bug.as_deref() {
             Some("read-without-quorum") => raft_config.bugs.read_without_quorum = true,

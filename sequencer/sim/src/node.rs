@@ -76,6 +76,9 @@ impl SimNode {
         config.bugs = bugs;
         config.max_inflight_appends = 8;
         config.max_append_bytes = 16 * 1024;
+        // Small pieces, so every snapshot travels in many and the simulator's drops,
+        // duplicates and reordering hit the piece-by-piece protocol.
+        config.snapshot_chunk_bytes = 512;
         let machine_config = MachineConfig { bugs: machine_bugs, ..MachineConfig::default() };
         let disk = Disk::default();
         SimNode {
