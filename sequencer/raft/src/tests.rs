@@ -261,9 +261,13 @@ fn pre_vote_keeps_a_partitioned_node_from_inflating_its_term() {
     assert_eq!(c.leaders(), vec![leader], "a rejoining node must not depose a healthy leader");
 }
 
-#[test]
-fn lagging_follower_catches_up_from_a_snapshot() {
-    let mut c = Cluster::new(3);
+/// A leader that compacted its log, with `data` as the snapshot, past a follower that was cut
+/// off meanwhile (still cut off). Returns the cluster, the leader, the follower, the snapshot.
+fn leader_compacted_past_a_follower(
+    chunk_bytes: usize,
+    data: Vec<u8>,
+) -> (Cluster, u64, u64, Snapshot) {
+    let mut c = Cluster::with_config(3, |config| config.snapshot_chunk_bytes = chunk_bytes);
     let leader = c.elect();
     let lagging = (1..=3).find(|&i| i != leader).unwrap();
     c.isolate(lagging);
@@ -273,14 +277,17 @@ fn lagging_follower_catches_up_from_a_snapshot() {
     }
     let raft = c.nodes.get_mut(&leader).unwrap();
     let index = raft.commit_index();
-    let snapshot = Snapshot {
-        index,
-        term: raft.term_at(index).unwrap(),
-        voters: raft.config().voters.clone(),
-        data: b"state".to_vec(),
-    };
+    let term = raft.term_at(index).unwrap();
+    let snapshot = Snapshot { index, term, voters: raft.config().voters.clone(), data };
     raft.compact(snapshot.clone());
     assert_eq!(raft.snapshot_index(), index);
+    (c, leader, lagging, snapshot)
+}
+
+#[test]
+fn lagging_follower_catches_up_from_a_snapshot() {
+    let (mut c, leader, lagging, snapshot) =
+        leader_compacted_past_a_follower(1024 * 1024, b"state".to_vec());
     c.readies.clear();
     c.cut.clear();
     c.tick(6);
@@ -321,23 +328,8 @@ fn a_large_snapshot_travels_in_pieces_that_survive_loss_and_repeats() {
 }
 
 fn snapshot_in_pieces(lose_pieces_at: BTreeSet<u64>, repeat_pieces: bool) {
-    let mut c = Cluster::with_config(3, |config| config.snapshot_chunk_bytes = 1000);
-    let leader = c.elect();
-    let lagging = (1..=3).find(|&i| i != leader).unwrap();
-    c.isolate(lagging);
-    for i in 0..30u8 {
-        c.nodes.get_mut(&leader).unwrap().propose(vec![i]).unwrap();
-        c.settle();
-    }
-    let raft = c.nodes.get_mut(&leader).unwrap();
-    let index = raft.commit_index();
-    let snapshot = Snapshot {
-        index,
-        term: raft.term_at(index).unwrap(),
-        voters: raft.config().voters.clone(),
-        data: (0..10_500u32).map(|i| (i % 251) as u8).collect(),
-    };
-    raft.compact(snapshot.clone());
+    let data = (0..10_500u32).map(|i| (i % 251) as u8).collect();
+    let (mut c, leader, lagging, snapshot) = leader_compacted_past_a_follower(1000, data);
     c.readies.clear();
     c.cut.clear();
     c.lose_pieces_at = lose_pieces_at;
@@ -366,23 +358,8 @@ fn snapshot_in_pieces(lose_pieces_at: BTreeSet<u64>, repeat_pieces: bool) {
 
 #[test]
 fn a_follower_restarted_mid_snapshot_asks_for_it_from_the_start() {
-    let mut c = Cluster::with_config(3, |config| config.snapshot_chunk_bytes = 100);
-    let leader = c.elect();
-    let lagging = (1..=3).find(|&i| i != leader).unwrap();
-    c.isolate(lagging);
-    for i in 0..10u8 {
-        c.nodes.get_mut(&leader).unwrap().propose(vec![i]).unwrap();
-        c.settle();
-    }
-    let raft = c.nodes.get_mut(&leader).unwrap();
-    let index = raft.commit_index();
-    let snapshot = Snapshot {
-        index,
-        term: raft.term_at(index).unwrap(),
-        voters: raft.config().voters.clone(),
-        data: vec![7; 450],
-    };
-    raft.compact(snapshot.clone());
+    let (mut c, leader, lagging, snapshot) = leader_compacted_past_a_follower(100, vec![7; 450]);
+    let index = snapshot.index;
     // The follower takes pieces 0 and 100, then loses its memory (a restart) while the piece
     // at 200 is lost: the next piece it sees is at 300, which it cannot use.
     let term = c.nodes[&leader].term();
@@ -399,28 +376,20 @@ fn a_follower_restarted_mid_snapshot_asks_for_it_from_the_start() {
             data,
         },
     };
+    // What the follower answers to one piece: the bytes it says it holds.
+    let answer = |follower: &mut Raft, message: Message| {
+        follower.step(message);
+        let messages = follower.ready().messages;
+        follower.advance();
+        match &messages[..] {
+            [Message { body: MessageBody::SnapshotReceived { received, .. }, .. }] => *received,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    };
     let follower = c.nodes.get_mut(&lagging).unwrap();
-    follower.step(piece(0, vec![7; 100]));
-    let answer = follower.ready().messages;
-    follower.advance();
-    assert!(
-        matches!(
-            answer[..],
-            [Message { body: MessageBody::SnapshotReceived { received: 100, .. }, .. }]
-        ),
-        "{answer:?}"
-    );
+    assert_eq!(answer(follower, piece(0, vec![7; 100])), 100);
     *follower = Raft::new(follower.config().clone(), Recovered::default());
-    follower.step(piece(300, vec![7; 100]));
-    let answer = follower.ready().messages;
-    follower.advance();
-    assert!(
-        matches!(
-            answer[..],
-            [Message { body: MessageBody::SnapshotReceived { received: 0, .. }, .. }]
-        ),
-        "{answer:?}"
-    );
+    assert_eq!(answer(follower, piece(300, vec![7; 100])), 0, "start over");
     // And through the leader it gets the whole of it.
     c.cut.clear();
     c.readies.clear();
