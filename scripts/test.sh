@@ -28,4 +28,15 @@ step "the extension: build and install into PostgreSQL 15"
 step "end-to-end: real PostgreSQL servers with the extension and a real 3-node cluster"
 cargo test -p tob-e2e -- --test-threads 2
 
+step "pgbench race: three databases, the leader killed; checked from the tables and the cluster"
+./scripts/pgbench-race.sh 20
+# The same checks must catch a result known to be wrong.
+for plant in duplicate leak; do
+    if RACE_PLANT=$plant ./scripts/pgbench-race.sh 8 > "/tmp/tob-race-$plant.txt" 2>&1; then
+        cat "/tmp/tob-race-$plant.txt"; echo "the race checks missed a planted $plant"; exit 1
+    fi
+    grep -q "CHECK FAILED" "/tmp/tob-race-$plant.txt" || { cat "/tmp/tob-race-$plant.txt"; exit 1; }
+    echo "planted $plant: caught"
+done
+
 step "all tests passed"
