@@ -1,13 +1,13 @@
-//! The write-ahead log on a thread of its own. The node hands it one `Ready`'s durable parts
+//! The write-ahead log on a thread of its own (a follower writes on the node's thread, see
+//! [`WalWriter::persist_here`]). The node hands it one `Ready`'s durable parts
 //! at a time and carries on on the I/O thread (taking requests, stepping peer messages, which
 //! all batch into the next `Ready`); the writer appends, fsyncs, and reports back. Keeping the
 //! node on the same thread as its connections and peer links, with only the fsync elsewhere,
 //! saves two thread hand-offs per request on the leader and two per Append on a follower —
 //! each a futex wake-up and a context switch.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Instant;
 
 use actix::prelude::*;
@@ -38,29 +38,56 @@ enum Job {
 /// The handle the node keeps; jobs run in the order given.
 pub struct WalWriter {
     jobs: mpsc::Sender<Job>,
+    /// Shared with the writer thread so that [`WalWriter::persist_here`] can write on the
+    /// caller's thread. Never contended: the node has one Ready in flight at a time.
+    wal: Arc<Mutex<Wal>>,
+    metrics: Arc<Metrics>,
+}
+
+/// One Ready's durable parts: appended and fsynced, with the metrics recorded.
+fn persist(
+    wal: &Mutex<Wal>,
+    metrics: &Metrics,
+    snapshot: Option<&Snapshot>,
+    entries: &[Entry],
+    hard_state: Option<HardState>,
+) -> Result<(), String> {
+    let started = Instant::now();
+    let mut wal = wal.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let result = wal
+        .append(snapshot, entries, hard_state)
+        .and_then(|()| wal.sync())
+        .map_err(|e| e.to_string());
+    metrics.fsync_latency.observe_duration(started.elapsed());
+    metrics.fsyncs.fetch_add(1, Relaxed);
+    metrics.batch_entries.observe(entries.len() as f64);
+    result
 }
 
 impl WalWriter {
     /// Starts the writer thread; it ends when the handle is dropped.
-    pub fn spawn(mut wal: Wal, node: Recipient<Persisted>, metrics: Arc<Metrics>) -> WalWriter {
+    pub fn spawn(wal: Wal, node: Recipient<Persisted>, metrics: Arc<Metrics>) -> WalWriter {
         let (jobs, queue) = mpsc::channel::<Job>();
+        let wal = Arc::new(Mutex::new(wal));
+        let (thread_wal, thread_metrics) = (wal.clone(), metrics.clone());
         std::thread::Builder::new()
             .name("wal-writer".into())
             .spawn(move || {
                 for job in queue {
                     match job {
                         Job::Persist { snapshot, entries, hard_state } => {
-                            let started = Instant::now();
-                            let result = wal
-                                .append(snapshot.as_ref(), &entries, hard_state)
-                                .and_then(|()| wal.sync())
-                                .map_err(|e| e.to_string());
-                            metrics.fsync_latency.observe_duration(started.elapsed());
-                            metrics.fsyncs.fetch_add(1, Relaxed);
-                            metrics.batch_entries.observe(entries.len() as f64);
+                            let result = persist(
+                                &thread_wal,
+                                &thread_metrics,
+                                snapshot.as_ref(),
+                                &entries,
+                                hard_state,
+                            );
                             node.do_send(Persisted { snapshot, result });
                         }
                         Job::ForgetCovered(index) => {
+                            let mut wal =
+                                thread_wal.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
                             if let Err(e) = wal.forget_covered(index) {
                                 tracing::error!(error = %e, "log compaction failed; stopping");
                                 std::process::exit(70);
@@ -70,7 +97,19 @@ impl WalWriter {
                 }
             })
             .expect("spawning the WAL writer thread");
-        WalWriter { jobs }
+        WalWriter { jobs, wal, metrics }
+    }
+
+    /// Writes and fsyncs on the calling thread. Only while no Ready is with the writer thread
+    /// (the node has one in flight at a time), so writes stay in order. For a follower: its
+    /// acknowledgement waits for the fsync anyway, and writing here saves the two thread
+    /// wake-ups of a hand-over on the leader's commit path.
+    pub fn persist_here(
+        &self,
+        entries: &[Entry],
+        hard_state: Option<HardState>,
+    ) -> Result<(), String> {
+        persist(&self.wal, &self.metrics, None, entries, hard_state)
     }
 
     /// Writes and fsyncs; [`Persisted`] follows.
