@@ -9,38 +9,12 @@ cd "$(dirname "$0")/.."
 seconds=${1:-10}
 ./scripts/setup.sh
 ./scripts/install-extension.sh > /tmp/tob-bench-build.log 2>&1 || { cat /tmp/tob-bench-build.log; exit 1; }
-pgbin=/usr/lib/postgresql/15/bin
 work=$(mktemp -d /tmp/tob-bench-XXXXXX)
 chmod 755 "$work"
-cluster_pid=
-cleanup() {
-    [ -d "$work/pg/data" ] && runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg/data" -m fast stop > /dev/null 2>&1 || true
-    [ -n "$cluster_pid" ] && kill "$cluster_pid" 2>/dev/null && wait "$cluster_pid" 2>/dev/null
-    rm -rf "$work"
-}
-trap cleanup EXIT
-while :; do
-    base=$(( 20000 + RANDOM % 20000 ))
-    python3 -c "import socket,sys
-for p in range($base, $base + 6): s = socket.socket(); s.bind(('127.0.0.1', p)); s.close()" 2>/dev/null && break
-done
-./target/release/tob cluster up --dir "$work/cluster" --base-port "$base" > "$work/up.txt" 2> "$work/cluster.log" &
-cluster_pid=$!
-sleep 1.5
-cluster=$(sed -n 's/^TOB_CLUSTER=//p' "$work/up.txt")
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mkdir -p "$work/pg" && chown postgres:postgres "$work/pg"
-runuser -u postgres -- "$pgbin/initdb" -D "$work/pg/data" -A trust -U postgres > /dev/null
-cat >> "$work/pg/data/postgresql.conf" <<CONF
-port = $port
-listen_addresses = ''
-unix_socket_directories = '$work/pg'
-shared_preload_libraries = 'tob'
-tob.cluster = '$cluster'
-max_connections = 200
-CONF
-env -u RUST_BACKTRACE runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w start > /dev/null
-psql() { command psql -X -q -v ON_ERROR_STOP=1 -h "$work/pg" -p "$port" -U postgres "$@"; }
+. scripts/lib/local.sh
+trap stop_local EXIT
+start_cluster
+start_postgres "max_connections = 200"
 psql -d postgres -c "CREATE DATABASE bench"
 psql -d bench <<'SQL'
 CREATE EXTENSION tob;

@@ -22,41 +22,13 @@ pool=${RACE_POOL:-2000}
 ./scripts/setup.sh
 ./scripts/install-extension.sh > /tmp/tob-race-build.log 2>&1 || { cat /tmp/tob-race-build.log; exit 1; }
 tob=./target/release/tob
-pgbin=/usr/lib/postgresql/15/bin
 work=$(mktemp -d /tmp/tob-race-XXXXXX)
 chmod 755 "$work"
-cluster_pid=
-cleanup() {
-    [ -d "$work/pg/data" ] && runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg/data" -m fast stop > /dev/null 2>&1 || true
-    [ -n "$cluster_pid" ] && kill "$cluster_pid" 2>/dev/null && wait "$cluster_pid" 2>/dev/null
-    pkill -f "tob-sequencer .*--data-dir $work/" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-while :; do
-    base=$(( 20000 + RANDOM % 20000 ))
-    python3 -c "import socket
-for p in range($base, $base + 6): s = socket.socket(); s.bind(('127.0.0.1', p)); s.close()" 2>/dev/null && break
-done
-$tob cluster up --dir "$work/cluster" --base-port "$base" > "$work/up.txt" 2> "$work/cluster.log" &
-cluster_pid=$!
-sleep 1.5
-cluster=$(sed -n 's/^TOB_CLUSTER=//p' "$work/up.txt")
+. scripts/lib/local.sh
+trap stop_local EXIT
+start_cluster
 export TOB_CLUSTER=$cluster
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mkdir -p "$work/pg" && chown postgres:postgres "$work/pg"
-runuser -u postgres -- "$pgbin/initdb" -D "$work/pg/data" -A trust -U postgres > /dev/null
-cat >> "$work/pg/data/postgresql.conf" <<CONF
-port = $port
-listen_addresses = ''
-unix_socket_directories = '$work/pg'
-cluster_name = 'race'
-shared_preload_libraries = 'tob'
-tob.cluster = '$cluster'
-max_connections = $(( shards * clients + 20 ))
-CONF
-env -u RUST_BACKTRACE runuser -u postgres -- "$pgbin/pg_ctl" -D "$work/pg/data" -l "$work/pg/log" -w start > /dev/null
-psql() { command psql -X -q -v ON_ERROR_STOP=1 -h "$work/pg" -p "$port" -U postgres "$@"; }
+start_postgres "cluster_name = 'race'" "max_connections = $(( shards * clients + 20 ))"
 for i in $(seq "$shards"); do
     psql -d postgres -c "CREATE DATABASE shard$i"
     psql -d "shard$i" -f sql/race/setup.sql
