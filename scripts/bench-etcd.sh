@@ -42,15 +42,10 @@ for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
 wait 2>/dev/null || true
 pids=()
 
-while :; do
-    base=$(( 20000 + RANDOM % 20000 ))
-    python3 -c "import socket
-for p in range($base, $base + 6): s = socket.socket(); s.bind(('127.0.0.1', p)); s.close()" 2>/dev/null && break
-done
-./target/release/tob cluster up --dir "$work/tob" --base-port "$base" > "$work/up.txt" 2> "$work/tob.log" &
-pids+=($!)
-sleep 1.5
-tob_cluster=$(sed -n 's/^TOB_CLUSTER=//p' "$work/up.txt")
+. scripts/lib/local.sh
+start_cluster
+pids+=("$cluster_pid")
+tob_cluster=$cluster
 echo
 echo "== tob, 3 nodes on loopback"
 for w in append claim; do

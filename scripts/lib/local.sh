@@ -1,5 +1,6 @@
 # Sourced by the scripts that start a local tob cluster and a throwaway PostgreSQL 15 server
-# (bench-sql.sh, pgbench-race.sh). Everything lives under $work; stop_local undoes it all.
+# (bench-sql.sh, pgbench-race.sh; bench-etcd.sh uses start_cluster). Everything lives under
+# $work; stop_local undoes it all.
 
 pgbin=/usr/lib/postgresql/15/bin
 
