@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use pgrx::prelude::*;
+use tob_boots::TransactionHolder;
 use tob_client::{Client, ClientConfig};
 
 use crate::error::TobError;
@@ -145,14 +146,20 @@ pub fn holder_prefix() -> String {
     format!("pg:{}:", system_identifier())
 }
 
-/// The holder id of the transaction with this full transaction id.
+/// The holder id of the transaction with this full transaction id in this start of the server
+/// (`pg:<system id>:<boot>:<xid>`; the boot tells a reused id apart after a crash, see
+/// `boots`).
 pub fn holder_of(full_xid: u64) -> String {
-    format!("pg:{}:{}", system_identifier(), full_xid)
+    holder_in_boot(crate::shmem::boot(), full_xid)
 }
 
-/// The transaction id a holder id names, if it is one of this instance's.
-pub fn xid_of_holder(holder: &str) -> Option<u64> {
-    holder.strip_prefix(&holder_prefix())?.parse().ok()
+pub fn holder_in_boot(boot: u64, full_xid: u64) -> String {
+    format!("pg:{}:{}", system_identifier(), TransactionHolder::render(boot, full_xid))
+}
+
+/// The start and transaction id a holder id names, if it is one of this instance's.
+pub fn transaction_of_holder(holder: &str) -> Option<TransactionHolder> {
+    TransactionHolder::parse(holder.strip_prefix(&holder_prefix())?)
 }
 
 /// The default owner of a claim: this instance (its `cluster_name`, or its system identifier)

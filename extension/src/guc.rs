@@ -38,6 +38,8 @@ pub static CLAIM_WAIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_00
 pub static READ_CONSISTENCY: GucSetting<ReadMode> = GucSetting::<ReadMode>::new(ReadMode::Index);
 pub static SESSION_TTL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 pub static TEST_PAUSE_AFTER_PREPARE_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static TEST_PAUSE_AFTER_CLAIM_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static RMGR_ID: GucSetting<i32> = GucSetting::<i32>::new(pg_sys::RM_EXPERIMENTAL_ID as i32);
 pub static WORKER_DATABASE: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
 
@@ -133,6 +135,26 @@ pub fn define() {
         600_000,
         GucContext::Suset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"tob.test_pause_after_claim",
+        c"For tests only: pause this long after a claim succeeds, before the statement goes on.",
+        c"Lets a test stop the server while a claim exists whose transaction has written nothing yet.",
+        &TEST_PAUSE_AFTER_CLAIM_MS,
+        0,
+        600_000,
+        GucContext::Suset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"tob.rmgr_id",
+        c"The custom WAL resource manager id tob registers to learn where WAL replay ended.",
+        c"tob writes no WAL records of its own; change it only if another extension uses the same id.",
+        &RMGR_ID,
+        pg_sys::RM_MIN_CUSTOM_ID as i32,
+        pg_sys::RM_MAX_CUSTOM_ID as i32,
+        GucContext::Postmaster,
+        GucFlags::default(),
     );
     unsafe { pg_sys::MarkGUCPrefixReserved(c"tob".as_ptr()) };
 }

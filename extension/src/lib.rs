@@ -1,12 +1,13 @@
 //! `tob`: global unique claims, fencing tokens and totally ordered messages from SQL.
 //!
 //! Thin entry points over the modules: `xact` (claims inside transactions), `worker` (the
-//! instance session and reconciler), `backend` (this backend's client), `guc`, `error`.
+//! instance session and reconciler), `boots` (the server's starts, for the reconciler), `backend` (this backend's client), `guc`, `error`.
 
 use pgrx::prelude::*;
 use tob_proto::Seq;
 
 mod backend;
+mod boots;
 mod error;
 mod guc;
 mod locks;
@@ -25,6 +26,7 @@ pub extern "C-unwind" fn _PG_init() {
     xact::register_callbacks();
     if unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
         shmem::init();
+        boots::register();
         worker::register();
     }
 }

@@ -39,6 +39,8 @@ static QUEUE: PgLwLock<SettleQueue> = unsafe { PgLwLock::new(c"tob_settle_queue"
 static SESSION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"tob_session") };
 /// The worker's latch (a pointer into shared memory, valid in every process), 0 if none.
 static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"tob_worker_latch") };
+/// This start's number in the boot registry (`$PGDATA/tob_boots`); 0 until recorded.
+static BOOT: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"tob_boot") };
 /// Set when a queue entry had to be dropped: the worker then reconciles at once.
 static OVERFLOWED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"tob_queue_overflowed") };
 
@@ -50,6 +52,7 @@ pub fn init() {
     pg_shmem_init!(SESSION);
     pg_shmem_init!(WORKER_LATCH);
     pg_shmem_init!(OVERFLOWED);
+    pg_shmem_init!(BOOT);
     unsafe { ATTACHED = true };
 }
 
@@ -64,6 +67,15 @@ pub fn session() -> u64 {
 
 pub fn set_session(session: u64) {
     SESSION.get().store(session, Ordering::Release);
+}
+
+/// This start of the server (see `boots`); 0 if it was not recorded.
+pub fn boot() -> u64 {
+    BOOT.get().load(Ordering::Acquire)
+}
+
+pub fn set_boot(boot: u64) {
+    BOOT.get().store(boot, Ordering::Release);
 }
 
 pub fn set_worker_latch(latch: *mut pg_sys::Latch) {

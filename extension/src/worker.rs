@@ -6,7 +6,8 @@
 //! the cluster whose transaction `pg_xact_status` reports committed or aborted is settled that
 //! way. PostgreSQL's own commit log is the decision record, so a crash between `Prepare` and
 //! the commit record, a lost queue entry, or `COMMIT PREPARED` from another session all end
-//! the same way: the claim matches the transaction's fate.
+//! the same way: the claim matches the transaction's fate. A holder from an earlier start of
+//! the server whose id was handed out again since is aborted without asking (see `boots`).
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,9 @@ use pgrx::prelude::*;
 use tob_client::{Client, ClientConfig, ClientError};
 use tob_proto::SessionId;
 
-use crate::backend::{holder_of, holder_prefix, xid_of_holder};
+use tob_boots::Fate;
+
+use crate::backend::{holder_of, holder_prefix, transaction_of_holder};
 use crate::{guc, shmem};
 
 /// How often the reconciler walks this instance's in-flight holders.
@@ -149,6 +152,14 @@ impl Worker {
     fn reconcile(&mut self) {
         self.last_reconcile = Some(Instant::now());
         let prefix = holder_prefix();
+        let current = shmem::boot();
+        let registry = match crate::boots::read() {
+            Ok(registry) => registry,
+            Err(e) => {
+                warn_once(&format!("tob: reconciler cannot read the starts of this server: {e}"));
+                return;
+            }
+        };
         let mut after = None;
         loop {
             let holders = match self.client().in_flight_holders(&prefix, after.clone(), 1000) {
@@ -161,12 +172,31 @@ impl Worker {
             let Some(last) = holders.last().cloned() else { return };
             let mut committed = Vec::new();
             let mut aborted = Vec::new();
-            let ours: Vec<(String, u64)> = holders
-                .into_iter()
-                .filter_map(|holder| xid_of_holder(&holder).map(|xid| (holder, xid)))
-                .collect();
-            let xids: Vec<u64> = ours.iter().map(|(_, xid)| *xid).collect();
-            for ((holder, xid), status) in ours.into_iter().zip(transaction_statuses(&xids)) {
+            let mut ask = Vec::new();
+            for holder in holders {
+                let Some(transaction) = transaction_of_holder(&holder) else { continue };
+                let fate = match transaction.boot {
+                    Some(boot) => registry.fate(current, boot, transaction.full_xid),
+                    // Written before starts were recorded, when every id was flushed to the WAL
+                    // before its claim: never reused.
+                    None => Fate::AskCommitLog,
+                };
+                match fate {
+                    Fate::AskCommitLog => ask.push((holder, transaction.full_xid)),
+                    Fate::Aborted => {
+                        debug1!(
+                            "tob: reconciler: {holder} is past the start after its own: aborted"
+                        );
+                        aborted.push(holder)
+                    }
+                    Fate::Unknown => warn_once(&format!(
+                        "tob: {holder} names a start of this server that {} does not record; its claims stay in flight",
+                        crate::boots::FILE_NAME
+                    )),
+                }
+            }
+            let xids: Vec<u64> = ask.iter().map(|(_, xid)| *xid).collect();
+            for ((holder, xid), status) in ask.into_iter().zip(transaction_statuses(&xids)) {
                 debug1!("tob: reconciler: {holder} is {status:?}");
                 match status.as_deref() {
                     Some("committed") => committed.push(holder),

@@ -1,6 +1,6 @@
 //! Claims inside PostgreSQL transactions (DESIGN.md §4).
 //!
-//! A claim is `Pending` in the cluster under the holder id `pg:<system id>:<full xid>`. At
+//! A claim is `Pending` in the cluster under the holder id `pg:<system id>:<boot>:<full xid>`. At
 //! `PRE_COMMIT` (or `PRE_PREPARE`) the transaction prepares all its live claims: if any was
 //! lost, the commit fails with 40001. After `COMMIT` or `ABORT` the transaction is queued for
 //! the background worker, which settles it in the cluster (prepared claims become held,
@@ -45,8 +45,6 @@ struct Txn {
     /// Scheduled releases a rolled-back savepoint could not withdraw yet: retried before
     /// commit, where failing can still abort.
     keeps_owed: Vec<ClaimKey>,
-    /// The transaction id is durable in the WAL (see [`make_xid_durable`]).
-    xid_durable: bool,
 }
 
 thread_local! {
@@ -111,22 +109,8 @@ fn record_transaction(full_xid: u64, holder: &str) {
             holder: holder.to_owned(),
             ops: Vec::new(),
             keeps_owed: Vec::new(),
-            xid_durable: false,
         });
     });
-}
-
-/// Flushes the transaction id to the WAL once per transaction, before anything is prepared.
-fn ensure_xid_durable() {
-    let done = TXN.with(|cell| cell.borrow().as_ref().is_some_and(|t| t.xid_durable));
-    if !done {
-        make_xid_durable();
-        TXN.with(|cell| {
-            if let Some(txn) = cell.borrow_mut().as_mut() {
-                txn.xid_durable = true;
-            }
-        });
-    }
 }
 
 /// Claims `key` for `owner` until this transaction ends: final at commit, released at abort.
@@ -136,13 +120,13 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
     let claim_key = claim_key(namespace, key);
     // Outside a transaction block the statement's transaction commits as soon as the statement
     // ends: claim prepared at once and save the Prepare round trip at commit. Safe because a
-    // prepared claim's fate is the transaction's (settled from the commit log); the cost is
-    // that such a claim does not expire with the session while the statement runs.
+    // prepared claim's fate is the transaction's (settled from the commit log, or aborted if
+    // its id was handed out again after a crash: see `boots`); the cost is that such a claim
+    // does not expire with the session while the statement runs.
     let prepared = !unsafe { pg_sys::IsTransactionBlock() };
     let kind = if prepared { ClaimKind::Prepared } else { ClaimKind::Transactional };
     if prepared {
         record_transaction(full_xid, &holder);
-        ensure_xid_durable();
     }
     let mut waiting = backend::Waiting::new();
     loop {
@@ -160,6 +144,10 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
                     subxact,
                 };
                 record(full_xid, &holder, op);
+                let pause = guc::TEST_PAUSE_AFTER_CLAIM_MS.get();
+                if pause > 0 {
+                    backend::sleep(Duration::from_millis(pause as u64));
+                }
                 return token;
             }
             Outcome::Taken { current }
@@ -205,9 +193,8 @@ pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
     let (full_xid, holder) = current_holder();
     let claim_key = claim_key(namespace, key);
     // The reconciler decides a scheduled release by the transaction's fate, as it does a
-    // prepared claim: the transaction id must survive a crash (see `make_xid_durable`).
+    // prepared claim (a release from an earlier start whose id was reused is dropped).
     record_transaction(full_xid, &holder);
-    ensure_xid_durable();
     let mut waiting = backend::Waiting::new();
     loop {
         let outcome =
@@ -278,7 +265,6 @@ fn prepare_for_commit(two_phase: bool) {
 
 /// Prepares `keys` of `holder`; a lost one aborts the transaction (40001).
 fn prepare(holder: &str, keys: Vec<ClaimKey>) {
-    ensure_xid_durable();
     match with_client(|c| Ok(c.prepare(holder, keys)?)) {
         Outcome::Prepared => {}
         Outcome::Lost { keys } => TobError::ClaimLost {
@@ -286,24 +272,6 @@ fn prepare(holder: &str, keys: Vec<ClaimKey>) {
         }
         .raise(),
         other => TobError::from_outcome(other).raise(),
-    }
-}
-
-/// Makes this transaction's id durable in the WAL before its claims are prepared.
-///
-/// The reconciler decides a prepared claim's fate from `pg_xact_status(xid)`. After a crash,
-/// recovery sets the next transaction id past every id found in the WAL — but an id that never
-/// reached the WAL (its records were still in WAL buffers) is handed out again, and then the
-/// status would be that of an unrelated later transaction (found by the crash test: a claim
-/// finalized for a row that was never committed). One flushed no-op record carrying the id
-/// rules that out, at the cost of one more WAL flush per claiming transaction.
-fn make_xid_durable() {
-    unsafe {
-        let mut marker = *b"tob";
-        pg_sys::XLogBeginInsert();
-        pg_sys::XLogRegisterData(marker.as_mut_ptr().cast(), marker.len() as i32);
-        let end = pg_sys::XLogInsert(pg_sys::RmgrIds::RM_XLOG_ID as u8, pg_sys::XLOG_NOOP as u8);
-        pg_sys::XLogFlush(end);
     }
 }
 

@@ -200,6 +200,10 @@ impl Postgres {
         self.server.socket_dir()
     }
 
+    pub fn data_dir(&self) -> PathBuf {
+        self.server.data()
+    }
+
     /// Connects to `database` as the superuser.
     pub async fn connect(&self, database: &str) -> Client {
         self.connect_as(database, "postgres").await

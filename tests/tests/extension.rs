@@ -443,6 +443,82 @@ async fn crash_between_prepare_and_commit_is_reconciled() {
     db.execute("INSERT INTO users (name) VALUES ('crashed')", &[]).await.unwrap();
 }
 
+/// A claim prepared at once (a plain INSERT) whose transaction had written nothing to the WAL
+/// when PostgreSQL crashed: after the restart its transaction id is handed out again, and the
+/// new transaction with that id commits. The reconciler must still see the claim's own
+/// transaction as aborted (its start is over and the id lies past where the next start
+/// began) and release it, not take the reused id's commit for the claim's.
+#[tokio::test]
+async fn a_claim_whose_transaction_id_is_reused_after_a_crash_is_released() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    wait_until_ready(&db).await;
+
+    let claiming = pg.connect("app").await;
+    claiming.batch_execute("SET tob.test_pause_after_claim = '60s'").await.unwrap();
+    let pending = tokio::spawn(async move {
+        claiming.execute("INSERT INTO users (name) VALUES ('reused')", &[]).await
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            owner_state(&db, "reused").await.as_deref() == Some("prepared")
+        })
+        .await,
+        "state {:?}\n{}",
+        owner_state(&db, "reused").await,
+        pg.log()
+    );
+    // The claimer's transaction id (read without taking one: nothing after it reaches the WAL).
+    let claimer: i64 = db
+        .query_one(
+            "SELECT backend_xid::text::bigint FROM pg_stat_activity
+             WHERE query LIKE 'INSERT INTO users%' AND backend_xid IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    pg.stop_immediate();
+    assert!(pending.await.unwrap().is_err(), "the connection died with the server");
+    pg.restart_after_crash();
+
+    let db = pg.connect("app").await;
+    // Hand the ids out again and commit them, the claimer's id among them.
+    let mut handed_out = Vec::new();
+    while handed_out.last().is_none_or(|&id| id <= claimer) {
+        handed_out.push(db.query_one("SELECT txid_current()", &[]).await.unwrap().get::<_, i64>(0));
+    }
+    // Ids only grow: starting at or below the claimer's, it was handed out again (to us or to
+    // another transaction of the new start).
+    assert!(handed_out[0] <= claimer, "id {claimer} was handed out again: {handed_out:?}");
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            owner_state(&db, "reused").await.is_none()
+        })
+        .await,
+        "the claim of a transaction that never committed is released, not finalized by the id's \
+         new owner: state {:?}\n{}",
+        owner_state(&db, "reused").await,
+        pg.log()
+    );
+    // Several reconciler rounds later it is still free, and the name can be taken.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(owner_state(&db, "reused").await, None);
+    assert!(names(&db).await.iter().all(|n| n != "reused"));
+    db.execute("INSERT INTO users (name) VALUES ('reused')", &[]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            owner_state(&db, "reused").await.as_deref() == Some("held")
+        })
+        .await
+    );
+    let boots = std::fs::read_to_string(pg.data_dir().join("tob_boots")).unwrap();
+    let starts: Vec<&str> = boots.lines().filter(|l| !l.starts_with('#')).collect();
+    assert_eq!(starts.len(), 2, "{boots}");
+    assert!(starts[0].ends_with(" final") && starts[1].ends_with(" final"), "{boots}");
+}
+
 /// The sequencer leader killed with kill -9 during a claim storm from two servers: no name
 /// in two databases, and every committed row's claim is held by its database.
 #[tokio::test]

@@ -90,7 +90,8 @@ impl Server {
         Ok(server)
     }
 
-    fn data(&self) -> PathBuf {
+    /// The data directory.
+    pub fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
 
