@@ -191,6 +191,11 @@ impl Postgres {
         self.server.restart_after_crash().unwrap();
     }
 
+    /// Starts the stopped server; an error if it does not come up.
+    pub fn try_restart(&self) -> std::io::Result<()> {
+        self.server.restart_after_crash()
+    }
+
     /// The server log, for failure messages.
     pub fn log(&self) -> String {
         self.server.log()

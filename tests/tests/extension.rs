@@ -517,6 +517,26 @@ async fn a_claim_whose_transaction_id_is_reused_after_a_crash_is_released() {
     let starts: Vec<&str> = boots.lines().filter(|l| !l.starts_with('#')).collect();
     assert_eq!(starts.len(), 2, "{boots}");
     assert!(starts[0].ends_with(" final") && starts[1].ends_with(" final"), "{boots}");
+
+    // A damaged registry stops the server with a message naming the file and line, rather
+    // than letting it make claims it could not settle after the next crash.
+    pg.stop_immediate();
+    let path = pg.data_dir().join("tob_boots");
+    std::fs::write(&path, format!("{boots}3 damaged\n")).unwrap();
+    assert!(pg.try_restart().is_err(), "started with a damaged start registry");
+    let log = pg.log();
+    assert!(
+        log.contains("tob: cannot record this start of the server")
+            && log.contains("tob_boots: line 5: expected four fields"),
+        "{log}"
+    );
+    std::fs::write(&path, &boots).unwrap();
+    pg.restart_after_crash();
+    let boots = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(boots.lines().filter(|l| !l.starts_with('#')).count(), 3, "{boots}");
+    let db = pg.connect("app").await;
+    wait_until_ready(&db).await;
+    db.execute("INSERT INTO users (name) VALUES ('after the repair')", &[]).await.unwrap();
 }
 
 /// The sequencer leader killed with kill -9 during a claim storm from two servers: no name
