@@ -165,6 +165,15 @@ pub fn transaction_of_holder(holder: &str) -> Option<TransactionHolder> {
 /// The default owner of a claim: this instance (its `cluster_name`, or its system identifier)
 /// and database, so two servers with a database of the same name do not share an owner.
 pub fn default_owner() -> String {
+    thread_local! {
+        // Both parts are fixed for a backend's life (cluster_name needs a restart to change);
+        // computed once instead of a catalog lookup per claimed row.
+        static DEFAULT_OWNER: std::cell::OnceCell<String> = const { std::cell::OnceCell::new() };
+    }
+    DEFAULT_OWNER.with(|owner| owner.get_or_init(compute_default_owner).clone())
+}
+
+fn compute_default_owner() -> String {
     let instance = unsafe {
         let name = pg_sys::cluster_name;
         if name.is_null() || *name == 0 {

@@ -87,6 +87,9 @@ struct Connection {
     /// Bytes read from the stream and not yet consumed: one `read` usually brings a whole
     /// response, header and payload, so a call costs one receive instead of two.
     received: Vec<u8>,
+    /// Where `read` puts bytes before they join `received`: allocated and zeroed once per
+    /// connection (zeroing a 16 KiB buffer on the stack for every read showed in profiles).
+    chunk: Box<[u8]>,
     /// The read timeout last set on the stream, so it is set again only when it changes.
     read_timeout: Option<Duration>,
 }
@@ -464,8 +467,13 @@ impl Client {
             match TcpStream::connect_timeout(&addr, self.config.connect_timeout) {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
-                    self.connection =
-                        Some(Connection { node, stream, received: Vec::new(), read_timeout: None });
+                    self.connection = Some(Connection {
+                        node,
+                        stream,
+                        received: Vec::new(),
+                        chunk: vec![0; 16 * 1024].into_boxed_slice(),
+                        read_timeout: None,
+                    });
                     return Ok(());
                 }
                 Err(e) => last = format!("{address}: {e}"),
@@ -515,13 +523,15 @@ impl Client {
                 let _ = connection.stream.set_read_timeout(Some(wait));
                 connection.read_timeout = Some(wait);
             }
-            let mut chunk = [0u8; 16 * 1024];
-            match connection.stream.read(&mut chunk) {
+            match connection.stream.read(&mut connection.chunk) {
                 Ok(0) => {
                     self.connection = None;
                     return Err(ClientError::Unavailable("connection closed by the node".into()));
                 }
-                Ok(n) => connection.received.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    let Connection { received, chunk, .. } = connection;
+                    received.extend_from_slice(&chunk[..n]);
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
