@@ -227,8 +227,18 @@ pub fn parse_lsn(text: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
-    fn boot(number: u64, first_xid: u64, checkpoint_lsn: u64, first_xid_is: FirstXid) -> Boot {
-        Boot { number, first_xid, checkpoint_lsn, first_xid_is }
+    /// Starts as (number, first id, checkpoint, provisional or final).
+    fn registry(boots: &[(u64, u64, u64, FirstXid)]) -> Registry {
+        let boots = boots
+            .iter()
+            .map(|&(number, first_xid, checkpoint_lsn, first_xid_is)| Boot {
+                number,
+                first_xid,
+                checkpoint_lsn,
+                first_xid_is,
+            })
+            .collect();
+        Registry { boots }
     }
 
     #[test]
@@ -268,9 +278,7 @@ mod tests {
     #[test]
     fn an_id_past_the_next_start_never_committed_and_one_below_it_asks_the_commit_log() {
         use FirstXid::*;
-        let registry = Registry {
-            boots: vec![boot(1, 100, 10, Final), boot(2, 150, 20, Final), boot(3, 170, 30, Final)],
-        };
+        let registry = registry(&[(1, 100, 10, Final), (2, 150, 20, Final), (3, 170, 30, Final)]);
         // The current start: always the commit log.
         assert_eq!(registry.fate(3, 3, 10_000), Fate::AskCommitLog);
         // Start 1's ids below 150 were never handed out again; 150 and up were.
@@ -291,38 +299,29 @@ mod tests {
         // Start 2 died during WAL replay: its entry still holds the checkpoint's id (a lower
         // bound, 150) and start 3 began from the same checkpoint and replayed to 180. Ids
         // 150..180 of start 1 may have committed: they must go to the commit log.
-        let replay_died = Registry {
-            boots: vec![
-                boot(1, 100, 10, Final),
-                boot(2, 150, 20, Provisional),
-                boot(3, 180, 20, Final),
-                boot(4, 200, 40, Final),
-            ],
-        };
+        let replay_died = registry(&[
+            (1, 100, 10, Final),
+            (2, 150, 20, Provisional),
+            (3, 180, 20, Final),
+            (4, 200, 40, Final),
+        ]);
         assert_eq!(replay_died.fate(4, 1, 160), Fate::AskCommitLog);
         assert_eq!(replay_died.fate(4, 1, 180), Fate::Aborted);
         // Start 2 crashed right after a checkpoint, replayed nothing, served, and crashed
         // again: its checkpoint id is exact and start 3 began from a newer checkpoint.
-        let replayed_nothing = Registry {
-            boots: vec![
-                boot(1, 100, 10, Final),
-                boot(2, 150, 20, Provisional),
-                boot(3, 170, 30, Provisional),
-            ],
-        };
+        let replayed_nothing =
+            registry(&[(1, 100, 10, Final), (2, 150, 20, Provisional), (3, 170, 30, Provisional)]);
         assert_eq!(replayed_nothing.fate(3, 1, 149), Fate::AskCommitLog);
         assert_eq!(replayed_nothing.fate(3, 1, 150), Fate::Aborted);
         assert_eq!(replayed_nothing.fate(3, 2, 169), Fate::AskCommitLog);
         assert_eq!(replayed_nothing.fate(3, 2, 170), Fate::Aborted);
         // Two replays in a row that never finished.
-        let twice = Registry {
-            boots: vec![
-                boot(1, 100, 10, Final),
-                boot(2, 150, 20, Provisional),
-                boot(3, 150, 20, Provisional),
-                boot(4, 190, 20, Final),
-            ],
-        };
+        let twice = registry(&[
+            (1, 100, 10, Final),
+            (2, 150, 20, Provisional),
+            (3, 150, 20, Provisional),
+            (4, 190, 20, Final),
+        ]);
         assert_eq!(twice.fate(4, 1, 185), Fate::AskCommitLog);
         assert_eq!(twice.fate(4, 1, 190), Fate::Aborted);
     }
