@@ -150,10 +150,7 @@ pub fn holder_prefix() -> String {
 /// (`pg:<system id>:<boot>:<xid>`; the boot tells a reused id apart after a crash, see
 /// `boots`).
 pub fn holder_of(full_xid: u64) -> String {
-    holder_in_boot(crate::shmem::boot(), full_xid)
-}
-
-pub fn holder_in_boot(boot: u64, full_xid: u64) -> String {
+    let boot = crate::shmem::boot();
     format!("pg:{}:{}", system_identifier(), TransactionHolder::render(boot, full_xid))
 }
 

@@ -1,7 +1,8 @@
 //! `tob`: global unique claims, fencing tokens and totally ordered messages from SQL.
 //!
 //! Thin entry points over the modules: `xact` (claims inside transactions), `worker` (the
-//! instance session and reconciler), `boots` (the server's starts, for the reconciler), `backend` (this backend's client), `guc`, `error`.
+//! instance session and reconciler), `boots` (the server's starts, for the reconciler),
+//! `backend` (this backend's client), `guc`, `error`.
 
 use pgrx::prelude::*;
 use tob_proto::Seq;
