@@ -382,6 +382,19 @@ impl Raft {
         }
     }
 
+    /// A leader's committed entries not handed out yet, to apply at once while a [`Ready`] is
+    /// being made durable (between [`Raft::ready`] and [`Raft::advance`]): when followers
+    /// acknowledge entries before the leader's own fsync ends, the commit need not wait for
+    /// that fsync, nor for the next Ready. Committed means durable on a majority, so applying
+    /// and answering them is safe whatever becomes of this node's copy. Empty unless leader
+    /// (a follower's commit may run ahead of a snapshot it has still to install).
+    pub fn take_committed(&mut self) -> Vec<Entry> {
+        if self.role != Role::Leader {
+            return Vec::new();
+        }
+        self.log.take_committed()
+    }
+
     /// Confirms that everything in the last [`Ready`] is durable and carried out.
     pub fn advance(&mut self) {
         let in_flight = self.in_flight.take().expect("advance() without ready()");

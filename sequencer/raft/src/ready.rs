@@ -16,7 +16,10 @@
 //!    entries (an entry acknowledged but lost could be counted towards a commit it is missing
 //!    from);
 //! 4. if [`Ready::snapshot`] is set, restores the application from it, then applies
-//!    [`Ready::committed`] in order — these are all durable on this node by step 2;
+//!    [`Ready::committed`] in order — these are all durable on this node by step 2. A leader
+//!    may apply them before step 2 instead: committed means durable on a majority, and a
+//!    leader's Ready never carries a snapshot; while its fsync runs, it may also apply what
+//!    [`crate::Raft::take_committed`] hands out as followers' acknowledgements arrive;
 //! 5. serves [`Ready::read_states`] once the application has applied up to their index, and
 //!    answers [`Ready::aborted_reads`] with "not leader";
 //! 6. calls [`crate::Raft::advance`].

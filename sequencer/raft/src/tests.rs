@@ -190,6 +190,42 @@ fn proposals_are_committed_and_applied_in_the_same_order_everywhere() {
 }
 
 #[test]
+fn a_leader_applies_what_followers_commit_while_its_own_fsync_runs() {
+    let mut c = Cluster::new(3);
+    let leader = c.elect();
+    c.tick(1);
+    let raft = c.nodes.get_mut(&leader).unwrap();
+    raft.propose(vec![7]).unwrap();
+    // The leader's Ready is "being written": no advance yet. Its Appends go out meanwhile.
+    let ready = raft.ready();
+    assert_eq!(ready.entries.len(), 1);
+    let index = ready.entries[0].index;
+    assert!(raft.take_committed().is_empty(), "nothing is committed before any answer");
+    for m in ready.messages {
+        c.nodes.get_mut(&m.to.0).unwrap().step(m);
+    }
+    let mut answers = Vec::new();
+    for (&id, raft) in c.nodes.iter_mut().filter(|(id, _)| **id != leader) {
+        let ready = raft.ready();
+        answers.extend(ready.messages_after_persist.iter().cloned());
+        raft.advance();
+        assert!(raft.take_committed().is_empty(), "node {id}: only a leader hands entries out");
+    }
+    let raft = c.nodes.get_mut(&leader).unwrap();
+    for m in answers {
+        raft.step(m);
+    }
+    // Both followers hold it durably: committed without the leader's copy, and handed out.
+    let taken = raft.take_committed();
+    assert_eq!(taken.iter().map(|e| e.index).collect::<Vec<_>>(), vec![index]);
+    assert!(raft.take_committed().is_empty(), "handed out once");
+    raft.advance();
+    let next = raft.ready();
+    assert!(next.committed.iter().all(|e| e.index != index), "handed out again: {next:?}");
+    raft.advance();
+}
+
+#[test]
 fn read_index_waits_for_a_quorum_round() {
     let mut c = Cluster::new(3);
     let leader = c.elect();

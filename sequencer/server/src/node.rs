@@ -236,13 +236,27 @@ impl NodeActor {
                 continue;
             }
             if ready.must_persist() {
+                let apply_now = self.raft.role() == Role::Leader && ready.snapshot.is_none();
                 let entries = std::mem::take(&mut ready.entries);
                 let writer = self.wal_writer.as_ref().expect("started");
                 writer.persist(ready.snapshot.take(), entries, ready.hard_state);
+                if apply_now {
+                    // Committed is durable on a majority (see the persistence contract):
+                    // answer them now rather than after this fsync, which covers only newer
+                    // entries. Under load it saves each request a group-commit cycle.
+                    self.apply_committed(std::mem::take(&mut ready.committed));
+                }
                 self.persisting = Some(ready);
                 break;
             }
             self.finish_ready(ready, None);
+        }
+        if self.persisting.is_some() {
+            // Followers may have committed entries while our fsync runs: answer them now.
+            let committed = self.raft.take_committed();
+            if !committed.is_empty() {
+                self.apply_committed(committed);
+            }
         }
         self.publish_metrics();
         self.push_to_subscribers();
@@ -260,7 +274,20 @@ impl NodeActor {
             self.last_snapshot_bytes = snapshot.data.len() as u64;
             self.applied_bytes_since_snapshot = 0;
         }
-        for entry in ready.committed {
+        self.apply_committed(ready.committed);
+        self.ready_reads.extend(ready.read_states);
+        for context in ready.aborted_reads {
+            if let Some((waiter, _)) = self.reads.remove(&context) {
+                self.refuse(&waiter, ErrorCode::NotLeader, "leadership lost");
+            }
+        }
+        self.serve_reads();
+        self.raft.advance();
+    }
+
+    /// Applies committed entries in order and answers the clients waiting for them.
+    fn apply_committed(&mut self, committed: Vec<tob_raft::Entry>) {
+        for entry in committed {
             match entry.kind {
                 EntryKind::Noop => self.machine.apply_noop(entry.index.0),
                 EntryKind::Command(bytes) => {
@@ -271,14 +298,6 @@ impl NodeActor {
                 }
             }
         }
-        self.ready_reads.extend(ready.read_states);
-        for context in ready.aborted_reads {
-            if let Some((waiter, _)) = self.reads.remove(&context) {
-                self.refuse(&waiter, ErrorCode::NotLeader, "leadership lost");
-            }
-        }
-        self.serve_reads();
-        self.raft.advance();
     }
 
     /// A node that is no longer leader answers every client still waiting on it with

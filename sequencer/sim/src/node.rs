@@ -184,11 +184,23 @@ impl SimNode {
                 fx.send.push((Addr::Node(message.to.0 as usize - 1), Packet::Raft(message)));
             }
             if ready.must_persist() {
+                if self.raft.role() == Role::Leader && ready.snapshot.is_none() {
+                    // As the server does: a leader applies what is committed before its fsync.
+                    for entry in std::mem::take(&mut ready.committed) {
+                        self.apply(&entry, fx);
+                    }
+                }
                 self.disk.write(&ready);
                 self.syncing = Some(ready);
                 fx.start_sync = true;
             } else {
                 self.finish(ready, fx);
+            }
+        }
+        if self.syncing.is_some() {
+            // ...and what followers commit while the fsync runs.
+            for entry in self.raft.take_committed() {
+                self.apply(&entry, fx);
             }
         }
     }
