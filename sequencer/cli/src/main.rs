@@ -132,8 +132,8 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
     match &cli.command {
         Cmd::Cluster { .. } => unreachable!("handled in main"),
         Cmd::Status => {
-            let count = cli.cluster.as_deref().unwrap_or("").split(',').count();
-            let statuses: Vec<_> = (0..count).map(|i| c.status_of(i)).collect();
+            let addresses: Vec<&str> = cli.cluster.as_deref().unwrap_or("").split(',').collect();
+            let statuses: Vec<_> = (0..addresses.len()).map(|i| c.status_of(i)).collect();
             let leader_commit =
                 statuses.iter().flatten().map(|s| s.commit_index).max().unwrap_or(0);
             for (i, status) in statuses.iter().enumerate() {
@@ -155,8 +155,8 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
                                "leader": s.leader, "pid": s.pid, "metrics": s.metrics_address}),
                     ),
                     Err(e) => say(
-                        format!("node #{i}  unreachable: {e}"),
-                        json!({"index": i, "error": e.to_string()}),
+                        format!("{}  unreachable: {e}", addresses[i].trim()),
+                        json!({"index": i, "address": addresses[i].trim(), "error": e.to_string()}),
                     ),
                 }
             }

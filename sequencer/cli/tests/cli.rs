@@ -140,6 +140,14 @@ fn no_cluster_is_a_usage_error_and_a_dead_one_is_unavailable() {
         .unwrap();
     assert_eq!(dead.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&dead.stderr).contains("unavailable"));
+    // `status` names the node it cannot reach by its address.
+    let status = Command::new(TOB)
+        .args(["--timeout-ms", "500", "status"])
+        .env("TOB_CLUSTER", format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    let text = status.stdout_text();
+    assert!(text.starts_with(&format!("127.0.0.1:{port}  unreachable: ")), "{text}");
 }
 
 /// `tob cluster up` killed with SIGKILL takes its nodes with it (they get SIGTERM).
