@@ -37,6 +37,7 @@ pub static CLAIM_WAIT: GucSetting<ClaimWait> = GucSetting::<ClaimWait>::new(Clai
 pub static CLAIM_WAIT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
 pub static READ_CONSISTENCY: GucSetting<ReadMode> = GucSetting::<ReadMode>::new(ReadMode::Index);
 pub static SESSION_TTL_MS: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+pub static SETTLE_DELAY_MS: GucSetting<i32> = GucSetting::<i32>::new(5);
 pub static TEST_PAUSE_AFTER_PREPARE_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static TEST_PAUSE_AFTER_CLAIM_MS: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static RMGR_ID: GucSetting<i32> = GucSetting::<i32>::new(pg_sys::RM_EXPERIMENTAL_ID as i32);
@@ -118,6 +119,16 @@ pub fn define() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_int_guc(
+        c"tob.settle_delay",
+        c"How long the worker gathers finished transactions before settling their claims in one request.",
+        c"0 settles each at once. Each settle is a write to the cluster; at low load one per transaction doubles the cluster's writes, and a claim arriving behind one waits for its fsync.",
+        &SETTLE_DELAY_MS,
+        0,
+        1_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
     GucRegistry::define_string_guc(
         c"tob.database",
         c"The database the background worker connects to (to ask pg_xact_status).",
@@ -177,6 +188,10 @@ pub fn claim_wait_timeout() -> Duration {
 
 pub fn session_ttl() -> Duration {
     ms(&SESSION_TTL_MS)
+}
+
+pub fn settle_delay() -> Duration {
+    ms(&SETTLE_DELAY_MS)
 }
 
 pub fn cluster() -> Option<String> {

@@ -90,18 +90,29 @@ pub fn wake_worker() {
 }
 
 /// Queues a settled transaction; never raises (called from COMMIT and ABORT callbacks).
+/// Wakes the worker only for the first entry of a batch (it then gathers for
+/// `tob.settle_delay`) and once the queue is half full — not once per transaction.
 pub fn push_settle(entry: SettleEntry) {
-    {
+    let wake = {
         let mut queue = QUEUE.exclusive();
         if queue.len < SETTLE_QUEUE_CAPACITY {
             let at = queue.len;
             queue.entries[at] = entry;
             queue.len += 1;
+            queue.len == 1 || queue.len == SETTLE_QUEUE_CAPACITY / 2
         } else {
             OVERFLOWED.get().store(true, Ordering::Release);
+            true
         }
+    };
+    if wake {
+        wake_worker();
     }
-    wake_worker();
+}
+
+/// How many settled transactions wait in the queue.
+pub fn queued_settles() -> usize {
+    QUEUE.share().len
 }
 
 /// Takes everything queued.

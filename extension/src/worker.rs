@@ -41,6 +41,8 @@ struct Worker {
     session: Option<SessionId>,
     last_keepalive: Instant,
     last_reconcile: Option<Instant>,
+    /// When the transactions queued since the last settle are due to be settled.
+    settle_due: Option<Instant>,
 }
 
 #[pg_guard]
@@ -56,8 +58,9 @@ pub extern "C-unwind" fn tob_worker_main(_arg: pg_sys::Datum) {
         session: None,
         last_keepalive: Instant::now(),
         last_reconcile: None,
+        settle_due: None,
     };
-    while BackgroundWorker::wait_latch(Some(Duration::from_millis(100))) {
+    while BackgroundWorker::wait_latch(Some(worker.next_wait())) {
         if BackgroundWorker::sighup_received() {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
@@ -68,6 +71,12 @@ pub extern "C-unwind" fn tob_worker_main(_arg: pg_sys::Datum) {
 }
 
 impl Worker {
+    /// How long to sleep unless woken: until queued transactions are due, at most 100 ms.
+    fn next_wait(&self) -> Duration {
+        let idle = Duration::from_millis(100);
+        self.settle_due.map_or(idle, |due| due.saturating_duration_since(Instant::now()).min(idle))
+    }
+
     fn round(&mut self) {
         if !self.ensure_client() {
             return;
@@ -133,7 +142,19 @@ impl Worker {
         }
     }
 
+    /// Settles the queued transactions once the first of them has waited `tob.settle_delay`
+    /// (or a batch is full), so that one request settles many: each is a write to the cluster.
     fn settle_queued(&mut self) {
+        let waiting = shmem::queued_settles();
+        if waiting == 0 {
+            self.settle_due = None;
+            return;
+        }
+        let due = *self.settle_due.get_or_insert_with(|| Instant::now() + guc::settle_delay());
+        if Instant::now() < due && waiting < SETTLE_BATCH_MAX {
+            return;
+        }
+        self.settle_due = None;
         let queued = shmem::drain_settles();
         for batch in queued.chunks(SETTLE_BATCH_MAX) {
             let (committed, aborted): (Vec<&shmem::SettleEntry>, Vec<&shmem::SettleEntry>) =

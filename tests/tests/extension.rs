@@ -687,3 +687,49 @@ async fn a_second_delete_waits_for_an_unsettled_one_and_releases() {
         }
     }
 }
+
+/// `tob.settle_delay`: the worker gathers finished transactions and settles them together
+/// (each settle is an entry in the cluster's log). Counted from the log: 40 transactions one
+/// after another take 40 claims and, with a delay, a handful of settles; with `0` they took
+/// one settle each (the test fails there).
+#[tokio::test]
+async fn finished_transactions_are_settled_together_after_the_settle_delay() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &["tob.settle_delay = '500ms'"]);
+    let db = pg.create_app_database("app").await;
+    wait_until_ready(&db).await;
+    let commit_index = || async {
+        let row = db
+            .query_one("SELECT max(commit_index) FROM tob_status() WHERE role = 'leader'", &[])
+            .await
+            .unwrap();
+        row.get::<_, Option<i64>>(0).expect("a leader")
+    };
+    let names: Vec<String> = (0..40).map(|i| format!("settled{i}")).collect();
+    let before = commit_index().await;
+    for name in &names {
+        db.execute("INSERT INTO users (name) VALUES ($1)", &[name]).await.unwrap();
+    }
+    let held = eventually(Duration::from_secs(10), || async {
+        let rows = db
+            .query(
+                "SELECT count(*) FROM unnest($1::text[]) n, tob_owner('usernames', n) o \
+                 WHERE o.state = 'held'",
+                &[&names],
+            )
+            .await
+            .unwrap();
+        rows[0].get::<_, i64>(0) == names.len() as i64
+    })
+    .await;
+    assert!(held, "every committed claim is settled");
+    // 40 claims; the rest are settles, keep-alives of the instance session (one per
+    // `tob.session_ttl` / 4) and at most one settle per reconciler round (one a second).
+    let entries = commit_index().await - before;
+    assert!(entries >= 40, "{entries} entries for 40 claims");
+    assert!(
+        entries <= 40 + 12,
+        "{} entries besides the claims: not settled together",
+        entries - 40
+    );
+}
