@@ -12,6 +12,8 @@ use pgrx::shmem::PGRXSharedMemory;
 use pgrx::{PgAtomic, PgLwLock, pg_shmem_init};
 
 pub const SETTLE_QUEUE_CAPACITY: usize = 8192;
+/// Holders settled per command; a queue this long is settled without waiting for the delay.
+pub const SETTLE_BATCH_MAX: usize = 1000;
 
 /// A transaction whose fate is known, waiting for the worker to tell the cluster.
 #[derive(Copy, Clone, Default, Debug)]
@@ -91,7 +93,7 @@ pub fn wake_worker() {
 
 /// Queues a settled transaction; never raises (called from COMMIT and ABORT callbacks).
 /// Wakes the worker only for the first entry of a batch (it then gathers for
-/// `tob.settle_delay`) and once the queue is half full — not once per transaction.
+/// `tob.settle_delay`) and when a batch is full — not once per transaction.
 pub fn push_settle(entry: SettleEntry) {
     let wake = {
         let mut queue = QUEUE.exclusive();
@@ -99,7 +101,7 @@ pub fn push_settle(entry: SettleEntry) {
             let at = queue.len;
             queue.entries[at] = entry;
             queue.len += 1;
-            queue.len == 1 || queue.len == SETTLE_QUEUE_CAPACITY / 2
+            queue.len == 1 || queue.len.is_multiple_of(SETTLE_BATCH_MAX)
         } else {
             OVERFLOWED.get().store(true, Ordering::Release);
             true

@@ -23,8 +23,6 @@ use crate::{guc, shmem};
 
 /// How often the reconciler walks this instance's in-flight holders.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
-/// Holders settled per command.
-const SETTLE_BATCH_MAX: usize = 1000;
 
 pub fn register() {
     BackgroundWorkerBuilder::new("tob session and reconciler")
@@ -151,12 +149,12 @@ impl Worker {
             return;
         }
         let due = *self.settle_due.get_or_insert_with(|| Instant::now() + guc::settle_delay());
-        if Instant::now() < due && waiting < SETTLE_BATCH_MAX {
+        if Instant::now() < due && waiting < shmem::SETTLE_BATCH_MAX {
             return;
         }
         self.settle_due = None;
         let queued = shmem::drain_settles();
-        for batch in queued.chunks(SETTLE_BATCH_MAX) {
+        for batch in queued.chunks(shmem::SETTLE_BATCH_MAX) {
             let (committed, aborted): (Vec<&shmem::SettleEntry>, Vec<&shmem::SettleEntry>) =
                 batch.iter().partition(|e| e.committed);
             let committed = committed.iter().map(|e| holder_of(e.full_xid)).collect();
