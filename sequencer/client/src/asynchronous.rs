@@ -23,6 +23,11 @@ use crate::{ClientConfig, ClientError, claim_key, shape};
 
 type Pending = Arc<Mutex<BTreeMap<u64, oneshot::Sender<Reply>>>>;
 
+/// Queued requests gathered into one write, up to about this many bytes.
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
+/// The reader's buffer: many small answers per system call.
+const READ_BUFFER_BYTES: usize = 64 * 1024;
+
 /// One pipelined connection: a writer task fed by a channel and a reader task that routes
 /// answers to their callers.
 #[derive(Clone)]
@@ -40,12 +45,23 @@ impl Connection {
             .map_err(|_| ClientError::Unavailable(format!("{address}: connect timed out")))?
             .map_err(|e| ClientError::Unavailable(format!("{address}: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let (mut read, mut write) = stream.into_split();
+        let (read, mut write) = stream.into_split();
         let (outbox, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
         let pending: Pending = Arc::default();
         tokio::spawn(async move {
+            // Everything queued by the time the writer runs goes out in one write: with many
+            // calls in flight, one system call (and one TCP segment for the node to read)
+            // instead of one per request.
+            let mut batch = Vec::new();
             while let Some(bytes) = queue.recv().await {
-                if write.write_all(&bytes).await.is_err() {
+                batch.clear();
+                batch.extend_from_slice(&bytes);
+                while batch.len() < WRITE_BATCH_BYTES
+                    && let Ok(more) = queue.try_recv()
+                {
+                    batch.extend_from_slice(&more);
+                }
+                if write.write_all(&batch).await.is_err() {
                     break;
                 }
             }
@@ -55,6 +71,9 @@ impl Connection {
         let closed_by_reader = closed.clone();
         let (cluster_id, max) = (config.cluster_id, config.max_frame_bytes);
         tokio::spawn(async move {
+            // Buffered: one read takes in every answer that has arrived, not one call per
+            // header and payload.
+            let mut read = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, read);
             let mut header = [0u8; HEADER_BYTES];
             loop {
                 if read.read_exact(&mut header).await.is_err() {
