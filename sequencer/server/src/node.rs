@@ -448,9 +448,8 @@ impl NodeActor {
     }
 
     /// Every `snapshot_entries` applied entries — and once the log has grown by half the last
-    /// snapshot's size — encodes the state here and writes the file on another thread, so the
-    /// node keeps serving while megabytes reach the disk; the log is compacted when the write
-    /// is durable.
+    /// snapshot's size — takes a snapshot without stopping the node: see [`encode_in_child`].
+    /// The log is compacted when the snapshot file is durable.
     fn maybe_snapshot(&mut self, ctx: &mut Context<Self>) {
         let applied = LogIndex(self.machine.applied_index());
         if self.snapshot_in_progress
@@ -461,16 +460,48 @@ impl NodeActor {
         }
         let Some(term) = self.raft.term_at(applied) else { return };
         let voters = self.raft.config().voters.clone();
-        let snapshot = Snapshot { index: applied, term, voters, data: self.machine.snapshot() };
-        self.last_snapshot_bytes = snapshot.data.len() as u64;
         self.applied_bytes_since_snapshot = 0;
         self.snapshot_in_progress = true;
         let dir = self.data_dir.clone();
         let node = ctx.address();
-        std::thread::spawn(move || {
-            let written = tob_wal::write_snapshot(&dir, &snapshot).map_err(|e| e.to_string());
-            node.do_send(SnapshotWritten { snapshot, written });
-        });
+        let started = Instant::now();
+        match encode_in_child(&self.machine, &dir, applied, term, &voters) {
+            Ok(child) => {
+                let paused_ms = started.elapsed().as_millis() as u64;
+                std::thread::spawn(move || {
+                    let written = wait_for_child(child).and_then(|()| {
+                        tob_wal::read_snapshot(&dir, applied.0).map_err(|e| e.to_string())
+                    });
+                    let (snapshot, written) = match written {
+                        Ok(snapshot) => (Some(snapshot), Ok(())),
+                        Err(e) => (None, Err(e)),
+                    };
+                    tracing::info!(
+                        index = applied.0,
+                        paused_ms,
+                        total_ms = started.elapsed().as_millis() as u64,
+                        "snapshot written by a child process"
+                    );
+                    node.do_send(SnapshotWritten { snapshot, written });
+                });
+            }
+            Err(e) => {
+                // No child (out of processes or memory): encode here, the node paused meanwhile.
+                tracing::warn!(error = %e, "fork failed; encoding the snapshot in the node");
+                let snapshot =
+                    Snapshot { index: applied, term, voters, data: self.machine.snapshot() };
+                tracing::info!(
+                    index = applied.0,
+                    paused_ms = started.elapsed().as_millis() as u64,
+                    "snapshot encoded in the node"
+                );
+                std::thread::spawn(move || {
+                    let written =
+                        tob_wal::write_snapshot(&dir, &snapshot).map_err(|e| e.to_string());
+                    node.do_send(SnapshotWritten { snapshot: Some(snapshot), written });
+                });
+            }
+        }
     }
 
     /// The leader proposes `Expire` for sessions without a keep-alive for their TTL.
@@ -547,7 +578,8 @@ impl Handler<Persisted> for NodeActor {
 #[derive(Message)]
 #[rtype(result = "()")]
 struct SnapshotWritten {
-    snapshot: Snapshot,
+    /// What was written, read back (None when writing failed).
+    snapshot: Option<Snapshot>,
     written: Result<(), String>,
 }
 
@@ -555,11 +587,16 @@ impl Handler<SnapshotWritten> for NodeActor {
     type Result = ();
     fn handle(&mut self, done: SnapshotWritten, _: &mut Context<Self>) {
         self.snapshot_in_progress = false;
-        if let Err(e) = done.written {
-            tracing::error!(error = %e, "snapshot failed; stopping");
-            std::process::exit(70);
-        }
-        self.compaction_due = Some(done.snapshot);
+        let snapshot = match (done.written, done.snapshot) {
+            (Ok(()), Some(snapshot)) => snapshot,
+            (Err(e), _) => {
+                tracing::error!(error = %e, "snapshot failed; stopping");
+                std::process::exit(70);
+            }
+            (Ok(()), None) => unreachable!("a written snapshot comes with its contents"),
+        };
+        self.last_snapshot_bytes = snapshot.data.len() as u64;
+        self.compaction_due = Some(snapshot);
         if self.persisting.is_none() {
             self.compact_if_due();
         }
@@ -696,4 +733,73 @@ fn seed() -> u64 {
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0);
     nanos ^ (u64::from(std::process::id()) << 32)
+}
+
+/// Encodes the state machine and writes the snapshot file in a child process, forked here: the
+/// child sees the state exactly as it is at this instant (copy-on-write pages), while the node
+/// goes on serving. Encoding a large state takes long — 0.5–0.8 s for 800,000 claims here, all
+/// three nodes at about the same index — and a node encoding in place answers nothing
+/// meanwhile; the fork itself pauses the node for the time the kernel takes to copy the page
+/// tables (a few milliseconds per gigabyte). The same technique as Redis' background saves.
+///
+/// The child only encodes, writes and fsyncs the file, then leaves with `_exit`: no logging,
+/// no locks other threads may have held at the fork (the allocator's are reset by libc), no
+/// destructors. It dies with the node (`PR_SET_DEATHSIG`), so a killed node never leaves a
+/// writer behind that could race its successor.
+fn encode_in_child(
+    machine: &Machine,
+    dir: &std::path::Path,
+    index: LogIndex,
+    term: tob_raft::Term,
+    voters: &[NodeId],
+) -> Result<libc::pid_t, String> {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the child runs only the code below and ends with `_exit`, see above.
+    match unsafe { libc::fork() } {
+        -1 => Err(std::io::Error::last_os_error().to_string()),
+        0 => {
+            // SAFETY: plain system calls in the child.
+            unsafe {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if libc::getppid() != parent {
+                    libc::_exit(3);
+                }
+                // Let go of the node's sockets and files (a peer must see a connection the
+                // node closes as closed, not held open by this process).
+                libc::syscall(libc::SYS_close_range, 3, libc::c_uint::MAX, 0);
+            }
+            let snapshot =
+                Snapshot { index, term, voters: voters.to_vec(), data: machine.snapshot() };
+            let code = match tob_wal::write_snapshot(dir, &snapshot) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            };
+            // SAFETY: ends the child without running anything of the parent's.
+            unsafe { libc::_exit(code) }
+        }
+        child => Ok(child),
+    }
+}
+
+/// Waits for a snapshot child; Ok when it wrote the file.
+fn wait_for_child(child: libc::pid_t) -> Result<(), String> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for our own child.
+        let waited = unsafe { libc::waitpid(child, &mut status, 0) };
+        if waited == child {
+            break;
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(format!("waiting for the snapshot process: {error}"));
+        }
+    }
+    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+        Ok(())
+    } else {
+        Err(format!(
+            "the snapshot process failed (wait status {status}); see the node's data directory"
+        ))
+    }
 }

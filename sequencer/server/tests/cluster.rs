@@ -622,6 +622,12 @@ fn snapshots_compact_the_log_and_bring_a_lagging_node_back() {
     let segments_and_snapshots =
         |i: usize| std::fs::read_dir(&cluster.nodes[i].dir).unwrap().count();
     assert!(segments_and_snapshots(leader) < 10, "old files removed");
+    // Written by a child process while the node went on serving, not by the fallback that
+    // encodes in the node.
+    let log_path = cluster.root.join(format!("n{}.log", cluster.nodes[leader].id));
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(log.contains("snapshot written by a child process"), "{log}");
+    assert!(!log.contains("encoding the snapshot in the node"), "{log}");
     cluster.spawn(lagging);
     let position = client.sync().unwrap();
     cluster.converge(position, Duration::from_secs(10));

@@ -227,6 +227,19 @@ impl Wal {
                 fs::remove_file(&path).map_err(|e| WalError::io(&path, e))?;
             }
         }
+        // Temporary files of snapshots that never finished (the node, or the process writing
+        // one, was killed midway); never one newer than this snapshot, which may be underway.
+        for index in numbered_files(&self.dir, "snapshot-", ".tmp")? {
+            if index < self.snapshot_index {
+                let path = self.dir.join(format!("snapshot-{index:020}.tmp"));
+                match fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(WalError::io(&path, e));
+                    }
+                    _ => {}
+                }
+            }
+        }
         sync_dir(&self.dir)
     }
 
@@ -510,6 +523,12 @@ pub fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<(), WalError> {
 
 fn load_latest_snapshot(dir: &Path) -> Result<Option<Snapshot>, WalError> {
     let Some(&index) = snapshot_indexes(dir)?.last() else { return Ok(None) };
+    read_snapshot(dir, index).map(Some)
+}
+
+/// Reads and checks the snapshot file at `index` (one [`write_snapshot`] wrote, perhaps in
+/// another process).
+pub fn read_snapshot(dir: &Path, index: u64) -> Result<Snapshot, WalError> {
     let path = snapshot_path(dir, index);
     let bytes = fs::read(&path).map_err(|e| WalError::io(&path, e))?;
     let corrupt =
@@ -528,7 +547,7 @@ fn load_latest_snapshot(dir: &Path) -> Result<Option<Snapshot>, WalError> {
     if snapshot.index != LogIndex(index) || snapshot.term == Term(0) && index != 0 {
         return Err(corrupt("snapshot file name and contents disagree"));
     }
-    Ok(Some(snapshot))
+    Ok(snapshot)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {

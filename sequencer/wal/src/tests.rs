@@ -127,6 +127,26 @@ fn segments_rotate_and_compaction_keeps_what_the_snapshot_does_not_cover() {
 }
 
 #[test]
+fn a_snapshot_written_elsewhere_reads_back_and_unfinished_ones_are_cleared_by_compaction() {
+    let dir = TempDir::new();
+    let (mut wal, _) = open(&dir);
+    let snapshot =
+        Snapshot { index: LogIndex(7), term: Term(2), voters: vec![NodeId(1)], data: vec![9; 50] };
+    write_snapshot(&dir.0, &snapshot).unwrap();
+    assert_eq!(read_snapshot(&dir.0, 7).unwrap(), snapshot);
+    assert!(read_snapshot(&dir.0, 8).is_err(), "no file at 8");
+    // Left by writers killed midway: one older than the snapshot, one newer (maybe underway).
+    let stale = dir.0.join(format!("snapshot-{:020}.tmp", 3));
+    let underway = dir.0.join(format!("snapshot-{:020}.tmp", 9));
+    fs::write(&stale, b"half").unwrap();
+    fs::write(&underway, b"half").unwrap();
+    wal.forget_covered(7).unwrap();
+    assert!(!stale.exists(), "an unfinished older snapshot is removed");
+    assert!(underway.exists(), "a newer one may still be being written");
+    assert_eq!(read_snapshot(&dir.0, 7).unwrap(), snapshot);
+}
+
+#[test]
 fn an_installed_snapshot_replaces_the_log() {
     let dir = TempDir::new();
     let (mut wal, _) = open(&dir);
