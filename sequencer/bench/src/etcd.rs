@@ -2,9 +2,10 @@
 //! `append`, create-if-absent transactions for `claim` (compare create_revision = 0, then
 //! put), linearizable range reads for `read` and `sync`. Speaks gRPC, as etcd's own clients
 //! and its benchmark tool do: HTTP/2 to the leader, protobuf messages encoded here (five
-//! small messages do not need a code generator). An earlier version went through etcd's
-//! JSON gateway, which adds a hop and JSON inside etcd: etcd's single-put p50 measured that
-//! way was about twice what gRPC gives, which flattered tob's ratios.
+//! small messages do not need a code generator), all tasks sharing one HTTP/2 connection as
+//! etcd's client library does. An earlier version went through etcd's JSON gateway, which
+//! adds a hop and JSON work inside etcd: its puts at 256 in flight measured about 4,000/s that
+//! way against 7,100–7,500/s over gRPC, which flattered tob's ratios.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
