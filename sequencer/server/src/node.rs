@@ -472,17 +472,27 @@ impl NodeActor {
                     let written = wait_for_child(child).and_then(|()| {
                         tob_wal::read_snapshot(&dir, applied.0).map_err(|e| e.to_string())
                     });
-                    let (snapshot, written) = match written {
-                        Ok(snapshot) => (Some(snapshot), Ok(())),
-                        Err(e) => (None, Err(e)),
-                    };
-                    tracing::info!(
-                        index = applied.0,
-                        paused_ms,
-                        total_ms = started.elapsed().as_millis() as u64,
-                        "snapshot written by a child process"
-                    );
-                    node.do_send(SnapshotWritten { snapshot, written });
+                    match written {
+                        Ok(snapshot) => {
+                            tracing::info!(
+                                index = applied.0,
+                                paused_ms,
+                                total_ms = started.elapsed().as_millis() as u64,
+                                "snapshot written by a child process"
+                            );
+                            node.do_send(SnapshotWritten {
+                                snapshot: Some(snapshot),
+                                written: Ok(()),
+                            });
+                        }
+                        // Not fatal: the child may have been killed (by the OOM killer, say);
+                        // the log stays uncompacted and the next snapshot is tried once it
+                        // has grown again. A failing disk stops the node through its log.
+                        Err(e) => {
+                            tracing::error!(index = applied.0, error = %e, "snapshot failed; will try again");
+                            node.do_send(SnapshotWritten { snapshot: None, written: Ok(()) });
+                        }
+                    }
                 });
             }
             Err(e) => {
@@ -578,8 +588,9 @@ impl Handler<Persisted> for NodeActor {
 #[derive(Message)]
 #[rtype(result = "()")]
 struct SnapshotWritten {
-    /// What was written, read back (None when writing failed).
+    /// What was written (read back, when a child wrote it); None when a child failed.
     snapshot: Option<Snapshot>,
+    /// An error here stops the node (the node's own write failed).
     written: Result<(), String>,
 }
 
@@ -587,14 +598,11 @@ impl Handler<SnapshotWritten> for NodeActor {
     type Result = ();
     fn handle(&mut self, done: SnapshotWritten, _: &mut Context<Self>) {
         self.snapshot_in_progress = false;
-        let snapshot = match (done.written, done.snapshot) {
-            (Ok(()), Some(snapshot)) => snapshot,
-            (Err(e), _) => {
-                tracing::error!(error = %e, "snapshot failed; stopping");
-                std::process::exit(70);
-            }
-            (Ok(()), None) => unreachable!("a written snapshot comes with its contents"),
-        };
+        if let Err(e) = done.written {
+            tracing::error!(error = %e, "snapshot failed; stopping");
+            std::process::exit(70);
+        }
+        let Some(snapshot) = done.snapshot else { return };
         self.last_snapshot_bytes = snapshot.data.len() as u64;
         self.compaction_due = Some(snapshot);
         if self.persisting.is_none() {
@@ -744,7 +752,7 @@ fn seed() -> u64 {
 ///
 /// The child only encodes, writes and fsyncs the file, then leaves with `_exit`: no logging,
 /// no locks other threads may have held at the fork (the allocator's are reset by libc), no
-/// destructors. It dies with the node (`PR_SET_DEATHSIG`), so a killed node never leaves a
+/// destructors. It dies with the node (`PR_SET_PDEATHSIG`), so a killed node never leaves a
 /// writer behind that could race its successor.
 fn encode_in_child(
     machine: &Machine,
@@ -795,11 +803,39 @@ fn wait_for_child(child: libc::pid_t) -> Result<(), String> {
             return Err(format!("waiting for the snapshot process: {error}"));
         }
     }
-    if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
-        Ok(())
+    if libc::WIFSIGNALED(status) {
+        Err(format!("the snapshot process was killed by signal {}", libc::WTERMSIG(status)))
+    } else if libc::WEXITSTATUS(status) != 0 {
+        // 1: writing the file failed; 3: the node was gone before the child began.
+        Err(format!("the snapshot process exited with status {}", libc::WEXITSTATUS(status)))
     } else {
-        Err(format!(
-            "the snapshot process failed (wait status {status}); see the node's data directory"
-        ))
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A child that leaves at once, with `code`, or killed by SIGKILL when `code` is None.
+    fn child(code: Option<i32>) -> libc::pid_t {
+        // SAFETY: the child makes two system calls and ends.
+        unsafe {
+            let pid = libc::fork();
+            if pid == 0 {
+                if code.is_none() {
+                    libc::raise(libc::SIGKILL);
+                }
+                libc::_exit(code.unwrap_or(0));
+            }
+            pid
+        }
+    }
+
+    #[test]
+    fn a_snapshot_child_is_judged_by_how_it_ended() {
+        assert_eq!(super::wait_for_child(child(Some(0))), Ok(()));
+        let failed = super::wait_for_child(child(Some(1))).unwrap_err();
+        assert!(failed.contains("exited with status 1"), "{failed}");
+        let killed = super::wait_for_child(child(None)).unwrap_err();
+        assert!(killed.contains("killed by signal 9"), "{killed}");
     }
 }
