@@ -4,6 +4,9 @@
 # at 1, 16 and 64 clients. A 3-node cluster and PostgreSQL 15, fsync on everywhere.
 # Usage: scripts/bench-sql.sh [seconds per run, default 10]
 # BENCH_CLIENTS="1 16 64" and BENCH_WORKLOADS="local_unique tob_unique" choose the rows.
+# BENCH_ROUNDS=N (default 1) runs every row N times, the workloads' order reversed every other
+# round (this machine's phases move single runs by tens of percent), then prints each
+# workload's median and, with both workloads, the ratio of tob_unique to local_unique per round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
@@ -34,15 +37,41 @@ for line in sys.stdin:
     [ -n "$metrics" ] || { echo "?"; return; }
     curl -s "http://$metrics/metrics" 2>/dev/null | awk '/^tob_fsync_latency_seconds_sum /{s=$2} /^tob_fsync_latency_seconds_count /{c=$2} END{if(c>0) printf "%.0f", s/c*1e6; else print "?"}'
 }
+rounds=${BENCH_ROUNDS:-1}
+workloads=${BENCH_WORKLOADS:-local_unique tob_unique}
+results=$work/results
 printf '%-22s %8s %10s %14s\n' workload clients tps "latency_ms"
 for clients in ${BENCH_CLIENTS:-1 16 64}; do
-    for workload in ${BENCH_WORKLOADS:-local_unique tob_unique}; do
-        out=$(env PGHOST="$work/pg" PGPORT="$port" PGUSER=postgres "$pgbin/pgbench" -n -c "$clients" -j 2 -T "$seconds" \
-              -f "sql/bench/insert_$workload.sql" bench 2>&1)
-        tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
-        lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')
-        failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p')
-        printf '%-22s %8s %10s %14s   failed=%s\n' "$workload" "$clients" "$tps" "$lat" "${failed:-0}"
+    for round in $(seq "$rounds"); do
+        order=$workloads
+        [ $((round % 2)) = 0 ] && order=$(echo $workloads | tr ' ' '\n' | tac | tr '\n' ' ')
+        for workload in $order; do
+            out=$(env PGHOST="$work/pg" PGPORT="$port" PGUSER=postgres "$pgbin/pgbench" -n -c "$clients" -j 2 -T "$seconds" \
+                  -f "sql/bench/insert_$workload.sql" bench 2>&1)
+            tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
+            lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')
+            failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p')
+            printf '%-22s %8s %10s %14s   failed=%s\n' "$workload" "$clients" "$tps" "$lat" "${failed:-0}"
+            echo "$clients $round $workload ${tps:-0}" >> "$results"
+        done
     done
 done
 echo "leader fsync mean over the run: $(fsync_mean) us"
+if [ "$rounds" -gt 1 ]; then
+    python3 - "$results" <<'PY'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    clients, rnd, workload, tps = line.split()
+    runs.setdefault(int(clients), {}).setdefault(workload, {})[int(rnd)] = float(tps)
+for clients, by_workload in sorted(runs.items()):
+    medians = {w: statistics.median(r.values()) for w, r in by_workload.items()}
+    line = f"{clients} clients, medians over {max(len(r) for r in by_workload.values())} rounds: "
+    line += ", ".join(f"{w} {m:,.0f} TPS" for w, m in medians.items())
+    local, tob = by_workload.get("local_unique"), by_workload.get("tob_unique")
+    if local and tob:
+        ratios = sorted(tob[r] / local[r] for r in local if r in tob and local[r] > 0)
+        line += f"; tob_unique/local_unique per round {ratios[0]:.0%}-{ratios[-1]:.0%}, median {statistics.median(ratios):.0%}"
+    print(line)
+PY
+fi
