@@ -231,7 +231,7 @@ impl Wal {
         // one, was killed midway); never one newer than this snapshot, which may be underway.
         for index in numbered_files(&self.dir, "snapshot-", ".tmp")? {
             if index < self.snapshot_index {
-                let path = self.dir.join(format!("snapshot-{index:020}.tmp"));
+                let path = snapshot_tmp_path(&self.dir, index);
                 match fs::remove_file(&path) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                         return Err(WalError::io(&path, e));
@@ -500,6 +500,11 @@ fn snapshot_path(dir: &Path, index: u64) -> PathBuf {
     dir.join(format!("snapshot-{index:020}.snap"))
 }
 
+/// Where [`write_snapshot`] writes before renaming to [`snapshot_path`].
+fn snapshot_tmp_path(dir: &Path, index: u64) -> PathBuf {
+    dir.join(format!("snapshot-{index:020}.tmp"))
+}
+
 fn snapshot_indexes(dir: &Path) -> Result<Vec<u64>, WalError> {
     numbered_files(dir, "snapshot-", ".snap")
 }
@@ -513,7 +518,7 @@ pub fn write_snapshot(dir: &Path, snapshot: &Snapshot) -> Result<(), WalError> {
     bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
     bytes.extend_from_slice(&payload);
-    let tmp = dir.join(format!("snapshot-{:020}.tmp", snapshot.index.0));
+    let tmp = snapshot_tmp_path(dir, snapshot.index.0);
     let mut file = File::create(&tmp).map_err(|e| WalError::io(&tmp, e))?;
     file.write_all(&bytes).and_then(|_| file.sync_all()).map_err(|e| WalError::io(&tmp, e))?;
     let path = snapshot_path(dir, snapshot.index.0);
