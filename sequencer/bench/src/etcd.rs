@@ -150,48 +150,50 @@ mod pb {
     }
 
     /// A message's top-level varint field (absent means 0 in proto3); None if malformed.
-    pub fn varint_field(mut message: &[u8], wanted: u64) -> Option<u64> {
-        let mut found = 0;
-        while !message.is_empty() {
-            let key = read_varint(&mut message)?;
-            match key & 7 {
-                0 => {
-                    let value = read_varint(&mut message)?;
-                    if key >> 3 == wanted {
-                        found = value;
-                    }
-                }
-                1 => message = message.get(8..)?,
-                2 => {
-                    let len = read_varint(&mut message)? as usize;
-                    message = message.get(len..)?;
-                }
-                5 => message = message.get(4..)?,
-                _ => return None,
-            }
+    pub fn varint_field(message: &[u8], wanted: u64) -> Option<u64> {
+        match last_field(message, wanted)? {
+            None => Some(0),
+            Some(Value::Varint(value)) => Some(value),
+            Some(Value::Bytes(_)) => None,
         }
-        Some(found)
     }
 
     /// A message's top-level length-delimited field (empty when absent); None if malformed.
-    pub fn bytes_field(mut message: &[u8], wanted: u64) -> Option<&[u8]> {
-        let mut found: &[u8] = &[];
+    pub fn bytes_field(message: &[u8], wanted: u64) -> Option<&[u8]> {
+        match last_field(message, wanted)? {
+            None => Some(&[]),
+            Some(Value::Bytes(bytes)) => Some(bytes),
+            Some(Value::Varint(_)) => None,
+        }
+    }
+
+    enum Value<'a> {
+        Varint(u64),
+        Bytes(&'a [u8]),
+    }
+
+    /// The last top-level field numbered `wanted` (protobuf's rule when one repeats), skipping
+    /// the others whatever their wire type; None if the message is malformed.
+    fn last_field(mut message: &[u8], wanted: u64) -> Option<Option<Value<'_>>> {
+        let mut found = None;
         while !message.is_empty() {
             let key = read_varint(&mut message)?;
-            match key & 7 {
-                0 => {
-                    read_varint(&mut message)?;
-                }
-                1 => message = message.get(8..)?,
+            let value = match key & 7 {
+                0 => Value::Varint(read_varint(&mut message)?),
                 2 => {
                     let len = read_varint(&mut message)? as usize;
-                    if key >> 3 == wanted {
-                        found = message.get(..len)?;
-                    }
-                    message = message.get(len..)?;
+                    let bytes = message.get(..len)?;
+                    message = &message[len..];
+                    Value::Bytes(bytes)
                 }
-                5 => message = message.get(4..)?,
+                1 | 5 => {
+                    message = message.get(if key & 7 == 1 { 8 } else { 4 }..)?;
+                    continue;
+                }
                 _ => return None,
+            };
+            if key >> 3 == wanted {
+                found = Some(value);
             }
         }
         Some(found)
