@@ -226,6 +226,48 @@ fn a_leader_applies_what_followers_commit_while_its_own_fsync_runs() {
 }
 
 #[test]
+fn a_new_commit_index_waits_for_the_next_append_or_heartbeat() {
+    let mut c = Cluster::new(3);
+    let leader = c.elect();
+    c.tick(1);
+    let (fast, slow) =
+        match c.nodes.keys().copied().filter(|&id| id != leader).collect::<Vec<_>>()[..] {
+            [a, b] => (a, b),
+            _ => unreachable!("three nodes"),
+        };
+    let raft = c.nodes.get_mut(&leader).unwrap();
+    raft.propose(vec![7]).unwrap();
+    let ready = raft.ready();
+    let index = ready.entries[0].index;
+    raft.advance();
+    let mut to_slow = Vec::new();
+    for m in ready.messages {
+        if m.to.0 == slow { to_slow.push(m) } else { c.nodes.get_mut(&m.to.0).unwrap().step(m) }
+    }
+    // Only the fast follower answers: the entry commits on the leader and the fast follower.
+    let ready = c.nodes.get_mut(&fast).unwrap().ready();
+    c.nodes.get_mut(&fast).unwrap().advance();
+    let raft = c.nodes.get_mut(&leader).unwrap();
+    for m in ready.messages_after_persist {
+        raft.step(m);
+    }
+    assert_eq!(raft.commit_index(), index);
+    // The slow follower still has the entry in flight: no message just for the commit index.
+    let ready = raft.ready();
+    raft.advance();
+    let extra: Vec<_> = ready.messages.iter().filter(|m| m.to.0 == slow).collect();
+    assert!(extra.is_empty(), "a commit index alone was sent: {extra:?}");
+    // It learns the commit from the next heartbeat.
+    for m in to_slow {
+        c.nodes.get_mut(&slow).unwrap().step(m);
+    }
+    c.settle();
+    assert!(c.nodes[&slow].commit_index() < index, "nothing told it the commit index yet");
+    c.tick(2);
+    assert_eq!(c.nodes[&slow].commit_index(), index);
+}
+
+#[test]
 fn read_index_waits_for_a_quorum_round() {
     let mut c = Cluster::new(3);
     let leader = c.elect();
