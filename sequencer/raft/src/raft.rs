@@ -824,8 +824,8 @@ impl Raft {
 
     /// Sends new entries to every follower. A new commit index alone is not broadcast: it
     /// rides on the next Append or heartbeat. Sending it at once cost every commit a message
-    /// to the slower follower, and that follower's answer: a quarter of the leader's system
-    /// calls at one request in flight.
+    /// to the slower follower, and that follower's answer: one of the leader's four sends per
+    /// request at one request in flight.
     fn broadcast_append(&mut self) {
         self.broadcast_needed = false;
         let last = self.log.last_index();
