@@ -186,8 +186,13 @@ mod pb {
                     message = &message[len..];
                     Value::Bytes(bytes)
                 }
-                1 | 5 => {
-                    message = message.get(if key & 7 == 1 { 8 } else { 4 }..)?;
+                // Fixed 64- and 32-bit fields: never wanted here, only skipped.
+                1 => {
+                    message = message.get(8..)?;
+                    continue;
+                }
+                5 => {
+                    message = message.get(4..)?;
                     continue;
                 }
                 _ => return None,
