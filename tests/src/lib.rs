@@ -3,7 +3,6 @@
 //! refuses root) with `tob` preloaded. Everything started is stopped and removed on drop, also
 //! when a test fails. Needs the extension installed (`scripts/test.sh` does it).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -20,10 +19,6 @@ pub fn scratch_dir(kind: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn target_dir() -> PathBuf {
@@ -72,11 +67,12 @@ pub struct Sequencers {
 impl Sequencers {
     pub fn start() -> Sequencers {
         let dir = scratch_dir("seq");
+        let ports = tob_faults::ports::free_ports(6);
         let nodes = (1..=3)
             .map(|id| Node {
                 id,
-                peer: format!("127.0.0.1:{}", free_port()),
-                client: format!("127.0.0.1:{}", free_port()),
+                peer: ports[2 * id as usize - 2].to_string(),
+                client: ports[2 * id as usize - 1].to_string(),
                 child: None,
             })
             .collect();

@@ -2,7 +2,7 @@
 //! the process faults: kill -9, restart, SIGSTOP/SIGCONT.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -29,10 +29,6 @@ pub struct Cluster {
     log: std::fs::File,
 }
 
-fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
 impl Cluster {
     /// Starts `size` nodes, each with `flags` on its command line.
     pub fn start(
@@ -42,11 +38,12 @@ impl Cluster {
         flags: &[String],
     ) -> std::io::Result<Cluster> {
         std::fs::create_dir_all(dir)?;
+        let ports = crate::ports::free_ports(2 * size);
         let nodes: Vec<Node> = (0..size)
             .map(|i| Node {
                 id: i as u64 + 1,
-                peer: free_port(),
-                client: free_port(),
+                peer: ports[2 * i],
+                client: ports[2 * i + 1],
                 child: None,
                 paused: false,
                 extra: flags.to_vec(),

@@ -9,6 +9,7 @@
 pub mod cluster;
 pub mod nemesis;
 pub mod pg;
+pub mod ports;
 pub mod proxy;
 pub mod sql;
 pub mod workload;

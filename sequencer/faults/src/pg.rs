@@ -4,7 +4,6 @@
 //! fails. Needs the extension installed (`scripts/install-extension.sh`).
 
 use std::io;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -63,7 +62,7 @@ impl Server {
         let mut chown = Command::new("chown");
         chown.arg("postgres:postgres").arg(dir);
         run(chown, "chown")?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = crate::ports::bind_fresh()?.local_addr()?.port();
         let server = Server { dir: dir.to_path_buf(), port, name: name.to_owned() };
         let data = server.data();
         let mut initdb = as_postgres("initdb");

@@ -5,7 +5,7 @@
 //! it — bytes stay in order, as TCP's would.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -28,7 +28,7 @@ impl Proxy {
     /// Listens on an OS-chosen loopback port and forwards to `target`.
     pub fn start(target: SocketAddr) -> std::io::Result<Proxy> {
         assert!(target.ip().is_loopback(), "the harness only talks to 127.0.0.0/8");
-        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let listener = crate::ports::bind_fresh()?;
         let address = listener.local_addr()?;
         let controls = Arc::new(Controls::default());
         let c = controls.clone();

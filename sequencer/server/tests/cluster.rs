@@ -2,7 +2,7 @@
 //! WAL damage and bad input. Ports come from the OS; every process is killed on drop.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,8 +13,9 @@ use tob_proto::{ErrorCode, Outcome, ReadConsistency, Seq};
 
 const CLUSTER_ID: u64 = 0x7ab;
 
+/// A loopback port no other server of this test process was given.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    tob_faults::ports::free_ports(1)[0].port()
 }
 
 struct Node {
@@ -41,11 +42,12 @@ impl Cluster {
         let root = std::env::temp_dir().join(format!("tob-cluster-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
+        let ports = tob_faults::ports::free_ports(2 * n as usize);
         let nodes = (1..=n)
             .map(|id| Node {
                 id,
-                peer: format!("127.0.0.1:{}", free_port()),
-                client: format!("127.0.0.1:{}", free_port()),
+                peer: ports[2 * id as usize - 2].to_string(),
+                client: ports[2 * id as usize - 1].to_string(),
                 dir: root.join(format!("n{id}")),
                 child: None,
             })
