@@ -127,9 +127,26 @@ impl Cluster {
                     return i;
                 }
             }
-            assert!(Instant::now() < deadline, "no leader within {within:?}");
+            assert!(Instant::now() < deadline, "no leader within {within:?}\n{}", self.log_tails());
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The last lines of every node's log, for a failure message: a node that could not start
+    /// (its port taken, say) says why there.
+    fn log_tails(&self) -> String {
+        let mut tails = String::new();
+        for node in &self.nodes {
+            let log = std::fs::read_to_string(self.root.join(format!("n{}.log", node.id)));
+            let log = log.unwrap_or_else(|e| format!("(no log: {e})"));
+            let lines: Vec<&str> = log.lines().collect();
+            tails += &format!("--- n{} log, last lines:\n", node.id);
+            for line in &lines[lines.len().saturating_sub(8)..] {
+                tails += line;
+                tails.push('\n');
+            }
+        }
+        tails
     }
 
     /// Waits until every live node has applied at least `index`.
@@ -147,8 +164,9 @@ impl Cluster {
                 }
                 assert!(
                     Instant::now() < deadline,
-                    "n{} did not apply {index}: {status:?}",
-                    node.id
+                    "n{} did not apply {index}: {status:?}\n{}",
+                    node.id,
+                    self.log_tails()
                 );
                 std::thread::sleep(Duration::from_millis(50));
             }
