@@ -4,19 +4,27 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 const TOB: &str = env!("CARGO_BIN_EXE_tob");
 
-/// Six consecutive free loopback ports (`tob cluster up` uses base..base+5).
+/// Clusters this test process started so far: their data directories and port ranges must
+/// not overlap, since the tests run in parallel.
+static CLUSTERS_STARTED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+/// Six consecutive free loopback ports (`tob cluster up` uses base..base+5), none of them in
+/// the range of a cluster this process started before.
 fn free_base_port() -> u16 {
+    let mut started = CLUSTERS_STARTED.lock().unwrap_or_else(|poison| poison.into_inner());
     for _ in 0..200 {
         let base = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if base > 65_000 {
+        if base > 65_000 || started.iter().any(|&other| base.abs_diff(other) < 6) {
             continue;
         }
         let all_free = (0..6).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok());
         if all_free {
+            started.push(base);
             return base;
         }
     }
@@ -40,9 +48,10 @@ impl DevCluster {
                 .unwrap();
             assert!(status.success());
         }
-        let dir = std::env::temp_dir().join(format!("tob-cli-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
         let base = free_base_port();
+        // One directory per cluster: two tests with clusters run at the same time.
+        let dir = std::env::temp_dir().join(format!("tob-cli-test-{}-{base}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
         let up = Command::new(TOB)
             .args(["cluster", "up", "--dir"])
             .arg(&dir)
