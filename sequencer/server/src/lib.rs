@@ -7,4 +7,5 @@ pub mod config;
 pub mod metrics;
 pub mod net;
 pub mod node;
+pub mod sched;
 pub mod wal_writer;

@@ -34,6 +34,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(slice) = config.cpu_slice {
+        // Before any thread starts: they inherit it.
+        if let Err(e) = tob_server::sched::request_cpu_slice(slice) {
+            tracing::warn!(error = %e, "the scheduler refused the CPU slice; keeping its default");
+        }
+    }
     let system = System::new();
     let started = system.block_on(start(config));
     if let Err(e) = started {

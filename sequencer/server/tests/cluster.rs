@@ -562,7 +562,7 @@ fn claims_of_an_expired_session_are_released_and_prepared_ones_survive() {
 #[test]
 fn bad_configuration_is_refused_with_a_clear_message_and_sigterm_stops_cleanly() {
     let bin = env!("CARGO_BIN_EXE_tob-sequencer");
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
         (&["--cluster-id", "1", "--data-dir", "/tmp/x"], "node_id is required"),
         (
             &[
@@ -589,6 +589,21 @@ fn bad_configuration_is_refused_with_a_clear_message_and_sigterm_stops_cleanly()
                 "1=nonsense",
             ],
             "bad --peer",
+        ),
+        (
+            &[
+                "--node-id",
+                "1",
+                "--cluster-id",
+                "1",
+                "--data-dir",
+                "/tmp/x",
+                "--peer",
+                "1=127.0.0.1:1,127.0.0.1:2",
+                "--cpu-slice-us",
+                "50",
+            ],
+            "cpu_slice_us must be 0",
         ),
     ];
     let toml = std::env::temp_dir().join(format!("tob-bad-{}.toml", std::process::id()));
@@ -721,4 +736,20 @@ fn a_connection_with_too_many_requests_in_flight_is_told_overloaded_and_loses_no
             task.await.unwrap().expect("retried past overloaded");
         }
     });
+}
+
+#[test]
+fn every_thread_of_a_node_asks_for_the_short_cpu_slice() {
+    let cluster = Cluster::start(1, "slice");
+    cluster.leader(Duration::from_secs(10));
+    let pid = cluster.nodes[0].child.as_ref().unwrap().id();
+    let mut threads = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let sched = std::fs::read_to_string(task.unwrap().path().join("sched")).unwrap();
+        // Kernels without EEVDF report no slice (and ignore the request).
+        let Some(line) = sched.lines().find(|l| l.starts_with("se.slice")) else { return };
+        assert_eq!(line.split_whitespace().last(), Some("100000"), "{line}");
+        threads += 1;
+    }
+    assert!(threads >= 2, "the node's thread and its log writer");
 }
