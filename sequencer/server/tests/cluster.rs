@@ -562,56 +562,20 @@ fn claims_of_an_expired_session_are_released_and_prepared_ones_survive() {
 #[test]
 fn bad_configuration_is_refused_with_a_clear_message_and_sigterm_stops_cleanly() {
     let bin = env!("CARGO_BIN_EXE_tob-sequencer");
-    let cases: [(&[&str], &str); 4] = [
-        (&["--cluster-id", "1", "--data-dir", "/tmp/x"], "node_id is required"),
-        (
-            &[
-                "--node-id",
-                "4",
-                "--cluster-id",
-                "1",
-                "--data-dir",
-                "/tmp/x",
-                "--peer",
-                "1=127.0.0.1:1,127.0.0.1:2",
-            ],
-            "node 4 is not among the peers",
-        ),
-        (
-            &[
-                "--node-id",
-                "1",
-                "--cluster-id",
-                "1",
-                "--data-dir",
-                "/tmp/x",
-                "--peer",
-                "1=nonsense",
-            ],
-            "bad --peer",
-        ),
-        (
-            &[
-                "--node-id",
-                "1",
-                "--cluster-id",
-                "1",
-                "--data-dir",
-                "/tmp/x",
-                "--peer",
-                "1=127.0.0.1:1,127.0.0.1:2",
-                "--cpu-slice-us",
-                "50",
-            ],
-            "cpu_slice_us must be 0",
-        ),
+    // Command lines split at spaces.
+    let one_member = "--cluster-id 1 --data-dir /tmp/x --peer 1=127.0.0.1:1,127.0.0.1:2";
+    let cases = [
+        ("--cluster-id 1 --data-dir /tmp/x".to_owned(), "node_id is required"),
+        (format!("--node-id 4 {one_member}"), "node 4 is not among the peers"),
+        ("--node-id 1 --cluster-id 1 --data-dir /tmp/x --peer 1=nonsense".to_owned(), "bad --peer"),
+        (format!("--node-id 1 {one_member} --cpu-slice-us 50"), "cpu_slice_us must be 0"),
     ];
     let toml = std::env::temp_dir().join(format!("tob-bad-{}.toml", std::process::id()));
     std::fs::write(&toml, "node_id = 1\nnodeid = 2\n").unwrap();
-    let toml_arg = toml.to_string_lossy().into_owned();
-    let with_file: [(&[&str], &str); 1] = [(&["--config", &toml_arg], "unknown field `nodeid`")];
-    for (args, expected) in cases.into_iter().chain(with_file) {
-        let output = Command::new(bin).args(args).env_remove("RUST_BACKTRACE").output().unwrap();
+    let with_file = [(format!("--config {}", toml.display()), "unknown field `nodeid`")];
+    for (line, expected) in cases.into_iter().chain(with_file) {
+        let args: Vec<&str> = line.split(' ').collect();
+        let output = Command::new(bin).args(&args).env_remove("RUST_BACKTRACE").output().unwrap();
         assert_eq!(output.status.code(), Some(2), "{args:?}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
