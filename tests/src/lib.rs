@@ -55,6 +55,8 @@ struct Node {
     id: u64,
     peer: String,
     client: String,
+    /// Given explicitly, so that no node's metrics take the port of a node that is down.
+    metrics: String,
     child: Option<Child>,
 }
 
@@ -67,12 +69,13 @@ pub struct Sequencers {
 impl Sequencers {
     pub fn start() -> Sequencers {
         let dir = scratch_dir("seq");
-        let ports = tob_faults::ports::free_ports(6);
+        let ports = tob_faults::ports::free_ports(9);
         let nodes = (1..=3)
             .map(|id| Node {
                 id,
-                peer: ports[2 * id as usize - 2].to_string(),
-                client: ports[2 * id as usize - 1].to_string(),
+                peer: ports[3 * id as usize - 3].to_string(),
+                client: ports[3 * id as usize - 2].to_string(),
+                metrics: ports[3 * id as usize - 1].to_string(),
                 child: None,
             })
             .collect();
@@ -90,6 +93,7 @@ impl Sequencers {
         let mut cmd = Command::new(sequencer_binary());
         cmd.arg("--node-id").arg(node.id.to_string()).arg("--cluster-id").arg("1");
         cmd.arg("--data-dir").arg(self.dir.join(format!("n{}", node.id)));
+        cmd.arg("--metrics-listen").arg(&node.metrics);
         for p in &peers {
             cmd.arg("--peer").arg(p);
         }

@@ -12,6 +12,9 @@ struct Node {
     id: u64,
     peer: SocketAddr,
     client: SocketAddr,
+    /// Given explicitly: a node binding any free port for its metrics could take the port of
+    /// a node that is down and about to restart.
+    metrics: SocketAddr,
     child: Option<Child>,
     paused: bool,
     /// Extra flags (a different tick rate, to skew its clock).
@@ -38,12 +41,13 @@ impl Cluster {
         flags: &[String],
     ) -> std::io::Result<Cluster> {
         std::fs::create_dir_all(dir)?;
-        let ports = crate::ports::free_ports(2 * size);
+        let ports = crate::ports::free_ports(3 * size);
         let nodes: Vec<Node> = (0..size)
             .map(|i| Node {
                 id: i as u64 + 1,
-                peer: ports[2 * i],
-                client: ports[2 * i + 1],
+                peer: ports[3 * i],
+                client: ports[3 * i + 1],
+                metrics: ports[3 * i + 2],
                 child: None,
                 paused: false,
                 extra: flags.to_vec(),
@@ -97,6 +101,7 @@ impl Cluster {
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--node-id").arg(node.id.to_string()).arg("--cluster-id").arg("1");
         cmd.arg("--data-dir").arg(self.dir.join(format!("n{}", node.id)));
+        cmd.arg("--metrics-listen").arg(node.metrics.to_string());
         for (j, other) in self.nodes.iter().enumerate() {
             // This node reaches the others through its own proxies, and names the others'
             // client proxies in redirects (its own entry must be what it listens on).

@@ -22,6 +22,9 @@ struct Node {
     id: u64,
     peer: String,
     client: String,
+    /// Given explicitly: a node binding any free port for its metrics could take the port of
+    /// a node that is down and about to restart (seen in a fault run).
+    metrics: String,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -42,12 +45,13 @@ impl Cluster {
         let root = std::env::temp_dir().join(format!("tob-cluster-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
-        let ports = tob_faults::ports::free_ports(2 * n as usize);
+        let ports = tob_faults::ports::free_ports(3 * n as usize);
         let nodes = (1..=n)
             .map(|id| Node {
                 id,
-                peer: ports[2 * id as usize - 2].to_string(),
-                client: ports[2 * id as usize - 1].to_string(),
+                peer: ports[3 * id as usize - 3].to_string(),
+                client: ports[3 * id as usize - 2].to_string(),
+                metrics: ports[3 * id as usize - 1].to_string(),
                 dir: root.join(format!("n{id}")),
                 child: None,
             })
@@ -66,6 +70,7 @@ impl Cluster {
         cmd.arg("--node-id").arg(node.id.to_string());
         cmd.arg("--cluster-id").arg(CLUSTER_ID.to_string());
         cmd.arg("--data-dir").arg(&node.dir);
+        cmd.arg("--metrics-listen").arg(&node.metrics);
         for n in &self.nodes {
             cmd.arg("--peer").arg(format!("{}={},{}", n.id, n.peer, n.client));
         }
