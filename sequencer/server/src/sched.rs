@@ -93,4 +93,22 @@ mod tests {
         .join()
         .unwrap();
     }
+
+    #[test]
+    fn a_real_time_thread_is_left_alone() {
+        std::thread::spawn(|| {
+            let param = libc::sched_param { sched_priority: 1 };
+            // SAFETY: plain system calls on this thread (pid 0).
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+                return; // Not permitted here (no CAP_SYS_NICE): nothing to check.
+            }
+            request_cpu_slice(Duration::from_micros(300)).unwrap();
+            assert_eq!(unsafe { libc::sched_getscheduler(0) }, libc::SCHED_FIFO);
+            let mut kept = libc::sched_param { sched_priority: 0 };
+            assert_eq!(unsafe { libc::sched_getparam(0, &mut kept) }, 0);
+            assert_eq!(kept.sched_priority, 1);
+        })
+        .join()
+        .unwrap();
+    }
 }
