@@ -55,7 +55,6 @@ struct Node {
     id: u64,
     peer: String,
     client: String,
-    /// Given explicitly, so that no node's metrics take the port of a node that is down.
     metrics: String,
     child: Option<Child>,
 }
@@ -69,13 +68,13 @@ pub struct Sequencers {
 impl Sequencers {
     pub fn start() -> Sequencers {
         let dir = scratch_dir("seq");
-        let ports = tob_faults::ports::free_ports(9);
-        let nodes = (1..=3)
-            .map(|id| Node {
+        let nodes = (1..)
+            .zip(tob_faults::ports::node_ports(3))
+            .map(|(id, ports)| Node {
                 id,
-                peer: ports[3 * id as usize - 3].to_string(),
-                client: ports[3 * id as usize - 2].to_string(),
-                metrics: ports[3 * id as usize - 1].to_string(),
+                peer: ports.peer.to_string(),
+                client: ports.client.to_string(),
+                metrics: ports.metrics.to_string(),
                 child: None,
             })
             .collect();

@@ -12,8 +12,6 @@ struct Node {
     id: u64,
     peer: SocketAddr,
     client: SocketAddr,
-    /// Given explicitly: a node binding any free port for its metrics could take the port of
-    /// a node that is down and about to restart.
     metrics: SocketAddr,
     child: Option<Child>,
     paused: bool,
@@ -41,13 +39,13 @@ impl Cluster {
         flags: &[String],
     ) -> std::io::Result<Cluster> {
         std::fs::create_dir_all(dir)?;
-        let ports = crate::ports::free_ports(3 * size);
-        let nodes: Vec<Node> = (0..size)
-            .map(|i| Node {
-                id: i as u64 + 1,
-                peer: ports[3 * i],
-                client: ports[3 * i + 1],
-                metrics: ports[3 * i + 2],
+        let nodes: Vec<Node> = (1..)
+            .zip(crate::ports::node_ports(size))
+            .map(|(id, ports)| Node {
+                id,
+                peer: ports.peer,
+                client: ports.client,
+                metrics: ports.metrics,
                 child: None,
                 paused: false,
                 extra: flags.to_vec(),

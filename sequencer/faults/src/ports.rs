@@ -39,6 +39,24 @@ pub fn free_ports(n: usize) -> Vec<SocketAddr> {
     listeners.iter().map(|l| l.local_addr().expect("a bound listener has an address")).collect()
 }
 
+/// The three addresses a node listens on.
+pub struct NodePorts {
+    pub peer: SocketAddr,
+    pub client: SocketAddr,
+    /// Given explicitly, never left to the node: a node that binds any free port for its
+    /// metrics can take the peer or client port of a node that is down, which then cannot
+    /// start again (seen in a fault run).
+    pub metrics: SocketAddr,
+}
+
+/// Distinct free loopback addresses for `nodes` nodes.
+pub fn node_ports(nodes: usize) -> Vec<NodePorts> {
+    free_ports(3 * nodes)
+        .chunks(3)
+        .map(|p| NodePorts { peer: p[0], client: p[1], metrics: p[2] })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

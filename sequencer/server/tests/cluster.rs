@@ -22,8 +22,6 @@ struct Node {
     id: u64,
     peer: String,
     client: String,
-    /// Given explicitly: a node binding any free port for its metrics could take the port of
-    /// a node that is down and about to restart (seen in a fault run).
     metrics: String,
     dir: PathBuf,
     child: Option<Child>,
@@ -45,13 +43,13 @@ impl Cluster {
         let root = std::env::temp_dir().join(format!("tob-cluster-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).unwrap();
-        let ports = tob_faults::ports::free_ports(3 * n as usize);
-        let nodes = (1..=n)
-            .map(|id| Node {
+        let nodes = (1..)
+            .zip(tob_faults::ports::node_ports(n as usize))
+            .map(|(id, ports)| Node {
                 id,
-                peer: ports[3 * id as usize - 3].to_string(),
-                client: ports[3 * id as usize - 2].to_string(),
-                metrics: ports[3 * id as usize - 1].to_string(),
+                peer: ports.peer.to_string(),
+                client: ports.client.to_string(),
+                metrics: ports.metrics.to_string(),
                 dir: root.join(format!("n{id}")),
                 child: None,
             })
