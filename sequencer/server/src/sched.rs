@@ -35,8 +35,13 @@ struct SchedAttr {
 pub const SLICE_MIN: Duration = Duration::from_micros(100);
 pub const SLICE_MAX: Duration = Duration::from_millis(100);
 
-/// Asks for `slice` for the calling thread and everything it starts later, keeping its policy
-/// and nice value. Threads under a real-time or deadline policy are left alone.
+/// `SCHED_FLAG_RESET_ON_FORK` of `sched_setattr(2)`: set by whoever started the node so that
+/// its children start with default scheduling; kept.
+const SCHED_FLAG_RESET_ON_FORK: u64 = 0x01;
+
+/// Asks for `slice` for the calling thread and everything it starts later, keeping its policy,
+/// nice value and reset-on-fork flag. Threads under a real-time or deadline policy are left
+/// alone.
 pub fn request_cpu_slice(slice: Duration) -> std::io::Result<()> {
     let mut attr = SchedAttr::default();
     let size = std::mem::size_of::<SchedAttr>() as u32;
@@ -49,7 +54,9 @@ pub fn request_cpu_slice(slice: Duration) -> std::io::Result<()> {
         return Ok(());
     }
     attr.size = size;
-    attr.sched_flags = 0;
+    // Only reset-on-fork describes the thread; the other flags ask for changes (utilisation
+    // clamps) that were not asked for.
+    attr.sched_flags &= SCHED_FLAG_RESET_ON_FORK;
     attr.sched_runtime = slice.as_nanos() as u64;
     // SAFETY: as above; the kernel only reads `attr`.
     let set = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr, 0) };
@@ -89,6 +96,21 @@ mod tests {
                 assert_eq!(own, 300_000);
                 assert_eq!(child, Some(300_000));
             }
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn reset_on_fork_is_kept() {
+        std::thread::spawn(|| {
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: plain system calls on this thread (pid 0). Setting the flag needs no
+            // privilege.
+            let policy = libc::SCHED_OTHER | libc::SCHED_RESET_ON_FORK;
+            assert_eq!(unsafe { libc::sched_setscheduler(0, policy, &param) }, 0);
+            request_cpu_slice(Duration::from_micros(300)).unwrap();
+            assert_eq!(unsafe { libc::sched_getscheduler(0) }, policy);
         })
         .join()
         .unwrap();
