@@ -630,6 +630,7 @@ fn snapshots_compact_the_log_and_bring_a_lagging_node_back() {
     let log = std::fs::read_to_string(log_path).unwrap();
     assert!(log.contains("snapshot written by a child process"), "{log}");
     assert!(!log.contains("encoding the snapshot in the node"), "{log}");
+    assert!(!log.contains('\x1b'), "a log written to a file has no colour codes: {log}");
     cluster.spawn(lagging);
     let position = client.sync().unwrap();
     cluster.converge(position, Duration::from_secs(10));
