@@ -28,7 +28,7 @@ while :; do
     python3 - "$base" <<'PY' && break
 import socket, sys
 b = int(sys.argv[1])
-for p in range(b, b + 6):
+for p in range(b, b + 9):
     s = socket.socket(); s.bind(("127.0.0.1", p)); s.close()
 PY
 done

@@ -4,14 +4,14 @@
 
 pgbin=/usr/lib/postgresql/15/bin
 
-# Starts `tob cluster up` under $work/cluster on six consecutive free loopback ports; sets
+# Starts `tob cluster up` under $work/cluster on nine consecutive free loopback ports (three per node); sets
 # cluster_pid and cluster (the client addresses).
 start_cluster() {
     local base
     while :; do
         base=$(( 20000 + RANDOM % 20000 ))
         python3 -c "import socket
-for p in range($base, $base + 6): s = socket.socket(); s.bind(('127.0.0.1', p)); s.close()" 2>/dev/null && break
+for p in range($base, $base + 9): s = socket.socket(); s.bind(('127.0.0.1', p)); s.close()" 2>/dev/null && break
     done
     ./target/release/tob cluster up --dir "$work/cluster" --base-port "$base" > "$work/up.txt" 2> "$work/cluster.log" &
     cluster_pid=$!

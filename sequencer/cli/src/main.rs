@@ -79,14 +79,19 @@ enum ClusterAction {
         nodes: u64,
         #[arg(long, default_value_t = 7100)]
         base_port: u16,
+        /// Start a node that exited again after this many seconds (say, after `kill -9` to
+        /// try a failover); without it a node that exits stays down.
+        #[arg(long, value_name = "SECS")]
+        restart_after: Option<u64>,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
-        Cmd::Cluster { action: ClusterAction::Up { dir, nodes, base_port } } => {
-            cluster_up(dir, *nodes, *base_port, cli.cluster_id)
+        Cmd::Cluster { action: ClusterAction::Up { dir, nodes, base_port, restart_after } } => {
+            let restart_after = restart_after.map(Duration::from_secs);
+            cluster_up(dir, *nodes, *base_port, cli.cluster_id, restart_after)
         }
         _ => run(&cli),
     };
@@ -260,29 +265,42 @@ fn cluster_up(
     nodes: u64,
     base_port: u16,
     cluster_id: u64,
+    restart_after: Option<Duration>,
 ) -> Result<ExitCode, ClientError> {
+    // Three ports per node: peer and client ports in pairs from the base, then the metrics
+    // ports. Explicit metrics ports, not any free one: a restarted node's metrics endpoint
+    // could otherwise take the peer or client port of a node that is down.
+    if nodes == 0 || nodes > MAX_DEV_NODES {
+        eprintln!("tob: cluster up takes 1 to {MAX_DEV_NODES} nodes, not {nodes}");
+        return Ok(ExitCode::from(2));
+    }
+    let last_port = u64::from(base_port) + 3 * nodes - 1;
+    if base_port == 0 || last_port > 65_535 {
+        eprintln!(
+            "tob: cluster up needs 3 ports per node from the base port: {base_port}..{last_port} \
+             is not within 1..65535"
+        );
+        return Ok(ExitCode::from(2));
+    }
+    let port = |offset: u64| format!("127.0.0.1:{}", u64::from(base_port) + offset);
+    let peers: Vec<String> =
+        (1..=nodes).map(|id| format!("{id}={},{}", port(2 * (id - 1)), port(2 * id - 1))).collect();
     let binary = sibling_binary("tob-sequencer");
-    let member = |id: u64| {
-        let port = base_port + 2 * (id as u16 - 1);
-        (format!("127.0.0.1:{port}"), format!("127.0.0.1:{}", port + 1))
-    };
-    let peers: Vec<String> = (1..=nodes)
-        .map(|id| {
-            let (peer, client) = member(id);
-            format!("{id}={peer},{client}")
-        })
-        .collect();
-    let mut children: Vec<Child> = Vec::new();
-    for id in 1..=nodes {
+    let command = |id: u64| {
         let mut cmd = Command::new(&binary);
         cmd.arg("--node-id").arg(id.to_string());
         cmd.arg("--cluster-id").arg(cluster_id.to_string());
         cmd.arg("--data-dir").arg(dir.join(format!("n{id}")));
+        cmd.arg("--metrics-listen").arg(port(2 * nodes + id - 1));
         for p in &peers {
             cmd.arg("--peer").arg(p);
         }
         stop_with_parent(&mut cmd);
-        match cmd.spawn() {
+        cmd
+    };
+    let mut children: Vec<Child> = Vec::new();
+    for id in 1..=nodes {
+        match command(id).spawn() {
             Ok(child) => children.push(child),
             Err(e) => {
                 eprintln!("tob: cannot start {}: {e}", binary.display());
@@ -293,30 +311,69 @@ fn cluster_up(
             }
         }
     }
-    let clients: Vec<String> = (1..=nodes).map(|id| member(id).1).collect();
+    let clients: Vec<String> = (1..=nodes).map(|id| port(2 * id - 1)).collect();
     println!("TOB_CLUSTER={}", clients.join(","));
-    println!("# {nodes} nodes, data under {}; Ctrl-C stops them all", dir.display());
+    let restarts = match restart_after {
+        Some(after) => format!("a node that exits starts again after {} s", after.as_secs()),
+        None => "a node that exits stays down".to_owned(),
+    };
+    println!("# {nodes} nodes, data under {}; {restarts}; Ctrl-C stops them all", dir.display());
     // Wait for Ctrl-C or SIGTERM, then stop every node gracefully with SIGTERM. A node that
     // dies meanwhile (say, killed to try a failover) leaves the others running.
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-    let pids: Vec<u32> = children.iter().map(Child::id).collect();
+    let mut exited_at: Vec<Option<std::time::Instant>> = vec![None; children.len()];
     runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("signal handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        let mut watch = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                _ = watch.tick() => {}
+            }
+            for (i, child) in children.iter_mut().enumerate() {
+                let id = i as u64 + 1;
+                if exited_at[i].is_none() {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        eprintln!("tob: node {id} (pid {}) exited: {status}", child.id());
+                        exited_at[i] = Some(std::time::Instant::now());
+                    }
+                    continue;
+                }
+                let Some(after) = restart_after else { continue };
+                if exited_at[i].is_some_and(|at| at.elapsed() >= after) {
+                    match command(id).spawn() {
+                        Ok(restarted) => {
+                            eprintln!("tob: node {id} started again (pid {})", restarted.id());
+                            *child = restarted;
+                            exited_at[i] = None;
+                        }
+                        Err(e) => {
+                            eprintln!("tob: cannot start node {id} again: {e}; trying later");
+                            exited_at[i] = Some(std::time::Instant::now());
+                        }
+                    }
+                }
+            }
         }
     });
-    for pid in pids {
-        let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    for (child, exited) in children.iter().zip(&exited_at) {
+        // An exited node was reaped: its pid may belong to another process by now.
+        if exited.is_none() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        }
     }
     for mut child in children {
         let _ = child.wait();
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// At most this many nodes in a development cluster (Raft would take more; one machine's
+/// loopback cluster has no use for them).
+const MAX_DEV_NODES: u64 = 9;
 
 /// `tob-sequencer` beside this executable, else from `PATH`.
 fn sibling_binary(name: &str) -> PathBuf {

@@ -13,22 +13,22 @@ const TOB: &str = env!("CARGO_BIN_EXE_tob");
 /// not overlap, since the tests run in parallel.
 static CLUSTERS_STARTED: Mutex<Vec<u16>> = Mutex::new(Vec::new());
 
-/// Six consecutive free loopback ports (`tob cluster up` uses base..base+5), none of them in
-/// the range of a cluster this process started before.
+/// Nine consecutive free loopback ports (`tob cluster up` uses three per node, base..base+8
+/// for three nodes), none of them in the range of a cluster this process started before.
 fn free_base_port() -> u16 {
     let mut started = CLUSTERS_STARTED.lock().unwrap_or_else(|poison| poison.into_inner());
     for _ in 0..200 {
         let base = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        if base > 65_000 || started.iter().any(|&other| base.abs_diff(other) < 6) {
+        if base > 65_000 || started.iter().any(|&other| base.abs_diff(other) < 9) {
             continue;
         }
-        let all_free = (0..6).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        let all_free = (0..9).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok());
         if all_free {
             started.push(base);
             return base;
         }
     }
-    panic!("no six consecutive free ports");
+    panic!("no nine consecutive free ports");
 }
 
 struct DevCluster {
@@ -39,6 +39,11 @@ struct DevCluster {
 
 impl DevCluster {
     fn start() -> DevCluster {
+        DevCluster::start_with(&[])
+    }
+
+    /// With more arguments for `tob cluster up`.
+    fn start_with(extra: &[&str]) -> DevCluster {
         let sequencer = PathBuf::from(TOB).with_file_name("tob-sequencer");
         if !sequencer.exists() {
             // `cargo test -p tob-cli` alone does not build the server binary.
@@ -56,6 +61,7 @@ impl DevCluster {
             .args(["cluster", "up", "--dir"])
             .arg(&dir)
             .args(["--base-port", &base.to_string()])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -73,6 +79,12 @@ impl DevCluster {
 
     fn tob(&self, args: &[&str]) -> Output {
         Command::new(TOB).args(args).env("TOB_CLUSTER", &self.addresses).output().unwrap()
+    }
+
+    /// `tob --json status`: one object per node, in node order.
+    fn status(&self) -> Vec<serde_json::Value> {
+        let text = self.tob(&["--json", "status"]).stdout_text();
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
     }
 }
 
@@ -183,5 +195,45 @@ fn killing_cluster_up_stops_its_nodes() {
     while pids.iter().any(|&p| alive(p)) {
         assert!(Instant::now() < deadline, "nodes outlived a SIGKILLed `tob cluster up`");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// With `--restart-after`, a node killed with `kill -9` comes back on its own, with its own
+/// metrics port, and catches up with what was written while it was down.
+#[test]
+fn cluster_up_restarts_a_killed_node_when_asked() {
+    let c = DevCluster::start_with(&["--restart-after", "1"]);
+    let leader = c.status().into_iter().find(|n| n["role"] == "leader").expect("a leader");
+    let (node, pid) = (leader["node"].as_u64().unwrap(), leader["pid"].as_u64().unwrap());
+    let metrics = leader["metrics"].as_str().unwrap().to_owned();
+    let killed = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    assert!(killed.success());
+    // Written while the old leader is down: the restarted node must catch up with it.
+    let append = c.tob(&["append", "news", "while-down"]);
+    assert_eq!(append.status.code(), Some(0), "{append:?}");
+    let position: u64 = c.tob(&["sync"]).stdout_text().parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let back = c.status().into_iter().find(|n| n["node"].as_u64() == Some(node));
+        if let Some(back) = back.filter(|n| n["pid"].as_u64().is_some_and(|p| p != pid)) {
+            assert_eq!(back["metrics"].as_str(), Some(metrics.as_str()), "same metrics port");
+            if back["applied"].as_u64() >= Some(position) {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "node {node} did not come back: {:?}", c.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn cluster_up_refuses_impossible_layouts() {
+    for args in [&["--nodes", "0"][..], &["--nodes", "10"], &["--base-port", "65530"]] {
+        let out =
+            Command::new(TOB).args(["cluster", "up", "--dir", "/nonexistent"]).args(args).output();
+        let out = out.unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("cluster up"), "{args:?}: {stderr}");
     }
 }
