@@ -7,6 +7,8 @@
 # BENCH_ROUNDS=N (default 1) runs every row N times, the workloads' order reversed every other
 # round (this machine's phases move single runs by tens of percent), then prints each
 # workload's median and, with both workloads, the ratio of tob_unique to local_unique per round.
+# BENCH_CPU=1 also prints, for every run, the CPU each part used per transaction (from /proc
+# over the middle half of the run): backends, nodes, pgbench, the background worker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
@@ -46,12 +48,31 @@ for clients in ${BENCH_CLIENTS:-1 16 64}; do
         order=$workloads
         [ $((round % 2)) = 0 ] && order=$(echo $workloads | tr ' ' '\n' | tac | tr '\n' ' ')
         for workload in $order; do
+            sampler=
+            if [ -n "${BENCH_CPU:-}" ]; then
+                ( sleep $((seconds / 4))
+                  python3 scripts/lib/cpu-split.py $(((seconds + 1) / 2)) > "$work/cpu.json" ) &
+                sampler=$!
+            fi
             out=$(env PGHOST="$work/pg" PGPORT="$port" PGUSER=postgres "$pgbin/pgbench" -n -c "$clients" -j 2 -T "$seconds" \
                   -f "sql/bench/insert_$workload.sql" bench 2>&1)
             tps=$(echo "$out" | sed -n 's/^tps = \([0-9.]*\).*/\1/p')
             lat=$(echo "$out" | sed -n 's/^latency average = \([0-9.]*\) ms/\1/p')
             failed=$(echo "$out" | sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p')
             printf '%-22s %8s %10s %14s   failed=%s\n' "$workload" "$clients" "$tps" "$lat" "${failed:-0}"
+            if [ -n "$sampler" ]; then
+                wait "$sampler"
+                python3 - "$work/cpu.json" "${tps:-0}" <<'PY'
+import json, sys
+split = json.load(open(sys.argv[1]))
+tps = float(sys.argv[2])
+if tps > 0:
+    parts = sorted(split["cpu"].items(), key=lambda kv: -kv[1])
+    total = sum(used for _, used in parts)
+    print("    CPU per transaction, us: " + ", ".join(f"{name} {used / tps * 1e6:.0f}" for name, used in parts if used / tps * 1e6 >= 1)
+          + f"; all processes {total / tps * 1e6:.0f}; machine {split['busy']:.0%} busy")
+PY
+            fi
             echo "$clients $round $workload ${tps:-0}" >> "$results"
         done
     done
