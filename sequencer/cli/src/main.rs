@@ -323,13 +323,16 @@ fn cluster_up(
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     let mut exited_at: Vec<Option<std::time::Instant>> = vec![None; children.len()];
+    let mut gave_up = vec![false; children.len()];
     runtime.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("signal handler");
+        use tokio::signal::unix::{SignalKind, signal};
+        // Registered once, before the loop: a signal arriving between two polls is kept.
+        let mut interrupt = signal(SignalKind::interrupt()).expect("signal handler");
+        let mut term = signal(SignalKind::terminate()).expect("signal handler");
         let mut watch = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => break,
+                _ = interrupt.recv() => break,
                 _ = term.recv() => break,
                 _ = watch.tick() => {}
             }
@@ -339,10 +342,15 @@ fn cluster_up(
                     if let Ok(Some(status)) = child.try_wait() {
                         eprintln!("tob: node {id} (pid {}) exited: {status}", child.id());
                         exited_at[i] = Some(std::time::Instant::now());
+                        // Bad configuration (2) or a corrupt log (3) does not heal by waiting.
+                        if restart_after.is_some() && matches!(status.code(), Some(2 | 3)) {
+                            eprintln!("tob: node {id} refused to start; not starting it again");
+                            gave_up[i] = true;
+                        }
                     }
                     continue;
                 }
-                let Some(after) = restart_after else { continue };
+                let Some(after) = restart_after.filter(|_| !gave_up[i]) else { continue };
                 if exited_at[i].is_some_and(|at| at.elapsed() >= after) {
                     match command(id).spawn() {
                         Ok(restarted) => {

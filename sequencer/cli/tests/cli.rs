@@ -35,6 +35,9 @@ struct DevCluster {
     up: Child,
     dir: PathBuf,
     addresses: String,
+    base: u16,
+    /// Where `tob cluster up` writes its stderr (its own messages and the nodes' logs).
+    log: PathBuf,
 }
 
 impl DevCluster {
@@ -57,18 +60,19 @@ impl DevCluster {
         // One directory per cluster: two tests with clusters run at the same time.
         let dir = std::env::temp_dir().join(format!("tob-cli-test-{}-{base}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        let log = dir.with_extension("log");
         let up = Command::new(TOB)
             .args(["cluster", "up", "--dir"])
             .arg(&dir)
             .args(["--base-port", &base.to_string()])
             .args(extra)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
         let addresses =
             format!("127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}", base + 1, base + 3, base + 5);
-        let cluster = DevCluster { up, dir, addresses };
+        let cluster = DevCluster { up, dir, addresses, base, log };
         let deadline = Instant::now() + Duration::from_secs(15);
         while !cluster.tob(&["--json", "status"]).stdout_text().contains("\"role\":\"leader\"") {
             assert!(Instant::now() < deadline, "no leader");
@@ -98,6 +102,7 @@ impl Drop for DevCluster {
         }
         let _ = self.up.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
@@ -236,4 +241,35 @@ fn cluster_up_refuses_impossible_layouts() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("cluster up"), "{args:?}: {stderr}");
     }
+}
+
+/// A node that refuses to start (here: its client port is taken) is not started again and
+/// again: `tob cluster up` says so and leaves it down.
+#[test]
+fn cluster_up_gives_up_on_a_node_that_refuses_to_start() {
+    let c = DevCluster::start_with(&["--restart-after", "1"]);
+    let follower = c.status().into_iter().find(|n| n["role"] == "follower").expect("a follower");
+    let (node, pid) = (follower["node"].as_u64().unwrap(), follower["pid"].as_u64().unwrap());
+    let killed = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    assert!(killed.success());
+    // Its client port, taken by someone else before it comes back.
+    let client_port = c.base + 2 * node as u16 - 1;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let _squatter = loop {
+        match TcpListener::bind(("127.0.0.1", client_port)) {
+            Ok(listener) => break listener,
+            Err(e) => assert!(Instant::now() < deadline, "port {client_port}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let log = || std::fs::read_to_string(&c.log).unwrap();
+    let gave_up = format!("tob: node {node} refused to start; not starting it again");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !log().contains(&gave_up) {
+        assert!(Instant::now() < deadline, "no give-up message: {}", log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    let started = format!("tob: node {node} started again");
+    assert_eq!(log().matches(&started).count(), 1, "started once, then left down: {}", log());
 }
