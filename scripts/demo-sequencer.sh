@@ -18,7 +18,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-base=$(( 20000 + RANDOM % 20000 ))
+. scripts/lib/local.sh   # free_base_port
+base=$(free_base_port)
 echo "== 0. A real 3-node cluster on loopback (ports $base..$((base + 8)))"
 $tob cluster up --dir "$out/cluster" --base-port "$base" > "$out/up.txt" 2> "$out/cluster.log" &
 cluster_pid=$!

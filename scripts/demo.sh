@@ -23,15 +23,8 @@ cleanup() {
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-while :; do
-    base=$(( 20000 + RANDOM % 20000 ))
-    python3 - "$base" <<'PY' && break
-import socket, sys
-b = int(sys.argv[1])
-for p in range(b, b + 9):
-    s = socket.socket(); s.bind(("127.0.0.1", p)); s.close()
-PY
-done
+. scripts/lib/local.sh   # free_base_port (its psql is replaced below)
+base=$(free_base_port)
 
 echo "== 1. A 3-node tob cluster on loopback"
 $tob cluster up --dir "$work/cluster" --base-port "$base" > "$work/up.txt" 2> "$work/cluster.log" &

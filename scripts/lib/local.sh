@@ -1,18 +1,26 @@
 # Sourced by the scripts that start a local tob cluster and a throwaway PostgreSQL 15 server
-# (bench-sql.sh, pgbench-race.sh; bench-etcd.sh uses start_cluster). Everything lives under
-# $work; stop_local undoes it all.
+# (bench-sql.sh, pgbench-race.sh; bench-etcd.sh uses start_cluster, the demos free_base_port).
+# Everything lives under $work; stop_local undoes it all.
 
 pgbin=/usr/lib/postgresql/15/bin
 
-# Starts `tob cluster up` under $work/cluster on nine consecutive free loopback ports (three per node); sets
-# cluster_pid and cluster (the client addresses).
-start_cluster() {
+# Prints a base port with nine consecutive free loopback ports (three per node of a 3-node
+# `tob cluster up`). Also used by demo.sh and demo-sequencer.sh.
+free_base_port() {
     local base
     while :; do
         base=$(( 20000 + RANDOM % 20000 ))
         python3 -c "import socket
 for p in range($base, $base + 9): s = socket.socket(); s.bind(('127.0.0.1', p)); s.close()" 2>/dev/null && break
     done
+    echo "$base"
+}
+
+# Starts `tob cluster up` under $work/cluster on nine consecutive free loopback ports; sets
+# cluster_pid and cluster (the client addresses).
+start_cluster() {
+    local base
+    base=$(free_base_port)
     ./target/release/tob cluster up --dir "$work/cluster" --base-port "$base" > "$work/up.txt" 2> "$work/cluster.log" &
     cluster_pid=$!
     sleep 1.5
