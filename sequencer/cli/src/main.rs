@@ -322,8 +322,7 @@ fn cluster_up(
     // dies meanwhile (say, killed to try a failover) leaves the others running.
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-    let mut exited_at: Vec<Option<std::time::Instant>> = vec![None; children.len()];
-    let mut gave_up = vec![false; children.len()];
+    let mut states = vec![NodeState::Running; children.len()];
     runtime.block_on(async {
         use tokio::signal::unix::{SignalKind, signal};
         // Registered once, before the loop: a signal arriving between two polls is kept.
@@ -336,40 +335,43 @@ fn cluster_up(
                 _ = term.recv() => break,
                 _ = watch.tick() => {}
             }
-            for (i, child) in children.iter_mut().enumerate() {
-                let id = i as u64 + 1;
-                if exited_at[i].is_none() {
-                    if let Ok(Some(status)) = child.try_wait() {
+            for ((id, child), state) in (1..).zip(children.iter_mut()).zip(states.iter_mut()) {
+                match *state {
+                    NodeState::Running => {
+                        let Ok(Some(status)) = child.try_wait() else { continue };
                         eprintln!("tob: node {id} (pid {}) exited: {status}", child.id());
-                        exited_at[i] = Some(std::time::Instant::now());
+                        *state = NodeState::Down { since: std::time::Instant::now() };
                         // Bad configuration (2) or a corrupt log (3) does not heal by waiting.
                         if restart_after.is_some() && matches!(status.code(), Some(2 | 3)) {
                             eprintln!("tob: node {id} refused to start; not starting it again");
-                            gave_up[i] = true;
+                            *state = NodeState::GivenUp;
                         }
                     }
-                    continue;
-                }
-                let Some(after) = restart_after.filter(|_| !gave_up[i]) else { continue };
-                if exited_at[i].is_some_and(|at| at.elapsed() >= after) {
-                    match command(id).spawn() {
-                        Ok(restarted) => {
-                            eprintln!("tob: node {id} started again (pid {})", restarted.id());
-                            *child = restarted;
-                            exited_at[i] = None;
+                    NodeState::Down { since } => {
+                        let Some(after) = restart_after else { continue };
+                        if since.elapsed() < after {
+                            continue;
                         }
-                        Err(e) => {
-                            eprintln!("tob: cannot start node {id} again: {e}; trying later");
-                            exited_at[i] = Some(std::time::Instant::now());
+                        match command(id).spawn() {
+                            Ok(restarted) => {
+                                eprintln!("tob: node {id} started again (pid {})", restarted.id());
+                                *child = restarted;
+                                *state = NodeState::Running;
+                            }
+                            Err(e) => {
+                                eprintln!("tob: cannot start node {id} again: {e}; trying later");
+                                *state = NodeState::Down { since: std::time::Instant::now() };
+                            }
                         }
                     }
+                    NodeState::GivenUp => {}
                 }
             }
         }
     });
-    for (child, exited) in children.iter().zip(&exited_at) {
-        // An exited node was reaped: its pid may belong to another process by now.
-        if exited.is_none() {
+    for (child, state) in children.iter().zip(&states) {
+        // A node that exited was reaped: its pid may belong to another process by now.
+        if matches!(state, NodeState::Running) {
             let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         }
     }
@@ -377,6 +379,18 @@ fn cluster_up(
         let _ = child.wait();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A node of `tob cluster up`, as its supervisor sees it.
+#[derive(Clone, Copy)]
+enum NodeState {
+    Running,
+    /// Exited; started again after `--restart-after`, if given.
+    Down {
+        since: std::time::Instant,
+    },
+    /// Refused to start: left down.
+    GivenUp,
 }
 
 /// At most this many nodes in a development cluster (Raft would take more; one machine's
