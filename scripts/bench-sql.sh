@@ -29,6 +29,7 @@ CREATE TRIGGER users_tob_unique BEFORE INSERT OR UPDATE OR DELETE ON users_tob
     FOR EACH ROW EXECUTE FUNCTION tob_unique('bench_usernames', 'name');
 SQL
 until psql -d bench -tAc "SELECT tob_sync()" > /dev/null 2>&1; do sleep 0.2; done
+psql -d bench -tAc "SELECT tob_create_namespace('bench_usernames')" > /dev/null
 fsync_mean() {
     # Mean fsync latency of the first node, from its metrics endpoint.
     local status metrics

@@ -27,6 +27,8 @@ sleep 1.5
 export TOB_CLUSTER=$(sed -n 's/^TOB_CLUSTER=//p' "$out/up.txt")
 echo "   TOB_CLUSTER=$TOB_CLUSTER"
 $tob status | sed 's/^/   /'
+echo "   \$ tob create-namespace users   (claims need a declared namespace)"
+$tob create-namespace users | sed "s/^/   /"
 echo
 echo "   Two databases race to claim the same 20 usernames, at the same time:"
 for db in db-east db-west; do

@@ -62,6 +62,11 @@ psql() { command psql -X -q -v ON_ERROR_STOP=1 -h "$work/$1" -p "$(cat "$work/$1
 for s in east west; do
     until psql "$s" -d app -tAc "SELECT tob_sync()" > /dev/null 2>&1; do sleep 0.2; done
 done
+psql east -d app -tAc "SELECT tob_create_namespace('usernames')" > /dev/null
+echo "   namespace 'usernames' declared once for the whole cluster: SELECT tob_create_namespace('usernames')"
+echo "   (a misspelt namespace is refused, not a second uniqueness domain:"
+psql west -d app -c "SELECT tob_claim('usrenames', 'alice')" 2>&1 | sed -n 's/^/     /; 1,2p'
+echo "   )"
 
 echo
 echo "== 3. The race: 4 clients per server insert the same 30 usernames, each in its own order"

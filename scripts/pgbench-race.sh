@@ -34,6 +34,7 @@ for i in $(seq "$shards"); do
     psql -d "shard$i" -f sql/race/setup.sql
 done
 until psql -d shard1 -tAc "SELECT tob_sync()" > /dev/null 2>&1; do sleep 0.2; done
+psql -d shard1 -tAc "SELECT tob_create_namespace('race_users')" > /dev/null
 
 echo "== $shards shards x $clients pgbench clients, $seconds s, names user1..user$pool (1 in 4 statements a DELETE)"
 for i in $(seq "$shards"); do

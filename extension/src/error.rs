@@ -25,6 +25,8 @@ pub enum TobError {
     TooLong(String),
     /// Settings or set-up missing.
     NotConfigured(String),
+    /// The namespace was never created (`tob_create_namespace`); empty when not known here.
+    UnknownNamespace(String),
     /// The cluster refused the request for another reason.
     Refused { code: ErrorCode, message: String },
 }
@@ -41,6 +43,9 @@ impl From<ClientError> for TobError {
             ClientError::Refused { code: ErrorCode::Empty | ErrorCode::Malformed, message } => {
                 TobError::BadArgument(message)
             }
+            ClientError::Refused { code: ErrorCode::UnknownNamespace, .. } => {
+                TobError::UnknownNamespace(String::new())
+            }
             ClientError::Refused { code, message } => TobError::Refused { code, message },
             ClientError::Protocol(why) => {
                 TobError::Refused { code: ErrorCode::Malformed, message: why }
@@ -50,9 +55,20 @@ impl From<ClientError> for TobError {
 }
 
 impl TobError {
+    /// Names the namespace in an unknown-namespace error of a call about `namespace`.
+    pub fn in_namespace(self, namespace: &str) -> TobError {
+        match self {
+            TobError::UnknownNamespace(_) => TobError::UnknownNamespace(namespace.into()),
+            other => other,
+        }
+    }
+
     /// The cluster answered with an error outcome, or with an outcome this call never gets.
     pub fn from_outcome(outcome: tob_proto::Outcome) -> TobError {
         match outcome {
+            tob_proto::Outcome::Error { code: ErrorCode::UnknownNamespace } => {
+                TobError::UnknownNamespace(String::new())
+            }
             tob_proto::Outcome::Error { code } => {
                 TobError::Refused { code, message: code.name().into() }
             }
@@ -74,6 +90,7 @@ impl TobError {
             TobError::BadArgument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             TobError::TooLong(_) => ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
             TobError::NotConfigured(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            TobError::UnknownNamespace(_) => ERRCODE_UNDEFINED_OBJECT,
             TobError::Refused { code: ErrorCode::Overloaded, .. } => ERRCODE_INSUFFICIENT_RESOURCES,
             TobError::Refused { code: ErrorCode::NotLeader | ErrorCode::Unavailable, .. } => {
                 ERRCODE_CONNECTION_FAILURE
@@ -104,6 +121,12 @@ impl TobError {
             TobError::Cancelled => "canceling statement due to user request".into(),
             TobError::BadArgument(why) | TobError::TooLong(why) => format!("tob: {why}"),
             TobError::NotConfigured(why) => format!("tob: {why}"),
+            TobError::UnknownNamespace(namespace) if namespace.is_empty() => {
+                "tob: namespace does not exist".into()
+            }
+            TobError::UnknownNamespace(namespace) => {
+                format!("tob: namespace \"{namespace}\" does not exist")
+            }
             TobError::Refused { code, message } => {
                 format!("tob: the cluster refused the request: {message} ({code})")
             }
@@ -125,13 +148,19 @@ impl TobError {
         }
     }
 
-    fn hint(&self) -> Option<&'static str> {
+    fn hint(&self) -> Option<String> {
         match self {
-            TobError::ClaimLost { .. } => Some("Retry the transaction."),
-            TobError::Unreachable(_) => Some("Check tob.cluster and that the sequencer nodes run."),
-            TobError::WouldWait { waited: false, .. } => {
-                Some("SET tob.claim_wait = wait to wait for the other transaction.")
+            TobError::ClaimLost { .. } => Some("Retry the transaction.".into()),
+            TobError::Unreachable(_) => {
+                Some("Check tob.cluster and that the sequencer nodes run.".into())
             }
+            TobError::WouldWait { waited: false, .. } => {
+                Some("SET tob.claim_wait = wait to wait for the other transaction.".into())
+            }
+            TobError::UnknownNamespace(namespace) => Some(format!(
+                "Namespaces are created once for the whole cluster, so that a misspelt one is an error rather than a second uniqueness domain: SELECT tob_create_namespace('{}');",
+                if namespace.is_empty() { "..." } else { namespace }
+            )),
             _ => None,
         }
     }

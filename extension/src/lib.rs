@@ -98,7 +98,9 @@ fn tob_owner(
     let namespace = checked("namespace", namespace, NAME_BYTES_MAX);
     let key = checked("key", key, KEY_BYTES_MAX);
     let consistency = guc::read_consistency();
-    let current = with_client(|c| Ok(c.owner(namespace, key, consistency)?));
+    let current = with_client(|c| {
+        c.owner(namespace, key, consistency).map_err(|e| TobError::from(e).in_namespace(namespace))
+    });
     TableIterator::new(current.map(|o| (o.owner, o.token.0 as i64, o.state.as_str().to_owned())))
 }
 
@@ -137,6 +139,14 @@ fn tob_read(
 #[pg_extern(volatile, parallel_unsafe)]
 fn tob_sync() -> i64 {
     with_client(|c| Ok(c.sync()?)) as i64
+}
+
+/// Declares a namespace for the whole cluster, so that claims in it are accepted; false if it
+/// existed already. Not transactional: it stays when the transaction rolls back.
+#[pg_extern(volatile, parallel_unsafe)]
+fn tob_create_namespace(name: Option<&str>) -> bool {
+    let name = checked("namespace", name, NAME_BYTES_MAX);
+    with_client(|c| Ok(c.create_namespace(name)?))
 }
 
 /// Gap-free, linearizable increment-and-get of a global counter (not transactional).
@@ -300,6 +310,8 @@ GRANT EXECUTE ON FUNCTION tob_claim(text, text, text), tob_release(text, text, t
     tob_sync(), tob_next(text), tob_lock(text), tob_unlock(text), tob_status(),
     tob_fence(text, bigint), tob_unique() TO tob_user;
 GRANT SELECT, INSERT, UPDATE ON tob_fences TO tob_user;
+-- Declaring a namespace is part of defining a schema, not of using it: not for tob_user.
+REVOKE ALL ON FUNCTION tob_create_namespace(text) FROM PUBLIC;
 "#,
     name = "privileges",
     finalize,

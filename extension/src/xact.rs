@@ -131,8 +131,10 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
     let mut waiting = backend::Waiting::new();
     loop {
         let session = if prepared { None } else { Some(instance_session()) };
-        let outcome =
-            with_client(|c| Ok(c.claim_with(namespace, key, owner, &holder, kind, session)?));
+        let outcome = with_client(|c| {
+            c.claim_with(namespace, key, owner, &holder, kind, session)
+                .map_err(|e| TobError::from(e).in_namespace(namespace))
+        });
         match outcome {
             Outcome::Claimed { token } => {
                 let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
@@ -197,8 +199,10 @@ pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
     record_transaction(full_xid, &holder);
     let mut waiting = backend::Waiting::new();
     loop {
-        let outcome =
-            with_client(|c| Ok(c.release_on_commit(claim_key.clone(), owner, &holder)?));
+        let outcome = with_client(|c| {
+            c.release_on_commit(claim_key.clone(), owner, &holder)
+                .map_err(|e| TobError::from(e).in_namespace(&claim_key.namespace))
+        });
         match outcome {
             Outcome::ReleaseScheduled => {
                 let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };

@@ -234,11 +234,13 @@ impl Postgres {
     }
 }
 
-/// Waits until the instance's background worker has a session (tob_claim needs one).
+/// Waits until the cluster answers, and declares the namespace of [`APP_SCHEMA`]'s trigger
+/// (claims need it; declaring is idempotent), as whoever sets up the application does once.
 pub async fn wait_until_ready(db: &Client) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ok = db.query_one("SELECT tob_sync()", &[]).await.is_ok();
+        let sql = "SELECT tob_sync(), tob_create_namespace('usernames')";
+        let ok = db.query_one(sql, &[]).await.is_ok();
         if ok {
             return;
         }

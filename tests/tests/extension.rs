@@ -329,10 +329,40 @@ async fn cluster_down_is_a_clear_error() {
     }
     // Back up: works again.
     cluster.restart_all();
+    // A namespace nobody created (a typo in a trigger, say): 42704 naming it, with a hint, and
+    // nothing written; declared once, it works, from any database.
     db.batch_execute("SET tob.connect_timeout = '2s'; SET tob.request_timeout = '10s'")
         .await
         .unwrap();
     wait_until_ready(&db).await;
+    db.batch_execute(
+        "CREATE TABLE typo (name text NOT NULL);
+         CREATE TRIGGER typo_unique BEFORE INSERT OR DELETE ON typo
+             FOR EACH ROW EXECUTE FUNCTION tob_unique('usrenames', 'name');",
+    )
+    .await
+    .unwrap();
+    for sql in [
+        "INSERT INTO typo VALUES ('alice')",
+        "SELECT tob_claim('usrenames', 'alice')",
+        "SELECT * FROM tob_owner('usrenames', 'alice')",
+        "SELECT tob_release('usrenames', 'alice')",
+    ] {
+        let err = db.execute(sql, &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "42704", "{sql}: {err:?}");
+        let error = err.as_db_error().unwrap();
+        assert_eq!(error.message(), "tob: namespace \"usrenames\" does not exist");
+        assert!(error.hint().unwrap().contains("tob_create_namespace('usrenames')"), "{error:?}");
+    }
+    let count: i64 = db.query_one("SELECT count(*) FROM typo", &[]).await.unwrap().get(0);
+    assert_eq!(count, 0);
+    let create = "SELECT tob_create_namespace('usrenames')";
+    assert!(db.query_one(create, &[]).await.unwrap().get::<_, bool>(0), "created");
+    assert!(!db.query_one(create, &[]).await.unwrap().get::<_, bool>(0), "exists already");
+    db.execute("INSERT INTO typo VALUES ('alice')", &[]).await.unwrap();
+    let err = db.query_one("SELECT tob_create_namespace('')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "22023");
+    // The rest, as before the outage.
     db.execute("INSERT INTO users (name) VALUES ('somebody')", &[]).await.unwrap();
 }
 
@@ -622,6 +652,9 @@ async fn privileges_need_the_tob_user_role() {
     admin.batch_execute("GRANT tob_user TO app_login").await.unwrap();
     let value: i64 = user.query_one("SELECT tob_next('c')", &[]).await.unwrap().get(0);
     assert_eq!(value, 1);
+    // Declaring namespaces belongs to whoever defines the schema, not to every user.
+    let err = user.query_one("SELECT tob_create_namespace('x')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "42501");
 }
 
 /// A DELETE whose transaction ended but whose end the background worker has not yet told the

@@ -160,6 +160,11 @@ async fn run_async(
     let mut config = ClientConfig::new(nodes.to_vec(), cluster_id);
     config.request_timeout = Duration::from_secs(10);
     let client = AsyncClient::new(config);
+    if workload == "claim"
+        && let Err(e) = client.create_namespace("bench").await
+    {
+        eprintln!("tob-bench: could not create namespace \"bench\": {e}");
+    }
     let Shared { stop, errors, last_claimed, run_id } = Shared::new();
     let started = Instant::now();
     let tasks: Vec<_> = (0..concurrency)

@@ -53,6 +53,9 @@ enum Cmd {
         #[arg(long)]
         follow: bool,
     },
+    /// Declare a namespace: claims need one (a misspelt namespace is then an error rather
+    /// than a second uniqueness domain). Prints "created", or "exists" if it did already.
+    CreateNamespace { name: String },
     /// Claim a key; prints the fencing token, or who holds it (exit 1).
     Claim { namespace: String, key: String, owner: String },
     /// Release a key held by OWNER (exit 1 if OWNER does not hold it).
@@ -100,13 +103,27 @@ fn main() -> ExitCode {
         Err(e) => {
             let code = match &e {
                 ClientError::Unavailable(_) | ClientError::Timeout => 3,
-                ClientError::Refused { code: ErrorCode::TooLarge | ErrorCode::Empty, .. } => 2,
+                ClientError::Refused {
+                    code: ErrorCode::TooLarge | ErrorCode::Empty | ErrorCode::UnknownNamespace,
+                    ..
+                } => 2,
                 _ => 4,
             };
+            let message = match (&cli.command, e.code()) {
+                (
+                    Cmd::Claim { namespace, .. }
+                    | Cmd::Release { namespace, .. }
+                    | Cmd::Owner { namespace, .. },
+                    ErrorCode::UnknownNamespace,
+                ) => format!(
+                    "namespace {namespace:?} does not exist; create it with: tob create-namespace {namespace}"
+                ),
+                _ => e.to_string(),
+            };
             if cli.json {
-                println!("{}", json!({"error": e.code().name(), "message": e.to_string()}));
+                println!("{}", json!({"error": e.code().name(), "message": message}));
             } else {
-                eprintln!("tob: {e}");
+                eprintln!("tob: {message}");
             }
             ExitCode::from(code)
         }
@@ -188,6 +205,11 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
                     print(m);
                 }
             }
+        }
+        Cmd::CreateNamespace { name } => {
+            let created = c.create_namespace(name)?;
+            let result = if created { "created" } else { "exists" };
+            say(result.into(), json!({"result": result}));
         }
         Cmd::Claim { namespace, key, owner } => match c.claim(namespace, key, owner)? {
             Outcome::Claimed { token } => {

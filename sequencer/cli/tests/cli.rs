@@ -123,6 +123,24 @@ fn commands_print_results_and_use_the_documented_exit_codes() {
     assert_eq!(append.status.code(), Some(0));
     assert_eq!(append.stdout_text(), "1");
 
+    // Claims need a declared namespace: a misspelt one is refused (exit 2) and says how to
+    // create it, for claims and reads alike.
+    let unknown = c.tob(&["claim", "users", "alice", "u1"]);
+    assert_eq!(unknown.status.code(), Some(2), "no namespace yet");
+    let said = String::from_utf8_lossy(&unknown.stderr);
+    assert!(said.contains("tob create-namespace users"), "{said}");
+    let unknown = c.tob(&["--json", "owner", "users", "alice"]);
+    assert_eq!(unknown.status.code(), Some(2));
+    let v: serde_json::Value = serde_json::from_str(&unknown.stdout_text()).unwrap();
+    assert_eq!(v["error"], "unknown_namespace");
+    let created = c.tob(&["create-namespace", "users"]);
+    assert_eq!((created.status.code(), created.stdout_text().as_str()), (Some(0), "created"));
+    let again = c.tob(&["--json", "create-namespace", "users"]);
+    assert_eq!(again.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_str(&again.stdout_text()).unwrap();
+    assert_eq!(v["result"], "exists");
+    assert_eq!(c.tob(&["claim", "usres", "alice", "u1"]).status.code(), Some(2), "a typo");
+
     let claimed = c.tob(&["claim", "users", "alice", "u1"]);
     assert_eq!(claimed.status.code(), Some(0));
     let token: u64 = claimed.stdout_text().parse().expect("a token");

@@ -175,6 +175,12 @@ impl AsyncClient {
         self.command(shape::release(namespace, key, owner)).await
     }
 
+    /// Declares a namespace so that claims in it are accepted; false if it existed already.
+    pub async fn create_namespace(&self, name: &str) -> Result<bool, ClientError> {
+        let command = Command::CreateNamespace { name: name.into() };
+        shape::namespace_created(self.command(command).await?)
+    }
+
     pub async fn next(&self, counter: &str) -> Result<u64, ClientError> {
         shape::counter(self.command(Command::Next { counter: counter.into() }).await?)
     }

@@ -257,6 +257,11 @@ impl Client {
         }
     }
 
+    /// Declares a namespace so that claims in it are accepted; false if it existed already.
+    pub fn create_namespace(&mut self, name: &str) -> Result<bool, ClientError> {
+        shape::namespace_created(self.command(Command::CreateNamespace { name: name.into() })?)
+    }
+
     pub fn next(&mut self, counter: &str) -> Result<u64, ClientError> {
         shape::counter(self.command(Command::Next { counter: counter.into() })?)
     }

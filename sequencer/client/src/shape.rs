@@ -42,6 +42,14 @@ pub fn appended(outcome: Outcome) -> Result<Seq, ClientError> {
     }
 }
 
+/// Whether `CreateNamespace` created the namespace (false: it existed).
+pub fn namespace_created(outcome: Outcome) -> Result<bool, ClientError> {
+    match outcome {
+        Outcome::NamespaceCreated { created } => Ok(created),
+        other => Err(unexpected_outcome(other)),
+    }
+}
+
 pub fn counter(outcome: Outcome) -> Result<u64, ClientError> {
     match outcome {
         Outcome::Counter { value } => Ok(value),

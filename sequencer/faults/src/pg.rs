@@ -138,7 +138,8 @@ impl Server {
         self.config(database).connect(postgres::NoTls)
     }
 
-    /// Creates `database` with [`APP_SCHEMA`], then waits until the cluster answers.
+    /// Creates `database` with [`APP_SCHEMA`], then waits until the cluster answers and
+    /// declares the trigger's namespace (idempotent: every database does it).
     pub fn create_app_database(&self, database: &str) -> io::Result<postgres::Client> {
         let sql = |e: postgres::Error| io::Error::other(format!("{}: {e}", self.name));
         self.connect("postgres")
@@ -147,7 +148,7 @@ impl Server {
         let mut db = self.connect(database).map_err(sql)?;
         db.batch_execute(APP_SCHEMA).map_err(sql)?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while db.query_one("SELECT tob_sync()", &[]).is_err() {
+        while db.query_one("SELECT tob_sync(), tob_create_namespace('usernames')", &[]).is_err() {
             if Instant::now() > deadline {
                 return Err(io::Error::other(format!(
                     "{}: cluster not reachable in 30 s",

@@ -124,6 +124,12 @@ pub fn worker(
     let mut client = client(nodes.clone(), None);
     let owner = format!("p{process}");
     let mut serial = 0u64;
+    if !matches!(kind, "appends" | "counter") {
+        // Claims need their namespace declared (idempotent; retried through any fault).
+        while !stop.load(Ordering::Relaxed) && client.create_namespace(NAMESPACE).is_err() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     while !stop.load(Ordering::Relaxed) {
         // Think time (0–2× the mean) keeps long runs' histories a checkable size.
         let think_us = think.as_micros() as u64;

@@ -9,6 +9,12 @@
 //! Snapshots are the `postcard` encoding of [`MachineState`], whose collections are all ordered
 //! (`BTreeMap`, `VecDeque`, and claims by a fixed hash of their key), so replicas at the same
 //! index produce byte-identical snapshots.
+//!
+//! Claims need a declared namespace (`CreateNamespace`), so that a misspelt namespace is an
+//! error rather than a second uniqueness domain. The rule starts at a log position: a state
+//! machine starts without it and takes it on when it applies `RequireNamespaces`, which a
+//! leader proposes when it finds it missing. A log written before namespaces existed is so
+//! applied with the rules it was written under, and no acknowledged claim changes its fate.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -20,7 +26,7 @@ pub use expiry::ExpiryWatch;
 use serde::{Deserialize, Serialize};
 use tob_proto::{
     ClaimKey, ClaimKind, ClaimState, ClientId, Command, ErrorCode, FencingToken, Limits, Outcome,
-    OwnerInfo, ReleasedClaim, Request, RequestId, Seq, SessionId,
+    OwnerInfo, RESERVED_NAMESPACE_PREFIX, ReleasedClaim, Request, RequestId, Seq, SessionId,
 };
 
 use crate::claim_table::ClaimTable;
@@ -109,6 +115,17 @@ pub struct MachineState {
     clients: BTreeMap<ClientId, ClientRecord>,
     /// `(last_active_index, client)` of every client, to find the idlest in O(log n).
     clients_by_activity: BTreeSet<(u64, ClientId)>,
+    /// Encoded after the fields above (see [`Machine::snapshot`]): a snapshot written before
+    /// namespaces existed ends where they end.
+    #[serde(skip)]
+    namespaces: Namespaces,
+}
+
+/// Declared namespaces, and whether claims need one yet (see the crate docs).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Namespaces {
+    required: bool,
+    declared: BTreeSet<String>,
 }
 
 /// The result of applying one log entry.
@@ -215,10 +232,20 @@ impl Machine {
         match command {
             Command::Append { topic, payload } => self.append(topic.clone(), payload.clone()),
             Command::Claim { key, owner, holder, kind, session } => {
+                if let Err(code) = self.check_namespace(&key.namespace) {
+                    return Outcome::Error { code };
+                }
                 self.claim(index, key, owner, holder, *kind, *session)
             }
             Command::Prepare { holder, keys } => self.prepare(holder, keys),
             Command::Finalize { holder, keys } => self.finalize(holder, keys),
+            Command::Release { key, .. }
+            | Command::ReleaseOnCommit { key, .. }
+            | Command::Read { key }
+                if self.check_namespace(&key.namespace).is_err() =>
+            {
+                Outcome::Error { code: ErrorCode::UnknownNamespace }
+            }
             Command::Release { key, owner, holder } => self.release(key, owner, holder.as_deref()),
             Command::ReleaseOnCommit { key, owner, holder } => {
                 self.release_on_commit(key, owner, holder)
@@ -250,7 +277,59 @@ impl Machine {
                 None => Outcome::Error { code: ErrorCode::UnknownSession },
             },
             Command::Expire { session, keepalives_seen } => self.expire(*session, *keepalives_seen),
+            Command::CreateNamespace { name } => {
+                let created = !name.starts_with(RESERVED_NAMESPACE_PREFIX)
+                    && self.state.namespaces.declared.insert(name.clone());
+                Outcome::NamespaceCreated { created }
+            }
+            Command::RequireNamespaces => self.require_namespaces(),
         }
+    }
+
+    /// From here on claims need a declared namespace; those already in use are declared.
+    fn require_namespaces(&mut self) -> Outcome {
+        if self.state.namespaces.required {
+            return Outcome::NamespacesRequired { declared: Vec::new() };
+        }
+        let in_use: BTreeSet<&str> = self
+            .state
+            .claims
+            .iter()
+            .map(|(key, _)| key.namespace.as_str())
+            .filter(|n| !n.starts_with(RESERVED_NAMESPACE_PREFIX))
+            .collect();
+        let namespaces = &mut self.state.namespaces;
+        let declared: Vec<String> = in_use
+            .into_iter()
+            .filter(|n| !namespaces.declared.contains(*n))
+            .map(str::to_owned)
+            .collect();
+        namespaces.declared.extend(declared.iter().cloned());
+        namespaces.required = true;
+        Outcome::NamespacesRequired { declared }
+    }
+
+    /// `Ok` if claims in `namespace` are accepted: declared, tob's own, or no rule yet.
+    pub fn check_namespace(&self, namespace: &str) -> Result<(), ErrorCode> {
+        let namespaces = &self.state.namespaces;
+        if !namespaces.required
+            || namespace.starts_with(RESERVED_NAMESPACE_PREFIX)
+            || namespaces.declared.contains(namespace)
+        {
+            Ok(())
+        } else {
+            Err(ErrorCode::UnknownNamespace)
+        }
+    }
+
+    /// Whether `RequireNamespaces` has been applied (a leader proposes it when not).
+    pub fn namespaces_required(&self) -> bool {
+        self.state.namespaces.required
+    }
+
+    /// The declared namespaces, in order.
+    pub fn namespaces(&self) -> impl Iterator<Item = &str> {
+        self.state.namespaces.declared.iter().map(String::as_str)
     }
 
     fn append(&mut self, topic: Option<String>, payload: Vec<u8>) -> Outcome {
@@ -525,14 +604,27 @@ impl Machine {
 
     // ----- snapshots ------------------------------------------------------------------------
 
-    /// The whole state, byte-identical on every replica at the same applied index.
+    /// The whole state, byte-identical on every replica at the same applied index: the
+    /// state's fields, then the namespaces.
     pub fn snapshot(&self) -> Vec<u8> {
-        postcard::to_allocvec(&self.state).expect("serialising to a Vec cannot fail")
+        let bytes = postcard::to_allocvec(&self.state).expect("serialising cannot fail");
+        postcard::to_extend(&self.state.namespaces, bytes).expect("serialising cannot fail")
     }
 
-    /// Replaces the state with a snapshot.
+    /// Replaces the state with a snapshot. One that ends after the state's fields was written
+    /// before namespaces existed: claims need none until `RequireNamespaces` is applied.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), ErrorCode> {
-        self.state = postcard::from_bytes(bytes).map_err(|_| ErrorCode::Malformed)?;
+        let (mut state, rest) =
+            postcard::take_from_bytes::<MachineState>(bytes).map_err(|_| ErrorCode::Malformed)?;
+        if !rest.is_empty() {
+            let (namespaces, rest) =
+                postcard::take_from_bytes::<Namespaces>(rest).map_err(|_| ErrorCode::Malformed)?;
+            if !rest.is_empty() {
+                return Err(ErrorCode::Malformed);
+            }
+            state.namespaces = namespaces;
+        }
+        self.state = state;
         Ok(())
     }
 }

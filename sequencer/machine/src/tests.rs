@@ -255,6 +255,8 @@ fn snapshots_are_byte_identical_across_replicas() {
     // rest. Same index, same bytes.
     let commands: Vec<Command> = (0..50)
         .map(|i| match i % 5 {
+            _ if i == 10 => Command::RequireNamespaces,
+            _ if i == 30 => Command::CreateNamespace { name: "orders".into() },
             0 => Command::Append { topic: Some(format!("t{}", i % 3)), payload: vec![i as u8] },
             1 => Command::Claim {
                 key: key(&format!("k{}", i % 7)),
@@ -411,4 +413,88 @@ fn a_claim_prepared_at_once_needs_no_session_and_follows_its_holders_fate() {
     assert_eq!(settle(&mut d, &["pg:1:x1"], &["pg:1:x2"]), Outcome::Settled { claims: 2 });
     assert_eq!(state_of(&d, "a"), Some(ClaimState::Held));
     assert_eq!(state_of(&d, "b"), None);
+}
+
+fn in_namespace(d: &mut Driver, namespace: &str, k: &str, owner: &str) -> Outcome {
+    d.run(Command::Claim {
+        key: ClaimKey { namespace: namespace.into(), key: k.into() },
+        owner: owner.into(),
+        holder: owner.into(),
+        kind: ClaimKind::Held,
+        session: None,
+    })
+}
+
+#[test]
+fn claims_need_a_declared_namespace_once_required() {
+    let mut d = Driver::new();
+    // Before the rule (a log written before namespaces existed): any namespace goes.
+    assert!(matches!(in_namespace(&mut d, "users", "alice", "u1"), Outcome::Claimed { .. }));
+    assert!(!d.machine.namespaces_required());
+    assert_eq!(
+        d.run(Command::RequireNamespaces),
+        Outcome::NamespacesRequired { declared: vec!["users".into()] },
+        "a namespace in use is declared when the rule starts"
+    );
+    assert!(d.machine.namespaces_required());
+    assert_eq!(d.run(Command::RequireNamespaces), Outcome::NamespacesRequired { declared: vec![] });
+
+    // A misspelt namespace: refused for claims, releases and reads, and nothing changes.
+    let before = d.machine.snapshot();
+    let unknown = Outcome::Error { code: ErrorCode::UnknownNamespace };
+    assert_eq!(in_namespace(&mut d, "user", "alice", "u2"), unknown);
+    let typo = ClaimKey { namespace: "user".into(), key: "alice".into() };
+    let release = Command::Release { key: typo.clone(), owner: "u1".into(), holder: None };
+    assert_eq!(d.run(release), unknown);
+    let release_later =
+        Command::ReleaseOnCommit { key: typo.clone(), owner: "u1".into(), holder: "tx".into() };
+    assert_eq!(d.run(release_later), unknown);
+    assert_eq!(d.run(Command::Read { key: typo }), unknown);
+    assert_eq!(d.machine.check_namespace("user"), Err(ErrorCode::UnknownNamespace));
+    let mut after = Machine::new(MachineConfig::default());
+    after.restore(&d.machine.snapshot()).unwrap();
+    let mut unchanged = Machine::new(MachineConfig::default());
+    unchanged.restore(&before).unwrap();
+    assert_eq!(after.state.claims, unchanged.state.claims);
+
+    // Declared ones are accepted; declaring is idempotent; tob's own need no declaring.
+    let create = |name: &str| Command::CreateNamespace { name: name.into() };
+    assert_eq!(d.run(create("orders")), Outcome::NamespaceCreated { created: true });
+    assert_eq!(d.run(create("orders")), Outcome::NamespaceCreated { created: false });
+    assert!(matches!(in_namespace(&mut d, "orders", "o1", "u1"), Outcome::Claimed { .. }));
+    assert!(matches!(in_namespace(&mut d, "tob.lock", "job", "u1"), Outcome::Claimed { .. }));
+    assert_eq!(d.run(create("tob.lock")), Outcome::NamespaceCreated { created: false });
+    assert_eq!(d.machine.namespaces().collect::<Vec<_>>(), ["orders", "users"]);
+    assert_eq!(
+        d.run(create("")),
+        Outcome::Error { code: ErrorCode::Empty },
+        "names follow the limits of other names"
+    );
+}
+
+#[test]
+fn a_snapshot_from_before_namespaces_restores_without_the_rule() {
+    let mut d = Driver::new();
+    in_namespace(&mut d, "users", "alice", "u1");
+    in_namespace(&mut d, "tob.lock", "job", "u1");
+    // What a node wrote before namespaces existed: the state's fields and nothing after them.
+    let old = postcard::to_allocvec(&d.machine.state).unwrap();
+    let mut restored = Machine::new(MachineConfig::default());
+    restored.restore(&old).unwrap();
+    assert!(!restored.namespaces_required());
+    assert_eq!(restored.owner(&key("alice")).unwrap().owner, "u1");
+    let mut e = Driver { machine: restored, index: d.index, next_request: d.next_request };
+    assert!(matches!(in_namespace(&mut e, "orders", "o1", "u1"), Outcome::Claimed { .. }));
+    assert_eq!(
+        e.run(Command::RequireNamespaces),
+        Outcome::NamespacesRequired { declared: vec!["orders".into(), "users".into()] }
+    );
+
+    // Anything else after the state's fields is refused, as is a cut-off namespace part.
+    let mut current = e.machine.snapshot();
+    assert!(Machine::new(MachineConfig::default()).restore(&current).is_ok());
+    current.push(0);
+    assert_eq!(Machine::new(MachineConfig::default()).restore(&current), Err(ErrorCode::Malformed));
+    current.truncate(current.len() - 3);
+    assert_eq!(Machine::new(MachineConfig::default()).restore(&current), Err(ErrorCode::Malformed));
 }

@@ -30,6 +30,9 @@ pub enum ErrorCode {
     SessionRequired = 23,
     /// Too many requests in flight on this connection; retry the same request shortly.
     Overloaded = 13,
+    /// The claim's namespace was never created (`CreateNamespace`): most often a misspelt
+    /// name, which would otherwise start a separate uniqueness domain without anyone noticing.
+    UnknownNamespace = 24,
 }
 
 impl ErrorCode {
@@ -52,6 +55,7 @@ impl ErrorCode {
             ErrorCode::Compacted => "compacted",
             ErrorCode::SessionRequired => "session_required",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::UnknownNamespace => "unknown_namespace",
         }
     }
 

@@ -126,7 +126,18 @@ pub enum Command {
     /// Proposed by the leader when it saw no keep-alive for a TTL. Applies only if the session
     /// has had exactly `keepalives_seen` keep-alives, so a renewal that raced it wins.
     Expire { session: SessionId, keepalives_seen: u64 },
+    /// Declare a namespace, so that claims in it are accepted (idempotent). Namespaces whose
+    /// name starts with [`RESERVED_NAMESPACE_PREFIX`] always exist.
+    CreateNamespace { name: String },
+    /// Proposed by a leader whose state machine predates namespaces: from this entry on,
+    /// claims need a declared namespace, and every namespace that already has claims is
+    /// declared. Applying the log written before it with the old rules keeps every
+    /// acknowledged claim as it was.
+    RequireNamespaces,
 }
+
+/// Namespaces with this prefix are tob's own (the extension's locks) and need no declaring.
+pub const RESERVED_NAMESPACE_PREFIX: &str = "tob.";
 
 impl Command {
     /// A short operation name for logs, metrics and histories.
@@ -145,6 +156,8 @@ impl Command {
             Command::OpenSession { .. } => "open_session",
             Command::KeepAlive { .. } => "keep_alive",
             Command::Expire { .. } => "expire",
+            Command::CreateNamespace { .. } => "create_namespace",
+            Command::RequireNamespaces => "require_namespaces",
         }
     }
 }
@@ -231,5 +244,13 @@ pub enum Outcome {
     },
     Error {
         code: ErrorCode,
+    },
+    /// `CreateNamespace` applied: `created` is false if it existed already.
+    NamespaceCreated {
+        created: bool,
+    },
+    /// `RequireNamespaces` applied: these namespaces had claims and are now declared.
+    NamespacesRequired {
+        declared: Vec<String>,
     },
 }

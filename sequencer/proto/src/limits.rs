@@ -62,9 +62,11 @@ impl Limits {
             }
             Command::Read { key } => self.key(key),
             Command::Next { counter } => self.name(counter),
-            Command::OpenSession { .. } | Command::KeepAlive { .. } | Command::Expire { .. } => {
-                Ok(())
-            }
+            Command::CreateNamespace { name } => self.name(name),
+            Command::OpenSession { .. }
+            | Command::KeepAlive { .. }
+            | Command::Expire { .. }
+            | Command::RequireNamespaces => Ok(()),
         }
     }
 

@@ -64,8 +64,8 @@ impl Histogram {
 }
 
 /// Operations whose request latency is measured separately.
-pub const OPERATIONS: [&str; 8] =
-    ["append", "claim", "release", "read", "next", "session", "sync", "other"];
+pub const OPERATIONS: [&str; 9] =
+    ["append", "claim", "release", "read", "next", "session", "namespace", "sync", "other"];
 
 /// Everything a node exports.
 pub struct Metrics {

@@ -113,6 +113,8 @@ pub struct NodeActor {
     last_snapshot_bytes: u64,
     applied_bytes_since_snapshot: u64,
     subscriptions: Vec<Subscription>,
+    /// The term in which this node, as leader, proposed `RequireNamespaces`.
+    namespace_rule_proposed_in: Option<u64>,
 }
 
 /// Snapshot bytes per InstallSnapshot piece: 1 MiB, or less when frames are configured smaller.
@@ -180,6 +182,7 @@ impl NodeActor {
             last_snapshot_bytes,
             applied_bytes_since_snapshot: 0,
             subscriptions: Vec::new(),
+            namespace_rule_proposed_in: None,
         }
     }
 
@@ -408,7 +411,14 @@ impl NodeActor {
             let Some((waiter, request)) = self.reads.remove(&read.context) else { continue };
             self.finish_request(&waiter);
             let reply = match request {
-                ReadRequest::Owner(key) => Reply::Owner(self.machine.owner(&key)),
+                ReadRequest::Owner(key) => match self.machine.check_namespace(&key.namespace) {
+                    Ok(()) => Reply::Owner(self.machine.owner(&key)),
+                    Err(code) => Reply::Error {
+                        code,
+                        message: format!("namespace {:?} does not exist", key.namespace),
+                        leader: None,
+                    },
+                },
                 ReadRequest::Sync => Reply::Synced { position: read.index.0 },
                 ReadRequest::Holders { prefix, after, max } => {
                     let max = (max as usize).min(READ_MESSAGES_MAX);
@@ -514,8 +524,31 @@ impl NodeActor {
         }
     }
 
+    /// A leader whose state machine does not require namespaces yet (a new cluster, or a log
+    /// written before they existed) proposes `RequireNamespaces` once per term, ahead of any
+    /// client command it proposes.
+    fn require_namespaces(&mut self) {
+        let term = self.raft.term().0;
+        if self.raft.role() != Role::Leader
+            || self.machine.namespaces_required()
+            || self.namespace_rule_proposed_in == Some(term)
+        {
+            return;
+        }
+        let request = Request {
+            client: None,
+            request_id: RequestId(0),
+            first_incomplete: RequestId(0),
+            command: Command::RequireNamespaces,
+        };
+        if self.raft.propose(request.encode()).is_ok() {
+            self.namespace_rule_proposed_in = Some(term);
+        }
+    }
+
     /// The leader proposes `Expire` for sessions without a keep-alive for their TTL.
     fn watch_sessions(&mut self) {
+        self.require_namespaces();
         if self.raft.role() != Role::Leader {
             return self.expiry.reset();
         }
@@ -653,6 +686,7 @@ impl Handler<ClientCall> for NodeActor {
                 Command::OpenSession { .. }
                 | Command::KeepAlive { .. }
                 | Command::Expire { .. } => "session",
+                Command::CreateNamespace { .. } | Command::RequireNamespaces => "namespace",
             },
             Call::Owner { .. } | Call::ReadMessages { .. } | Call::InFlightHolders { .. } => "read",
             Call::Sync => "sync",
@@ -688,13 +722,14 @@ impl Handler<ClientCall> for NodeActor {
                 if let Err(code) = self.machine_limits().check(&request.command) {
                     return self.refuse(&waiter, code, code.name());
                 }
-                if matches!(request.command, Command::Expire { .. }) {
+                if matches!(request.command, Command::Expire { .. } | Command::RequireNamespaces) {
                     return self.refuse(
                         &waiter,
                         ErrorCode::Malformed,
-                        "expiry is proposed by the leader only",
+                        "expiry and the namespace rule are proposed by the leader only",
                     );
                 }
+                self.require_namespaces();
                 self.waiters.entry((client, request.request_id)).or_default().push(waiter);
                 if self.raft.propose(request.encode()).is_err() {
                     unreachable!("checked leader");

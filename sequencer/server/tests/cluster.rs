@@ -200,6 +200,7 @@ fn acknowledged_appends_and_claims_survive_killing_the_leader() {
         let payload = format!("m{i}");
         acked.push((client.append(Some("t"), payload.as_bytes()).unwrap(), payload));
     }
+    assert!(client.create_namespace("users").unwrap());
     assert!(matches!(client.claim("users", "alice", "u1").unwrap(), Outcome::Claimed { .. }));
     match client.claim("users", "alice", "u2").unwrap() {
         Outcome::Taken { current } => assert_eq!(current.owner, "u1"),
@@ -369,6 +370,22 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
     let mut client = cluster.client();
     let err = client.claim("users", &"k".repeat(5000), "u1").unwrap_err();
     assert!(matches!(err, ClientError::Refused { code: ErrorCode::TooLarge, .. }), "{err:?}");
+    // A namespace nobody created: refused for claims and for reads in every mode (a typo must
+    // not start a second uniqueness domain, nor report its keys free).
+    let unknown = |e: ClientError| {
+        matches!(e, ClientError::Refused { code: ErrorCode::UnknownNamespace, .. })
+    };
+    assert!(unknown(client.claim("usres", "alice", "u1").unwrap_err()));
+    assert!(unknown(client.release("usres", "alice", "u1").unwrap_err()));
+    for consistency in [ReadConsistency::Index, ReadConsistency::Log, ReadConsistency::Lease] {
+        assert!(unknown(client.owner("usres", "alice", consistency).unwrap_err()));
+    }
+    assert!(client.create_namespace("usres").unwrap());
+    assert!(!client.create_namespace("usres").unwrap(), "exists");
+    assert!(matches!(client.claim("usres", "alice", "u1").unwrap(), Outcome::Claimed { .. }));
+    // The leader proposes the rule itself; a client may not.
+    let err = client.command(tob_proto::Command::RequireNamespaces).unwrap_err();
+    assert!(matches!(err, ClientError::Refused { code: ErrorCode::Malformed, .. }), "{err:?}");
     // And everyone is still served.
     assert!(client.append(None, b"still here").is_ok());
 }
@@ -423,6 +440,7 @@ fn a_paused_leader_is_replaced_and_rejoins_as_follower() {
     let cluster = Cluster::start(3, "pause");
     cluster.leader(Duration::from_secs(10));
     let mut client = cluster.client();
+    client.create_namespace("locks").unwrap();
     client.claim("locks", "job", "worker-1").unwrap();
     let old = cluster.leader(Duration::from_secs(1));
     let pid = cluster.nodes[old].child.as_ref().unwrap().id().to_string();
@@ -456,6 +474,7 @@ fn every_node_serves_prometheus_metrics_on_loopback() {
     for _ in 0..5 {
         client.append(Some("m"), b"x").unwrap();
     }
+    client.create_namespace("users").unwrap();
     client.claim("users", "alice", "u1").unwrap();
     let status = client.status_of(leader).unwrap();
     assert!(status.metrics_address.starts_with("127.0.0.1:"), "{}", status.metrics_address);
@@ -503,6 +522,7 @@ fn the_async_client_pipelines_many_requests_on_one_connection() {
         seqs
     });
     runtime.block_on(async {
+        assert!(client.create_namespace("users").await.unwrap());
         assert!(matches!(
             client.claim("users", "zed", "u1").await.unwrap(),
             Outcome::Claimed { .. }
@@ -530,6 +550,8 @@ fn claims_of_an_expired_session_are_released_and_prepared_ones_survive() {
     let cluster = Cluster::start(3, "session");
     cluster.leader(Duration::from_secs(10));
     let mut client = cluster.client();
+    client.create_namespace("locks").unwrap();
+    client.create_namespace("users").unwrap();
     let session = client.open_session(Duration::from_millis(300)).unwrap();
     let lock =
         client.claim_with("locks", "job", "w1", "w1", ClaimKind::Ephemeral, Some(session)).unwrap();
