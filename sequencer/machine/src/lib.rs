@@ -128,6 +128,30 @@ struct Namespaces {
     declared: BTreeSet<String>,
 }
 
+/// A leader's part in starting the namespace rule: it proposes `RequireNamespaces` once per
+/// term while its state machine lacks the rule (the entry may be in its log, not applied yet;
+/// a second one is harmless). Pure, like [`ExpiryWatch`]; the caller checks it leads.
+#[derive(Debug, Default)]
+pub struct NamespaceRuleWatch {
+    proposed_in: Option<u64>,
+}
+
+impl NamespaceRuleWatch {
+    /// The request to propose now, as leader of `term`, if any.
+    pub fn due(&mut self, machine: &Machine, term: u64) -> Option<Request> {
+        if machine.namespaces_required() || self.proposed_in == Some(term) {
+            return None;
+        }
+        self.proposed_in = Some(term);
+        Some(Request {
+            client: None,
+            request_id: RequestId(0),
+            first_incomplete: RequestId(0),
+            command: Command::RequireNamespaces,
+        })
+    }
+}
+
 /// The result of applying one log entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {

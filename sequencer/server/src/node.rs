@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tob_machine::{ExpiryWatch, Machine, MachineConfig};
+use tob_machine::{ExpiryWatch, Machine, MachineConfig, NamespaceRuleWatch};
 use tob_proto::{
     Call, ClientId, ClientResponse, Command, ErrorCode, MessageRecord, NodeStatus, Outcome,
     ReadConsistency, Reply, Request, RequestId,
@@ -113,8 +113,7 @@ pub struct NodeActor {
     last_snapshot_bytes: u64,
     applied_bytes_since_snapshot: u64,
     subscriptions: Vec<Subscription>,
-    /// The term in which this node, as leader, proposed `RequireNamespaces`.
-    namespace_rule_proposed_in: Option<u64>,
+    namespace_rule: NamespaceRuleWatch,
 }
 
 /// Snapshot bytes per InstallSnapshot piece: 1 MiB, or less when frames are configured smaller.
@@ -182,7 +181,7 @@ impl NodeActor {
             last_snapshot_bytes,
             applied_bytes_since_snapshot: 0,
             subscriptions: Vec::new(),
-            namespace_rule_proposed_in: None,
+            namespace_rule: NamespaceRuleWatch::default(),
         }
     }
 
@@ -528,21 +527,11 @@ impl NodeActor {
     /// written before they existed) proposes `RequireNamespaces` once per term, ahead of any
     /// client command it proposes.
     fn require_namespaces(&mut self) {
-        let term = self.raft.term().0;
-        if self.raft.role() != Role::Leader
-            || self.machine.namespaces_required()
-            || self.namespace_rule_proposed_in == Some(term)
-        {
+        if self.raft.role() != Role::Leader {
             return;
         }
-        let request = Request {
-            client: None,
-            request_id: RequestId(0),
-            first_incomplete: RequestId(0),
-            command: Command::RequireNamespaces,
-        };
-        if self.raft.propose(request.encode()).is_ok() {
-            self.namespace_rule_proposed_in = Some(term);
+        if let Some(request) = self.namespace_rule.due(&self.machine, self.raft.term().0) {
+            let _ = self.raft.propose(request.encode());
         }
     }
 

@@ -36,15 +36,39 @@ impl ReadKind {
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    Append { topic: Option<String>, id: String },
-    Claim { key: String, owner: String, kind: ClaimKind },
-    Release { key: String, owner: String, holder: Option<String> },
-    Read { key: String, mode: ReadKind },
-    Next { counter: String },
+    Append {
+        topic: Option<String>,
+        id: String,
+    },
+    Claim {
+        key: String,
+        owner: String,
+        kind: ClaimKind,
+    },
+    Release {
+        key: String,
+        owner: String,
+        holder: Option<String>,
+    },
+    Read {
+        key: String,
+        mode: ReadKind,
+    },
+    Next {
+        counter: String,
+    },
     OpenSession,
     KeepAlive,
-    Prepare { key: String, holder: String },
-    Finalize { key: String, holder: String },
+    Prepare {
+        key: String,
+        holder: String,
+    },
+    Finalize {
+        key: String,
+        holder: String,
+    },
+    /// Every client declares the namespace before its first claim (idempotent).
+    CreateNamespace,
 }
 
 impl Op {
@@ -122,6 +146,9 @@ pub struct SimClient {
     txn: Option<Txn>,
     serial: u64,
     pub completed: u64,
+    /// This client's `CreateNamespace` was acknowledged: from then on the namespace must
+    /// exist on every node, through crashes, elections and snapshots.
+    namespace_created: bool,
 }
 
 /// How a completed operation goes into the history.
@@ -145,6 +172,7 @@ impl SimClient {
             txn: None,
             serial: 0,
             completed: 0,
+            namespace_created: false,
         }
     }
 
@@ -152,6 +180,9 @@ impl SimClient {
     pub fn choose(&mut self, rng: &mut SplitMix64, now: u64) -> Op {
         self.serial += 1;
         let p = self.process;
+        if !self.namespace_created {
+            return Op::CreateNamespace;
+        }
         if let Some(txn) = &self.txn {
             let holder = txn.owner.clone();
             match txn.kind {
@@ -262,6 +293,7 @@ impl SimClient {
             Op::Finalize { key, holder } => {
                 Command::Finalize { holder: holder.clone(), keys: vec![claim_key(key)] }
             }
+            Op::CreateNamespace => Command::CreateNamespace { name: NAMESPACE.into() },
         };
         CallBody::Command(Request {
             client: Some(self.client_id),
@@ -286,6 +318,9 @@ impl SimClient {
                 }
                 ErrorCode::RequestForgotten => {
                     return Err(format!("{:?}: request forgotten while in flight", current.op));
+                }
+                ErrorCode::UnknownNamespace if self.namespace_created => {
+                    return Err(format!("{:?}: the namespace created earlier is gone", current.op));
                 }
                 _ => {}
             }
@@ -336,6 +371,10 @@ impl SimClient {
                 if let Some(txn) = &mut self.txn {
                     txn.prepared = true;
                 }
+                return Ok(Completion::NotRecorded);
+            }
+            (Op::CreateNamespace, Outcome::NamespaceCreated { .. }) => {
+                self.namespace_created = true;
                 return Ok(Completion::NotRecorded);
             }
             (Op::Prepare { .. }, Outcome::Lost { .. })

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tob_machine::{ExpiryWatch, Machine, MachineBugs, MachineConfig};
+use tob_machine::{ExpiryWatch, Machine, MachineBugs, MachineConfig, NamespaceRuleWatch};
 use tob_proto::{
     ClaimKey, ClientId, Command, Outcome, ReleasedClaim, Request, RequestId, SessionId,
 };
@@ -60,6 +60,7 @@ pub struct SimNode {
     next_read_context: u64,
     local_ticks: u64,
     expiry: ExpiryWatch,
+    namespace_rule: NamespaceRuleWatch,
 }
 
 impl SimNode {
@@ -100,6 +101,7 @@ impl SimNode {
             next_read_context: 0,
             local_ticks: 0,
             expiry: ExpiryWatch::default(),
+            namespace_rule: NamespaceRuleWatch::default(),
         }
     }
 
@@ -112,6 +114,7 @@ impl SimNode {
         self.reads.clear();
         self.ready_reads.clear();
         self.expiry.reset();
+        self.namespace_rule = NamespaceRuleWatch::default();
     }
 
     /// Starts again from the disk.
@@ -305,6 +308,10 @@ impl SimNode {
     fn watch_sessions(&mut self, fx: &mut Effects) {
         if self.raft.role() != Role::Leader {
             return self.expiry.reset();
+        }
+        // As the server does: the namespace rule, once per term until applied.
+        if let Some(request) = self.namespace_rule.due(&self.machine, self.raft.term().0) {
+            let _ = self.raft.propose(request.encode());
         }
         for request in self.expiry.due(&self.machine, self.raft.term().0, self.local_ticks, TICK_MS)
         {
