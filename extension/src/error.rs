@@ -158,7 +158,7 @@ impl TobError {
                 Some("SET tob.claim_wait = wait to wait for the other transaction.".into())
             }
             TobError::UnknownNamespace(namespace) => Some(format!(
-                "Namespaces are created once for the whole cluster, so that a misspelt one is an error rather than a second uniqueness domain: SELECT tob_create_namespace('{}');",
+                "Declare it once for the whole cluster: SELECT tob_create_namespace('{}');",
                 if namespace.is_empty() { "..." } else { namespace }
             )),
             _ => None,
