@@ -149,6 +149,12 @@ fn tob_create_namespace(name: Option<&str>) -> bool {
     with_client(|c| Ok(c.create_namespace(name)?))
 }
 
+/// The namespaces declared on the cluster, in order (after a ReadIndex: linearizable).
+#[pg_extern(volatile, parallel_unsafe)]
+fn tob_namespaces() -> SetOfIterator<'static, String> {
+    SetOfIterator::new(with_client(|c| Ok(c.namespaces()?)))
+}
+
 /// Gap-free, linearizable increment-and-get of a global counter (not transactional).
 #[pg_extern(volatile, parallel_unsafe)]
 fn tob_next(counter: Option<&str>) -> i64 {
@@ -304,11 +310,11 @@ $$;
 REVOKE ALL ON FUNCTION tob_claim(text, text, text), tob_release(text, text, text),
     tob_owner(text, text), tob_append(text, text), tob_read(bigint, integer, text),
     tob_sync(), tob_next(text), tob_lock(text), tob_unlock(text), tob_status(),
-    tob_fence(text, bigint), tob_unique() FROM PUBLIC;
+    tob_fence(text, bigint), tob_unique(), tob_namespaces() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tob_claim(text, text, text), tob_release(text, text, text),
     tob_owner(text, text), tob_append(text, text), tob_read(bigint, integer, text),
     tob_sync(), tob_next(text), tob_lock(text), tob_unlock(text), tob_status(),
-    tob_fence(text, bigint), tob_unique() TO tob_user;
+    tob_fence(text, bigint), tob_unique(), tob_namespaces() TO tob_user;
 GRANT SELECT, INSERT, UPDATE ON tob_fences TO tob_user;
 -- Declaring a namespace is part of defining a schema, not of using it: not for tob_user.
 REVOKE ALL ON FUNCTION tob_create_namespace(text) FROM PUBLIC;

@@ -359,6 +359,8 @@ async fn cluster_down_is_a_clear_error() {
     let create = "SELECT tob_create_namespace('usrenames')";
     assert!(db.query_one(create, &[]).await.unwrap().get::<_, bool>(0), "created");
     assert!(!db.query_one(create, &[]).await.unwrap().get::<_, bool>(0), "exists already");
+    let listed = db.query_one("SELECT array_agg(n) FROM tob_namespaces() n", &[]).await.unwrap();
+    assert_eq!(listed.get::<_, Vec<String>>(0), ["usernames", "usrenames"]);
     db.execute("INSERT INTO typo VALUES ('alice')", &[]).await.unwrap();
     let err = db.query_one("SELECT tob_create_namespace('')", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&err), "22023");
@@ -652,7 +654,10 @@ async fn privileges_need_the_tob_user_role() {
     admin.batch_execute("GRANT tob_user TO app_login").await.unwrap();
     let value: i64 = user.query_one("SELECT tob_next('c')", &[]).await.unwrap().get(0);
     assert_eq!(value, 1);
-    // Declaring namespaces belongs to whoever defines the schema, not to every user.
+    // Declaring namespaces belongs to whoever defines the schema, not to every user; listing
+    // them is for every user.
+    let listed = user.query("SELECT * FROM tob_namespaces()", &[]).await.unwrap();
+    assert!(listed.is_empty(), "none declared in this test");
     let err = user.query_one("SELECT tob_create_namespace('x')", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&err), "42501");
 }

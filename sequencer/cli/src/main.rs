@@ -56,6 +56,8 @@ enum Cmd {
     /// Declare a namespace: claims need one (a misspelt namespace is then an error rather
     /// than a second uniqueness domain). Prints "created", or "exists" if it did already.
     CreateNamespace { name: String },
+    /// The declared namespaces, one per line.
+    Namespaces,
     /// Claim a key; prints the fencing token, or who holds it (exit 1).
     Claim { namespace: String, key: String, owner: String },
     /// Release a key held by OWNER (exit 1 if OWNER does not hold it).
@@ -210,6 +212,10 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
             let created = c.create_namespace(name)?;
             let result = if created { "created" } else { "exists" };
             say(result.into(), json!({"result": result}));
+        }
+        Cmd::Namespaces => {
+            let names = c.namespaces()?;
+            say(names.join("\n"), json!({"namespaces": names}));
         }
         Cmd::Claim { namespace, key, owner } => match c.claim(namespace, key, owner)? {
             Outcome::Claimed { token } => {

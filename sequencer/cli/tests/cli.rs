@@ -139,6 +139,10 @@ fn commands_print_results_and_use_the_documented_exit_codes() {
     assert_eq!(again.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_str(&again.stdout_text()).unwrap();
     assert_eq!(v["result"], "exists");
+    assert_eq!(c.tob(&["namespaces"]).stdout_text(), "users");
+    let listed = c.tob(&["--json", "namespaces"]);
+    let v: serde_json::Value = serde_json::from_str(&listed.stdout_text()).unwrap();
+    assert_eq!(v["namespaces"], serde_json::json!(["users"]));
     assert_eq!(c.tob(&["claim", "usres", "alice", "u1"]).status.code(), Some(2), "a typo");
 
     let claimed = c.tob(&["claim", "users", "alice", "u1"]);

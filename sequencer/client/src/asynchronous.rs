@@ -213,6 +213,11 @@ impl AsyncClient {
         shape::synced(self.call(Call::Sync).await?)
     }
 
+    /// The declared namespaces, in order (linearizable: after a ReadIndex).
+    pub async fn namespaces(&self) -> Result<Vec<String>, ClientError> {
+        shape::namespaces(self.call(Call::Namespaces).await?)
+    }
+
     /// Sends a call to the leader, following redirects and retrying elsewhere until the deadline.
     pub async fn call(&self, call: Call) -> Result<Reply, ClientError> {
         let config = &self.inner.config;

@@ -284,6 +284,11 @@ impl Client {
         shape::synced(self.call(Call::Sync)?)
     }
 
+    /// The declared namespaces, in order (linearizable: after a ReadIndex).
+    pub fn namespaces(&mut self) -> Result<Vec<String>, ClientError> {
+        shape::namespaces(self.call(Call::Namespaces)?)
+    }
+
     pub fn read_messages(
         &mut self,
         from: Seq,

@@ -86,6 +86,13 @@ pub fn synced(reply: Reply) -> Result<u64, ClientError> {
     }
 }
 
+pub fn namespaces(reply: Reply) -> Result<Vec<String>, ClientError> {
+    match reply {
+        Reply::Namespaces(names) => Ok(names),
+        other => Err(unexpected(other)),
+    }
+}
+
 pub fn unexpected(reply: Reply) -> ClientError {
     ClientError::Protocol(format!("unexpected reply {reply:?}"))
 }

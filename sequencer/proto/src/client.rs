@@ -48,7 +48,12 @@ pub enum Call {
     /// scheduled for release), in order, after `after`, at most `max`; after a ReadIndex.
     /// What a PostgreSQL instance's reconciler asks after a crash.
     InFlightHolders { prefix: String, after: Option<String>, max: u32 },
+    /// The declared namespaces in order, at most [`NAMESPACES_LISTED_MAX`], after a ReadIndex.
+    Namespaces,
 }
+
+/// Most namespaces one `Namespaces` call lists (about 2.5 MiB of names at most).
+pub const NAMESPACES_LISTED_MAX: usize = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientRequest {
@@ -90,6 +95,7 @@ pub enum Reply {
         message: String,
         leader: Option<String>,
     },
+    Namespaces(Vec<String>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -13,7 +13,8 @@ pub mod frame;
 mod limits;
 
 pub use client::{
-    Call, ClientRequest, ClientResponse, MessageRecord, NodeStatus, ReadConsistency, Reply,
+    Call, ClientRequest, ClientResponse, MessageRecord, NAMESPACES_LISTED_MAX, NodeStatus,
+    ReadConsistency, Reply,
 };
 pub use error::ErrorCode;
 pub use limits::Limits;

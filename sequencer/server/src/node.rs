@@ -73,6 +73,7 @@ enum ReadRequest {
     Messages { from: tob_proto::Seq, max: u32, topic: Option<String> },
     Sync,
     Holders { prefix: String, after: Option<String>, max: u32 },
+    Namespaces,
 }
 
 pub struct NodeActor {
@@ -419,6 +420,13 @@ impl NodeActor {
                     },
                 },
                 ReadRequest::Sync => Reply::Synced { position: read.index.0 },
+                ReadRequest::Namespaces => Reply::Namespaces(
+                    self.machine
+                        .namespaces()
+                        .take(tob_proto::NAMESPACES_LISTED_MAX)
+                        .map(str::to_owned)
+                        .collect(),
+                ),
                 ReadRequest::Holders { prefix, after, max } => {
                     let max = (max as usize).min(READ_MESSAGES_MAX);
                     Reply::Holders(self.machine.in_flight_holders(&prefix, after.as_deref(), max))
@@ -677,7 +685,10 @@ impl Handler<ClientCall> for NodeActor {
                 | Command::Expire { .. } => "session",
                 Command::CreateNamespace { .. } | Command::RequireNamespaces => "namespace",
             },
-            Call::Owner { .. } | Call::ReadMessages { .. } | Call::InFlightHolders { .. } => "read",
+            Call::Owner { .. }
+            | Call::ReadMessages { .. }
+            | Call::InFlightHolders { .. }
+            | Call::Namespaces => "read",
             Call::Sync => "sync",
             Call::Status | Call::Follow { .. } => "other",
         };
@@ -738,6 +749,7 @@ impl Handler<ClientCall> for NodeActor {
                 (ReadMode::Index, ReadRequest::Messages { from, max, topic })
             }
             Call::Sync => (ReadMode::Index, ReadRequest::Sync),
+            Call::Namespaces => (ReadMode::Index, ReadRequest::Namespaces),
             Call::InFlightHolders { prefix, after, max } => {
                 (ReadMode::Index, ReadRequest::Holders { prefix, after, max })
             }

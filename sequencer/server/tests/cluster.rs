@@ -382,6 +382,7 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
     }
     assert!(client.create_namespace("usres").unwrap());
     assert!(!client.create_namespace("usres").unwrap(), "exists");
+    assert_eq!(client.namespaces().unwrap(), ["usres"]);
     assert!(matches!(client.claim("usres", "alice", "u1").unwrap(), Outcome::Claimed { .. }));
     // The leader proposes the rule itself; a client may not.
     let err = client.command(tob_proto::Command::RequireNamespaces).unwrap_err();
