@@ -36,6 +36,8 @@ use crate::claim_table::ClaimTable;
 pub struct MachineBugs {
     /// Apply a retried request again instead of answering from the de-duplication table.
     pub apply_retries_twice: bool,
+    /// Restore a snapshot without its declared namespaces (the rule stays in force).
+    pub forget_namespaces_on_restore: bool,
 }
 
 /// Settings that must be identical on every replica (they change what commands do).
@@ -647,6 +649,9 @@ impl Machine {
                 return Err(ErrorCode::Malformed);
             }
             state.namespaces = namespaces;
+        }
+        if cfg!(feature = "planted-bugs") && self.config.bugs.forget_namespaces_on_restore {
+            state.namespaces.declared.clear();
         }
         self.state = state;
         Ok(())

@@ -24,6 +24,10 @@ pub const PLANTED_BUGS: &[(&str, &str)] = &[
         "apply-retries-twice",
         "apply a retried request again instead of answering from the dedup table",
     ),
+    (
+        "forget-namespaces-on-restore",
+        "restore a snapshot without its declared namespaces (claims in them then fail)",
+    ),
 ];
 
 /// Switches on a planted bug by name. Without the `planted-bugs` feature the switches exist but
@@ -37,6 +41,9 @@ pub fn plant_bug(config: &mut SimConfig, name: &str) -> Result<(), String> {
         "read-without-quorum" => config.bugs.read_without_quorum = true,
         "append-without-prev-check" => config.bugs.append_without_prev_check = true,
         "apply-retries-twice" => config.machine_bugs.apply_retries_twice = true,
+        "forget-namespaces-on-restore" => {
+            config.machine_bugs.forget_namespaces_on_restore = true;
+        }
         other => return Err(format!("unknown bug {other}; see --list-bugs")),
     }
     Ok(())

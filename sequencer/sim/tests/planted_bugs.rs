@@ -52,6 +52,27 @@ fn apply_retries_twice_is_caught() {
     caught_and_clean_without_it("apply-retries-twice", 10);
 }
 
+/// This one shows in the simulator's own checks, not in the history, where a claim refused as
+/// `unknown_namespace` is a legitimate `fail`: replicas' states differ at the same index, and a
+/// client whose namespace was acknowledged is told it does not exist.
+#[test]
+fn forget_namespaces_on_restore_is_caught() {
+    let bug = "forget-namespaces-on-restore";
+    let seed = (0..10)
+        .find(|&seed| {
+            let mut config = SimConfig::new(seed);
+            plant_bug(&mut config, bug).unwrap();
+            let violations = run(config).violations;
+            violations.iter().any(|v| v.message.contains("differs between"))
+                && violations
+                    .iter()
+                    .any(|v| v.message.contains("namespace created earlier is gone"))
+        })
+        .unwrap_or_else(|| panic!("planted bug {bug}: not caught within 10 seeds"));
+    let report = run(SimConfig::new(seed));
+    assert!(report.violations.is_empty(), "seed {seed} fails without {bug}");
+}
+
 #[test]
 fn every_listed_bug_has_a_test_and_unknown_names_are_refused() {
     let names: Vec<&str> = PLANTED_BUGS.iter().map(|(name, _)| *name).collect();
@@ -61,7 +82,8 @@ fn every_listed_bug_has_a_test_and_unknown_names_are_refused() {
             "vote-without-log-check",
             "read-without-quorum",
             "append-without-prev-check",
-            "apply-retries-twice"
+            "apply-retries-twice",
+            "forget-namespaces-on-restore"
         ]
     );
     let mut config = SimConfig::new(0);
