@@ -66,9 +66,6 @@ impl TobError {
     /// The cluster answered with an error outcome, or with an outcome this call never gets.
     pub fn from_outcome(outcome: tob_proto::Outcome) -> TobError {
         match outcome {
-            tob_proto::Outcome::Error { code: ErrorCode::UnknownNamespace } => {
-                TobError::UnknownNamespace(String::new())
-            }
             tob_proto::Outcome::Error { code } => {
                 TobError::Refused { code, message: code.name().into() }
             }

@@ -36,38 +36,15 @@ impl ReadKind {
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    Append {
-        topic: Option<String>,
-        id: String,
-    },
-    Claim {
-        key: String,
-        owner: String,
-        kind: ClaimKind,
-    },
-    Release {
-        key: String,
-        owner: String,
-        holder: Option<String>,
-    },
-    Read {
-        key: String,
-        mode: ReadKind,
-    },
-    Next {
-        counter: String,
-    },
+    Append { topic: Option<String>, id: String },
+    Claim { key: String, owner: String, kind: ClaimKind },
+    Release { key: String, owner: String, holder: Option<String> },
+    Read { key: String, mode: ReadKind },
+    Next { counter: String },
     OpenSession,
     KeepAlive,
-    Prepare {
-        key: String,
-        holder: String,
-    },
-    Finalize {
-        key: String,
-        holder: String,
-    },
-    /// Every client declares the namespace before its first claim (idempotent).
+    Prepare { key: String, holder: String },
+    Finalize { key: String, holder: String },
     CreateNamespace,
 }
 
@@ -181,6 +158,7 @@ impl SimClient {
         self.serial += 1;
         let p = self.process;
         if !self.namespace_created {
+            // Claims need a declared namespace: every client declares it first (idempotent).
             return Op::CreateNamespace;
         }
         if let Some(txn) = &self.txn {
