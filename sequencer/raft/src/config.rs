@@ -12,6 +12,8 @@ pub struct PlantedBugs {
     pub read_without_quorum: bool,
     /// Accept an Append whose previous entry has a different term (breaks log matching).
     pub append_without_prev_check: bool,
+    /// Start a node whose storage was lost as if it were brand new: it votes at once.
+    pub forget_lost_storage: bool,
 }
 
 /// Entry bytes in one Append unless configured otherwise.

@@ -76,6 +76,13 @@ struct ReadRounds {
     waiting_for_noop: Vec<(u64, ReadMode)>,
 }
 
+/// What a rejoining node (see [`Recovered::rejoining`]) has heard from the other voters.
+#[derive(Debug, Default)]
+struct Rejoin {
+    /// Each answering voter's term and log end (last term, last index).
+    answers: BTreeMap<NodeId, (Term, Term, LogIndex)>,
+}
+
 /// One Raft node.
 #[derive(Debug)]
 /// What an InstallSnapshot piece says about the snapshot it belongs to.
@@ -137,6 +144,10 @@ pub struct Raft {
     aborted_reads: Vec<u64>,
     persisted_hard_state: HardState,
     in_flight: Option<InFlight>,
+    /// Present while this node rejoins after losing its storage.
+    rejoin: Option<Rejoin>,
+    /// The rejoin ended: the next Ready carries the hard state that records it.
+    rejoined_unreported: bool,
 }
 
 /// What a node recovered from its disk.
@@ -145,6 +156,17 @@ pub struct Recovered {
     pub hard_state: HardState,
     pub snapshot: Option<Snapshot>,
     pub entries: Vec<Entry>,
+    /// The node's storage may have been lost (it started on an empty data directory, or on one
+    /// whose rejoin never finished): it may have voted, and acknowledged entries, in a life it
+    /// no longer remembers. Counting it again at once could elect two leaders in one term (it
+    /// votes twice) or a leader missing a committed entry (one whose majority included its lost
+    /// acknowledgement). So it votes for nobody and never campaigns until it has heard from
+    /// **every** other voter and holds a log at least as up to date as the most up-to-date of
+    /// theirs; it then takes the highest term they reported as its own, as if it had voted for
+    /// itself in it, so it can vote again only in later terms. It acknowledges entries meanwhile
+    /// (those acknowledgements are durable). A brand-new cluster starts this way too: every node
+    /// hears from every other at once, and nothing is held back.
+    pub rejoining: bool,
 }
 
 impl Raft {
@@ -164,7 +186,9 @@ impl Raft {
         } else {
             (recovered.hard_state.term, recovered.hard_state.voted_for)
         };
-        Raft {
+        let forget = cfg!(feature = "planted-bugs") && config.bugs.forget_lost_storage;
+        let rejoin = (recovered.rejoining && !forget).then(Rejoin::default);
+        let mut raft = Raft {
             rng,
             term,
             voted_for,
@@ -187,8 +211,15 @@ impl Raft {
             aborted_reads: Vec::new(),
             persisted_hard_state: recovered.hard_state,
             in_flight: None,
+            rejoin,
+            rejoined_unreported: false,
             config,
+        };
+        if raft.rejoin.is_some() {
+            raft.probe_unanswered();
+            raft.maybe_finish_rejoin();
         }
+        raft
     }
 
     // ----- observers -----------------------------------------------------------------------
@@ -225,6 +256,10 @@ impl Raft {
     pub fn config(&self) -> &Config {
         &self.config
     }
+    /// Whether this node is still rejoining after losing its storage (it votes for nobody).
+    pub fn is_rejoining(&self) -> bool {
+        self.rejoin.is_some()
+    }
     /// Whether a lease read could be answered right now without a round trip.
     pub fn has_lease(&self) -> bool {
         self.role == Role::Leader && self.lease_valid()
@@ -240,7 +275,16 @@ impl Raft {
         } else {
             self.election_elapsed += 1;
             self.leader_contact_elapsed += 1;
-            if self.election_elapsed >= self.randomized_election_ticks {
+            if self.rejoin.is_some() {
+                // Not allowed to campaign; asks again, now and then, whoever has not answered
+                // (a leader's heartbeats keep the election timer from ever running out).
+                if self.ticks.is_multiple_of(u64::from(self.config.election_ticks)) {
+                    self.probe_unanswered();
+                }
+                if self.election_elapsed >= self.randomized_election_ticks {
+                    self.reset_election_timer();
+                }
+            } else if self.election_elapsed >= self.randomized_election_ticks {
                 self.campaign_pre_vote();
             }
         }
@@ -282,6 +326,33 @@ impl Raft {
         if !self.config.voters.contains(&message.from) || message.from == self.config.id {
             return;
         }
+        match message.body {
+            // Like pre-votes, probes change no terms: a rejoining node must not disturb anyone.
+            MessageBody::StateProbe => {
+                if let Some(progress) = self.progress.get_mut(&message.from) {
+                    // Only a node that lost its storage asks: whatever it acknowledged before
+                    // is gone, so replicate to it from scratch (a lower match index only delays
+                    // commits; a repeated old probe costs one more probe round).
+                    let acked_round = progress.acked_round;
+                    *progress = Progress::new(self.log.last_index().next());
+                    progress.acked_round = acked_round;
+                    self.send_append(message.from);
+                }
+                let body = MessageBody::StateProbeResponse {
+                    last_index: self.log.last_index(),
+                    last_term: self.log.last_term(),
+                };
+                return self.send_now(message.from, self.term, body);
+            }
+            MessageBody::StateProbeResponse { last_index, last_term } => {
+                if let Some(rejoin) = &mut self.rejoin {
+                    rejoin.answers.insert(message.from, (message.term, last_term, last_index));
+                    self.maybe_finish_rejoin();
+                }
+                return;
+            }
+            _ => {}
+        }
         if message.term > self.term {
             match &message.body {
                 // Pre-votes never change terms: that is their point.
@@ -302,6 +373,7 @@ impl Raft {
         match &message.body {
             MessageBody::PreVote { last_index, last_term } => {
                 let granted = message.term > self.term
+                    && self.rejoin.is_none()
                     && !self.in_leader_contact()
                     && self.log_ok_for_vote(*last_index, *last_term);
                 let term = if granted { message.term } else { self.term };
@@ -315,6 +387,9 @@ impl Raft {
                 Role::Candidate | Role::PreCandidate => self.step_candidate(message),
                 Role::Follower => self.step_follower(message),
             },
+        }
+        if self.rejoin.is_some() {
+            self.maybe_finish_rejoin(); // the log may have caught up
         }
     }
 
@@ -343,6 +418,7 @@ impl Raft {
             || !self.aborted_reads.is_empty()
             || self.reads.round_needed
             || (self.broadcast_needed && self.role == Role::Leader)
+            || self.rejoined_unreported
     }
 
     /// Takes the work accumulated since the last call. See [`Ready`] for the order in which the
@@ -360,12 +436,14 @@ impl Raft {
         let snapshot = self.log.pending_snapshot.take();
         let entries = self.log.take_unstable();
         let hard_state = self.current_hard_state();
-        let hard_state = if self.hard_state_changed() || !entries.is_empty() || snapshot.is_some() {
-            self.persisted_hard_state = hard_state;
-            Some(hard_state)
-        } else {
-            None
-        };
+        let rejoined = std::mem::take(&mut self.rejoined_unreported);
+        let hard_state =
+            if self.hard_state_changed() || !entries.is_empty() || snapshot.is_some() || rejoined {
+                self.persisted_hard_state = hard_state;
+                Some(hard_state)
+            } else {
+                None
+            };
         self.in_flight = Some(InFlight {
             last_entry: entries.last().map(|e| (e.index, e.term)),
             snapshot_index: snapshot.as_ref().map(|s| s.index),
@@ -379,6 +457,7 @@ impl Raft {
             committed: self.log.take_committed(),
             read_states: std::mem::take(&mut self.read_states),
             aborted_reads: std::mem::take(&mut self.aborted_reads),
+            rejoined,
         }
     }
 
@@ -464,8 +543,9 @@ impl Raft {
     }
 
     fn step_vote(&mut self, candidate: NodeId, last_index: LogIndex, last_term: Term) {
-        let free_to_vote = self.voted_for == Some(candidate)
-            || (self.voted_for.is_none() && self.leader.is_none());
+        let free_to_vote = self.rejoin.is_none()
+            && (self.voted_for == Some(candidate)
+                || (self.voted_for.is_none() && self.leader.is_none()));
         let granted = free_to_vote && self.log_ok_for_vote(last_index, last_term);
         if granted {
             self.voted_for = Some(candidate);
@@ -548,6 +628,46 @@ impl Raft {
         self.broadcast_needed = true;
         if self.config.voters.len() == 1 {
             self.maybe_commit();
+        }
+    }
+
+    // ----- rejoining after lost storage (see `Recovered::rejoining`) -----------------------
+
+    fn probe_unanswered(&mut self) {
+        let Some(rejoin) = &self.rejoin else { return };
+        let unanswered: Vec<NodeId> =
+            self.peers().into_iter().filter(|p| !rejoin.answers.contains_key(p)).collect();
+        for peer in unanswered {
+            self.send_now(peer, self.term, MessageBody::StateProbe);
+        }
+    }
+
+    fn maybe_finish_rejoin(&mut self) {
+        let Some(rejoin) = &self.rejoin else { return };
+        if self.peers().iter().any(|p| !rejoin.answers.contains_key(p)) {
+            return;
+        }
+        // Every vote this node may have cast went to a candidate that made its term durable
+        // first, and that candidate has answered with a term at least as high.
+        let floor = rejoin.answers.values().map(|&(term, _, _)| term).max().unwrap_or_default();
+        let most_up_to_date = rejoin
+            .answers
+            .values()
+            .map(|&(_, last_term, last_index)| (last_term, last_index))
+            .max();
+        if most_up_to_date
+            .is_some_and(|theirs| (self.log.last_term(), self.log.last_index()) < theirs)
+        {
+            return; // not caught up yet: whatever it acknowledged before may be missing
+        }
+        self.rejoin = None;
+        self.rejoined_unreported = true;
+        if floor > self.term {
+            self.become_follower(floor, None);
+        }
+        if self.term == floor && self.voted_for.is_none() {
+            // As if it had voted for itself: the only vote it may have cast in `floor` is gone.
+            self.voted_for = Some(self.config.id);
         }
     }
 

@@ -48,6 +48,10 @@ pub struct Ready {
     pub committed: Vec<Entry>,
     pub read_states: Vec<ReadState>,
     pub aborted_reads: Vec<u64>,
+    /// Set in the one Ready whose hard state ends a rejoin (see
+    /// [`crate::Recovered::rejoining`]): once that hard state is durable, the caller may forget
+    /// that its storage was lost (delete its marker).
+    pub rejoined: bool,
 }
 
 impl Ready {

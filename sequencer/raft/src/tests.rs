@@ -390,6 +390,7 @@ fn recovery_restores_term_vote_and_log() {
         },
         snapshot: None,
         entries: raft.entries().to_vec(),
+        rejoining: false,
     };
     let restarted = Raft::new(raft.config().clone(), recovered);
     assert_eq!(restarted.term(), raft.term());
@@ -475,4 +476,86 @@ fn a_follower_restarted_mid_snapshot_asks_for_it_from_the_start() {
     let installed =
         c.readies.iter().any(|(id, r)| *id == lagging && r.snapshot.as_ref() == Some(&snapshot));
     assert!(installed);
+}
+
+/// Restarts `id` on a blank disk: storage lost, rejoining.
+fn wipe(c: &mut Cluster, id: u64) {
+    let config = c.nodes[&id].config().clone();
+    let blank = Recovered { rejoining: true, ..Recovered::default() };
+    c.nodes.insert(id, Raft::new(config, blank));
+}
+
+#[test]
+fn a_new_cluster_of_blank_nodes_elects_a_leader() {
+    let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let mut c = Cluster::new(3);
+    for id in 1..=3 {
+        let config = Config::new(NodeId(id), voters.clone(), 42);
+        c.nodes.insert(id, Raft::new(config, Recovered { rejoining: true, ..Default::default() }));
+    }
+    let leader = c.elect();
+    assert!(c.nodes.values().all(|r| !r.is_rejoining()));
+    let rejoined = c.readies.iter().filter(|(_, r)| r.rejoined).count();
+    assert_eq!(rejoined, 3, "each node reports the end of its rejoin once");
+    assert!(c.readies.iter().filter(|(_, r)| r.rejoined).all(|(_, r)| r.hard_state.is_some()));
+    assert_eq!(c.leaders(), vec![leader]);
+}
+
+#[test]
+fn a_node_that_lost_its_disk_votes_only_after_hearing_from_everyone_and_catching_up() {
+    let mut c = Cluster::new(3);
+    let leader = c.elect();
+    let (blank, lagging) = match leader {
+        1 => (2, 3),
+        2 => (1, 3),
+        _ => (1, 2),
+    };
+    // The lagging follower misses entries that the leader and `blank` commit together.
+    c.cut.insert((leader, lagging));
+    c.cut.insert((lagging, leader));
+    for i in 0..3u8 {
+        c.nodes.get_mut(&leader).unwrap().propose(vec![i]).unwrap();
+    }
+    c.tick(1);
+    let committed = c.nodes[&leader].commit_index();
+    assert!(c.nodes[&lagging].last_index() < committed, "the lagging node has them");
+    let term_before = c.nodes[&leader].term();
+    // `blank` loses its disk; the leader goes away; the network between the others heals.
+    wipe(&mut c, blank);
+    c.isolate(leader);
+    c.cut.remove(&(blank, lagging));
+    c.cut.remove(&(lagging, blank));
+    c.tick(60);
+    // Without `blank`'s vote the lagging node — which lacks committed entries — cannot win.
+    assert!(c.nodes[&blank].is_rejoining(), "it has not heard from the leader");
+    assert!(c.leaders().iter().all(|&l| l == leader), "no new leader: {:?}", c.leaders());
+    assert_eq!(c.nodes[&lagging].term(), term_before, "no pre-vote granted, no new term");
+    // The old leader comes back: a leader with every committed entry, and `blank` rejoined.
+    c.cut.clear();
+    c.tick(60);
+    let [new_leader] = c.leaders()[..] else { panic!("one leader expected: {:?}", c.leaders()) };
+    assert!(!c.nodes[&blank].is_rejoining());
+    for raft in c.nodes.values() {
+        assert!(raft.last_index() >= committed, "node {} lost committed entries", raft.id().0);
+    }
+    assert!(c.nodes[&new_leader].commit_index() >= committed);
+    assert!(c.nodes[&blank].term() >= term_before, "it took the others' term as a floor");
+}
+
+#[test]
+fn a_rejoined_node_counts_the_highest_reported_term_as_voted() {
+    let mut c = Cluster::new(3);
+    let leader = c.elect();
+    let blank = if leader == 1 { 2 } else { 1 };
+    let term = c.nodes[&leader].term();
+    wipe(&mut c, blank);
+    c.tick(4);
+    let raft = &c.nodes[&blank];
+    assert!(!raft.is_rejoining());
+    assert_eq!(raft.term(), term);
+    assert_eq!(c.leaders(), vec![leader], "rejoining disturbed no one");
+    let last = c.readies.iter().rev().find(|(id, r)| *id == blank && r.rejoined).unwrap();
+    let hard_state = last.1.hard_state.expect("the rejoin is recorded durably");
+    assert_eq!(hard_state.term, term);
+    assert_eq!(hard_state.voted_for, Some(NodeId(blank)), "no second vote in this term");
 }

@@ -139,6 +139,14 @@ pub enum MessageBody {
         index: LogIndex,
         received: u64,
     },
+    /// From a node that lost its storage (see [`crate::Recovered::rejoining`]): what is your
+    /// term and your log's end? Changes no state on either side; `term` is the sender's.
+    StateProbe,
+    /// The answer: `term` is the answering node's current term.
+    StateProbeResponse {
+        last_index: LogIndex,
+        last_term: Term,
+    },
 }
 
 /// A follower's answer to `Append` or `InstallSnapshot`.

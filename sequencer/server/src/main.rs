@@ -112,6 +112,12 @@ async fn start(config: Config) -> Result<(), StartError> {
         "recovered from {}",
         config.data_dir.display()
     );
+    if recovered.rejoining {
+        tracing::warn!(
+            "starting without earlier storage (a new cluster, or a lost data directory): this \
+             node votes for nobody until it has heard from every other member and caught up"
+        );
+    }
     let codec = FrameCodec { cluster_id: config.cluster_id, max_payload: config.max_frame_bytes };
     // Snapshots travel in pieces, so peer frames stay within a bound of their own (a single
     // 9.5 MB InstallSnapshot once met the 8 MiB client limit and a lagging node could never

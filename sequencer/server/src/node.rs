@@ -269,6 +269,9 @@ impl NodeActor {
     /// The part of a Ready that follows its fsync: messages that needed it, the leader's
     /// snapshot restored, committed entries applied, reads served, then `advance`.
     fn finish_ready(&mut self, ready: Ready, snapshot: Option<Snapshot>) {
+        if ready.rejoined {
+            self.wal_writer.as_ref().expect("started").forget_rejoin();
+        }
         for message in ready.messages_after_persist {
             self.send(message);
         }

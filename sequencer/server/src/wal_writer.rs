@@ -122,6 +122,17 @@ impl WalWriter {
         self.send(Job::Persist { snapshot, entries, hard_state });
     }
 
+    /// Deletes the rejoin marker (on the calling thread: once in a node's life, and no Ready
+    /// is with the writer thread when the one recording the rejoin has been persisted).
+    pub fn forget_rejoin(&self) {
+        let mut wal = self.wal.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match wal.forget_rejoin() {
+            Ok(()) => tracing::info!("rejoined: this node votes again"),
+            // Harmless: the node rejoins once more at its next start.
+            Err(e) => tracing::warn!(error = %e, "could not delete the rejoin marker"),
+        }
+    }
+
     pub fn forget_covered(&self, index: u64) {
         self.send(Job::ForgetCovered(index));
     }

@@ -235,6 +235,57 @@ fn acknowledged_appends_and_claims_survive_killing_the_leader() {
     cluster.converge(position, Duration::from_secs(10));
 }
 
+/// Waits until `path` exists or not, as `present` says.
+fn wait_for_file(path: &std::path::Path, present: bool, within: Duration) {
+    let deadline = Instant::now() + within;
+    while path.exists() != present {
+        assert!(Instant::now() < deadline, "{} exists: {}", path.display(), path.exists());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_node_whose_data_directory_was_lost_votes_only_after_rejoining() {
+    let mut cluster = Cluster::start(3, "wiped");
+    let leader = cluster.leader(Duration::from_secs(10));
+    let mut client = cluster.client();
+    assert!(client.create_namespace("users").unwrap());
+    assert!(matches!(client.claim("users", "alice", "u1").unwrap(), Outcome::Claimed { .. }));
+    let seq = client.append(None, b"kept").unwrap();
+    // A new cluster starts blank too: every node rejoined at once and deleted its marker.
+    for node in &cluster.nodes {
+        wait_for_file(&node.dir.join("rejoining"), false, Duration::from_secs(10));
+    }
+    // A follower loses its data directory, and the leader goes down.
+    let (blank, other) = ((leader + 1) % 3, (leader + 2) % 3);
+    cluster.kill(blank);
+    std::fs::remove_dir_all(&cluster.nodes[blank].dir).unwrap();
+    cluster.kill(leader);
+    cluster.spawn(blank);
+    wait_for_file(&cluster.nodes[blank].dir.join("rejoining"), true, Duration::from_secs(10));
+    // `other` would need the blank node's vote, which it must not give before it has heard
+    // from every member: whatever it acknowledged before may exist only on the old leader.
+    let mut status = cluster.client();
+    let watch_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < watch_until {
+        for i in [blank, other] {
+            let role = status.status_of(i).map(|s| s.role);
+            assert!(!role.as_ref().is_ok_and(|r| r == "leader"), "n{} leads", i + 1);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The old leader returns: a leader again, nothing lost, and the blank node rejoined.
+    cluster.spawn(leader);
+    cluster.leader(Duration::from_secs(10));
+    let mut client = cluster.client();
+    let owner = client.owner("users", "alice", ReadConsistency::Index).unwrap().unwrap();
+    assert_eq!(owner.owner, "u1");
+    assert_eq!(client.read_messages(seq, 1, None).unwrap()[0].payload, b"kept");
+    let position = client.sync().unwrap();
+    cluster.converge(position, Duration::from_secs(10));
+    wait_for_file(&cluster.nodes[blank].dir.join("rejoining"), false, Duration::from_secs(10));
+}
+
 #[test]
 fn restart_of_every_node_recovers_from_the_wal() {
     let mut cluster = Cluster::start(3, "restart");

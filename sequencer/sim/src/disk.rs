@@ -11,6 +11,8 @@ enum Record {
     /// Delete entries from the first one's index on, then append.
     Entries(Vec<Entry>),
     HardState(HardState),
+    /// The rejoin after a lost disk is over: delete the marker.
+    Rejoined,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -19,9 +21,22 @@ pub struct Disk {
     snapshot: Option<Snapshot>,
     entries: Vec<Entry>,
     pending: Vec<Record>,
+    /// The marker the server writes on an empty data directory, durably, before anything else
+    /// (see `tob_raft::Recovered::rejoining`).
+    rejoining: bool,
 }
 
 impl Disk {
+    /// A blank disk, as on a node's first start or after its disk was lost.
+    pub fn empty() -> Disk {
+        Disk { rejoining: true, ..Disk::default() }
+    }
+
+    /// Whether the node on this disk has still to finish rejoining.
+    pub fn rejoining(&self) -> bool {
+        self.rejoining
+    }
+
     /// Writes a Ready's durable parts, in the order of the persistence contract.
     pub fn write(&mut self, ready: &Ready) {
         if let Some(snapshot) = &ready.snapshot {
@@ -32,6 +47,9 @@ impl Disk {
         }
         if let Some(hard_state) = ready.hard_state {
             self.pending.push(Record::HardState(hard_state));
+        }
+        if ready.rejoined {
+            self.pending.push(Record::Rejoined);
         }
     }
 
@@ -72,6 +90,7 @@ impl Disk {
             hard_state: self.hard_state,
             snapshot: self.snapshot.clone(),
             entries: self.entries.clone(),
+            rejoining: self.rejoining,
         }
     }
 
@@ -82,6 +101,7 @@ impl Disk {
                 self.snapshot = Some(snapshot);
             }
             Record::HardState(hard_state) => self.hard_state = hard_state,
+            Record::Rejoined => self.rejoining = false,
             Record::Entries(entries) => {
                 let base = self.snapshot.as_ref().map(|s| s.index.0).unwrap_or(0);
                 let first = entries[0].index.0;

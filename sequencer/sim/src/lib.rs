@@ -21,6 +21,10 @@ pub const PLANTED_BUGS: &[(&str, &str)] = &[
     ("read-without-quorum", "answer ReadIndex reads without confirming leadership"),
     ("append-without-prev-check", "accept Appends whose previous entry has another term"),
     (
+        "forget-lost-storage",
+        "let a node whose disk was wiped vote at once, as if the cluster were new",
+    ),
+    (
         "apply-retries-twice",
         "apply a retried request again instead of answering from the dedup table",
     ),
@@ -40,6 +44,7 @@ pub fn plant_bug(config: &mut SimConfig, name: &str) -> Result<(), String> {
         "vote-without-log-check" => config.bugs.vote_without_log_check = true,
         "read-without-quorum" => config.bugs.read_without_quorum = true,
         "append-without-prev-check" => config.bugs.append_without_prev_check = true,
+        "forget-lost-storage" => config.bugs.forget_lost_storage = true,
         "apply-retries-twice" => config.machine_bugs.apply_retries_twice = true,
         "forget-namespaces-on-restore" => {
             config.machine_bugs.forget_namespaces_on_restore = true;

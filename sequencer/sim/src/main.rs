@@ -138,7 +138,7 @@ fn print_report(report: &Report, verbose: bool) {
             println!("nemesis {line}");
         }
         println!(
-            "stats: events {} ok {} fail {} info {} elections {} crashes {} partitions {} \
+            "stats: events {} ok {} fail {} info {} elections {} crashes {} wipes {} partitions {} \
              snapshots-installed {} commit {} reads {} reads-by-deposed-leader {}",
             s.events,
             s.ops_ok,
@@ -146,6 +146,7 @@ fn print_report(report: &Report, verbose: bool) {
             s.ops_info,
             s.elections,
             s.crashes,
+            s.wipes,
             s.partitions,
             s.snapshots_installed,
             s.max_commit,

@@ -81,7 +81,7 @@ impl SimNode {
         // duplicates and reordering hit the piece-by-piece protocol.
         config.snapshot_chunk_bytes = 512;
         let machine_config = MachineConfig { bugs: machine_bugs, ..MachineConfig::default() };
-        let disk = Disk::default();
+        let disk = Disk::empty();
         SimNode {
             index,
             name: format!("n{}", index + 1),
@@ -115,6 +115,13 @@ impl SimNode {
         self.ready_reads.clear();
         self.expiry.reset();
         self.namespace_rule = NamespaceRuleWatch::default();
+    }
+
+    /// Power loss that also destroys the disk (a replaced drive, a deleted data directory):
+    /// the node comes back blank and must rejoin.
+    pub fn crash_and_wipe(&mut self, rng: &mut tob_raft::SplitMix64) {
+        self.crash(rng);
+        self.disk = Disk::empty();
     }
 
     /// Starts again from the disk.

@@ -72,6 +72,8 @@ pub struct Stats {
     pub ops_info: u64,
     pub elections: u64,
     pub crashes: u64,
+    /// Crashes that also wiped the node's disk.
+    pub wipes: u64,
     pub partitions: u64,
     pub snapshots_installed: u64,
     pub max_commit: u64,
@@ -451,13 +453,36 @@ impl World {
         }
     }
 
-    fn crash(&mut self, node: usize) {
+    fn crash(&mut self, node: usize, wipe: bool) {
         self.stats.crashes += 1;
-        self.nodes[node].crash(&mut self.rng);
+        if wipe {
+            self.stats.wipes += 1;
+            self.nodes[node].crash_and_wipe(&mut self.rng);
+        } else {
+            self.nodes[node].crash(&mut self.rng);
+        }
         self.leading[node] = false;
         let down_ns = self.rng.range(50 * MS, 1_500 * MS);
-        self.log_nemesis(format!("crash n{} for {} ms", node + 1, down_ns / MS));
+        let what = if wipe { "crash and wipe the disk of" } else { "crash" };
+        self.log_nemesis(format!("{what} n{} for {} ms", node + 1, down_ns / MS));
         self.schedule(down_ns, EventKind::Restart { node });
+    }
+
+    /// A leader and an up-to-date follower of it while another live node lags behind the
+    /// commit index: the nodes the lost-disk scenario takes down.
+    fn lost_disk_scenario(&self, leader: Option<usize>) -> Option<(usize, usize)> {
+        let leader = leader?;
+        let commit = self.nodes[leader].raft.commit_index();
+        let live_follower = |x: &usize| {
+            *x != leader && self.nodes[*x].up && self.nodes[*x].raft.role() != Role::Leader
+        };
+        let lagging = (0..self.nodes.len())
+            .filter(live_follower)
+            .any(|x| self.nodes[x].raft.last_index() < commit);
+        let current = (0..self.nodes.len())
+            .filter(live_follower)
+            .find(|&x| self.nodes[x].raft.last_index() >= commit)?;
+        lagging.then_some((current, leader))
     }
 
     fn restart(&mut self, node: usize) {
@@ -540,7 +565,23 @@ impl World {
                     } else {
                         up[self.rng.range(0, up.len() as u64) as usize]
                     };
-                    self.crash(victim);
+                    // A lost disk now and then, one at a time: two nodes rejoining at once in a
+                    // 3-node cluster is two lost disks, more than a majority can survive.
+                    let wipe = self.rng.chance(300_000)
+                        && self.nodes.iter().all(|x| x.up && !x.raft.is_rejoining());
+                    match self.lost_disk_scenario(leader).filter(|_| wipe) {
+                        Some((follower, leader)) => {
+                            // The dangerous moment: a follower that lags behind the commit
+                            // index, the other one (whose acknowledgements committed what the
+                            // lagging one lacks) loses its disk, the leader goes down, and the
+                            // network heals. The blank node must not help the lagging one win.
+                            self.log_nemesis("lost-disk scenario".into());
+                            self.crash(follower, true);
+                            self.crash(leader, false);
+                            self.network.clear_partitions();
+                        }
+                        None => self.crash(victim, wipe),
+                    }
                 }
             }
             _ => {

@@ -73,6 +73,14 @@ fn forget_namespaces_on_restore_is_caught() {
     assert!(report.violations.is_empty(), "seed {seed} fails without {bug}");
 }
 
+/// A node whose disk was wiped votes at once: the nemesis's lost-disk scenario (one follower
+/// lagging, the other wiped, the leader down) then elects the lagging node, which lacks
+/// committed entries — acknowledged appends, claims and counter values are lost.
+#[test]
+fn forget_lost_storage_is_caught() {
+    caught_and_clean_without_it("forget-lost-storage", 60);
+}
+
 #[test]
 fn every_listed_bug_has_a_test_and_unknown_names_are_refused() {
     let names: Vec<&str> = PLANTED_BUGS.iter().map(|(name, _)| *name).collect();
@@ -82,6 +90,7 @@ fn every_listed_bug_has_a_test_and_unknown_names_are_refused() {
             "vote-without-log-check",
             "read-without-quorum",
             "append-without-prev-check",
+            "forget-lost-storage",
             "apply-retries-twice",
             "forget-namespaces-on-restore"
         ]

@@ -139,7 +139,20 @@ impl Wal {
             let max_index = replay_segment(&path, last, &mut state)?;
             segments.push(Segment { number, path, max_index });
         }
-        let recovered = state.finish()?;
+        let mut recovered = state.finish()?;
+        // Every frame carries the hard state, and a node that ever voted or acknowledged an
+        // entry has a term above 0: a directory recovering term 0 is blank (new, wiped, or its
+        // log deleted) and its node must rejoin (see `tob_raft::Recovered::rejoining`). The
+        // marker keeps that so across restarts until the rejoin is over; it is durable (the
+        // directory is synced below) before the node can send anything.
+        let marker = dir.join(REJOIN_MARKER);
+        recovered.rejoining = marker.exists() || recovered.hard_state.term == Term(0);
+        if recovered.rejoining && !marker.exists() {
+            let text = "This node started without its storage (a new cluster, or a lost or wiped \
+                        data directory). It votes for nobody until it has heard from every other \
+                        member and caught up; then this file is deleted.\n";
+            write_durably(&marker, text.as_bytes())?;
+        }
         if segments.is_empty() {
             let path = segment_path(dir, 1);
             segments.push(Segment { number: 1, path, max_index: 0 });
@@ -167,6 +180,16 @@ impl Wal {
         wal.reserve()?;
         sync_dir(dir)?;
         Ok((wal, recovered))
+    }
+
+    /// The node's rejoin is over and recorded in its durable hard state: delete the marker.
+    pub fn forget_rejoin(&mut self) -> Result<(), WalError> {
+        let marker = self.dir.join(REJOIN_MARKER);
+        match fs::remove_file(&marker) {
+            Ok(()) => sync_dir(&self.dir),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(WalError::io(&marker, e)),
+        }
     }
 
     /// Writes one Ready's durable parts. A snapshot from the leader is written to its own file
@@ -389,6 +412,7 @@ impl Replay {
             hard_state: self.hard_state,
             snapshot: self.snapshot,
             entries: self.entries,
+            rejoining: false,
         })
     }
 }
@@ -553,6 +577,14 @@ pub fn read_snapshot(dir: &Path, index: u64) -> Result<Snapshot, WalError> {
         return Err(corrupt("snapshot file name and contents disagree"));
     }
     Ok(snapshot)
+}
+
+/// The file that marks a data directory whose node is still rejoining after starting blank.
+pub const REJOIN_MARKER: &str = "rejoining";
+
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), WalError> {
+    let mut file = File::create(path).map_err(|e| WalError::io(path, e))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(|e| WalError::io(path, e))
 }
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {

@@ -295,3 +295,32 @@ fn a_crash_leaves_reserved_zeros_that_replay_reads_as_the_end() {
     }
     assert_eq!(fs::read(&path).unwrap(), corrupt, "the evidence is kept");
 }
+
+#[test]
+fn a_blank_directory_rejoins_until_the_marker_is_forgotten() {
+    let dir = TempDir::new();
+    let marker = dir.0.join(REJOIN_MARKER);
+    let (mut wal, recovered) = open(&dir);
+    assert!(recovered.rejoining, "a blank directory rejoins");
+    assert!(marker.exists(), "the marker is written before the node can send anything");
+    wal.append(None, &[entry(1, 1)], Some(hs(1, 0))).unwrap();
+    wal.sync().unwrap();
+    drop(wal);
+    // Restarted before the rejoin ended: still rejoining, although it now has a term.
+    let (mut wal, recovered) = open(&dir);
+    assert!(recovered.rejoining);
+    wal.forget_rejoin().unwrap();
+    assert!(!marker.exists());
+    wal.forget_rejoin().unwrap(); // idempotent
+    drop(wal);
+    let (_, recovered) = open(&dir);
+    assert!(!recovered.rejoining, "rejoined and a term on disk: an ordinary restart");
+    assert_eq!(recovered.entries, vec![entry(1, 1)]);
+    // The log deleted (a snapshot or nothing left): term 0 again, so it rejoins again.
+    for segment in segment_numbers(&dir.0).unwrap() {
+        fs::remove_file(segment_path(&dir.0, segment)).unwrap();
+    }
+    let (_, recovered) = open(&dir);
+    assert!(recovered.rejoining);
+    assert!(marker.exists());
+}
