@@ -98,7 +98,7 @@ impl Cluster {
         let node = &self.nodes[i];
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--node-id").arg(node.id.to_string()).arg("--cluster-id").arg("1");
-        cmd.arg("--data-dir").arg(self.dir.join(format!("n{}", node.id)));
+        cmd.arg("--data-dir").arg(self.data_dir(i));
         cmd.arg("--metrics-listen").arg(node.metrics.to_string());
         for (j, other) in self.nodes.iter().enumerate() {
             // This node reaches the others through its own proxies, and names the others'
@@ -128,6 +128,30 @@ impl Cluster {
             let _ = child.wait();
         }
         self.nodes[i].paused = false;
+    }
+
+    /// kill -9, then the node's data directory deleted (a lost disk); `restart` brings it back
+    /// blank and it rejoins. At most one blank node at a time: if another node has not
+    /// finished rejoining (its `rejoining` marker is still there), this is a plain kill —
+    /// two lost disks of three is more than any majority survives, and the cluster would wait
+    /// for ever. Returns whether the directory was deleted.
+    pub fn wipe(&mut self, i: usize) -> std::io::Result<bool> {
+        self.kill(i);
+        let another_rejoining = (0..self.nodes.len())
+            .any(|j| j != i && self.data_dir(j).join(tob_wal::REJOIN_MARKER).exists());
+        if another_rejoining {
+            use std::io::Write;
+            writeln!(self.log, "tob-faults: wipe {} skipped (another node is rejoining)", i)?;
+            return Ok(false);
+        }
+        match std::fs::remove_dir_all(self.data_dir(i)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(true),
+        }
+    }
+
+    fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("n{}", self.nodes[i].id))
     }
 
     pub fn restart(&mut self, i: usize) -> std::io::Result<()> {

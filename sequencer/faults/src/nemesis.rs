@@ -1,7 +1,8 @@
 //! The nemesis: a seeded schedule of faults over time, or one read from a small text file.
 //!
 //! Schedule file format, one step a line (`#` comments): `AT_MS ACTION [ARGS]`, actions
-//! `kill N`, `restart N`, `pause N`, `resume N`, `isolate N`, `cut A B` (one way),
+//! `kill N`, `wipe N` (kill -9 and delete its data directory: a lost disk), `restart N`,
+//! `pause N`, `resume N`, `isolate N`, `cut A B` (one way),
 //! `cut-clients N` (clients cannot reach node N),
 //! `partition A,B` (those nodes against the rest), `bridge N` (node N still reaches everyone,
 //! the others are split in two halves that cannot talk), `delay MS` (latency with ±50%
@@ -18,6 +19,8 @@ pub const LEADER: usize = usize::MAX;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     Kill(usize),
+    /// kill -9 and delete the node's data directory; `Restart` brings it back blank.
+    Wipe(usize),
     Restart(usize),
     Pause(usize),
     Resume(usize),
@@ -39,6 +42,7 @@ impl Action {
     pub fn kind(&self) -> &'static str {
         match self {
             Action::Kill(_) => "kill",
+            Action::Wipe(_) => "wipe",
             Action::Restart(_) => "restart",
             Action::Pause(_) => "pause",
             Action::Resume(_) => "resume",
@@ -63,6 +67,7 @@ impl std::fmt::Display for Action {
                 write!(f, "{} leader", self.kind())
             }
             Action::Kill(n)
+            | Action::Wipe(n)
             | Action::Restart(n)
             | Action::Pause(n)
             | Action::Resume(n)
@@ -87,7 +92,7 @@ pub type Rng = tob_raft::SplitMix64;
 
 /// A random schedule for `duration` on `nodes` nodes: a fault every 1–3 s, each repaired
 /// 0.5–2.5 s later (pauses outlast the election timeout), ending healed. Faults: kill -9 and
-/// restart, SIGSTOP/SIGCONT, an isolated node — each also aimed at whichever node leads —,
+/// restart (one in three with the data directory deleted: a lost disk), SIGSTOP/SIGCONT, an isolated node — each also aimed at whichever node leads —,
 /// a bridge, a majority/minority partition (5 nodes), a one-way cut, clients cut off from a
 /// node, added latency with jitter, connection resets, every node restarted at once, a node
 /// restarted with a 30% faster or slower tick.
@@ -101,6 +106,7 @@ pub fn random_schedule(seed: u64, duration: Duration, nodes: usize) -> Vec<(Dura
         let hold = rng.range(500, 2500).min(end - at);
         let (fault, repair) = match rng.range(0, 9) {
             0 if rng.range(0, 3) == 0 => (Action::Kill(LEADER), Action::Heal),
+            1 if rng.range(0, 3) == 0 => (Action::Wipe(n), Action::Restart(n)),
             0 | 1 => (Action::Kill(n), Action::Restart(n)),
             2 if rng.range(0, 3) == 0 => (Action::Pause(LEADER), Action::Heal),
             2 | 3 => (Action::Pause(n), Action::Resume(n)),
@@ -150,6 +156,7 @@ pub fn parse_schedule(text: &str) -> Result<Vec<(Duration, Action)>, String> {
         };
         let action = match words.get(1).copied() {
             Some("kill") => Action::Kill(node(2)?),
+            Some("wipe") => Action::Wipe(num(2)? as usize),
             Some("restart") => Action::Restart(num(2)? as usize),
             Some("pause") => Action::Pause(node(2)?),
             Some("resume") => Action::Resume(num(2)? as usize),
@@ -203,13 +210,15 @@ mod tests {
     fn schedule_files_parse_and_bad_lines_are_named() {
         let steps = parse_schedule(
             "# a comment\n100 kill 1\n900 restart 1\n1000 partition 0,2\n2000 heal\n\
-             2100 isolate leader\n2200 bridge 1\n",
+             2100 isolate leader\n2200 bridge 1\n2300 wipe 2\n",
         )
         .unwrap();
         assert_eq!(steps[0], (Duration::from_millis(100), Action::Kill(1)));
         assert_eq!(steps[2].1, Action::Partition(vec![0, 2]));
         assert_eq!(steps[4].1, Action::Isolate(LEADER));
         assert_eq!(steps[5].1, Action::Bridge(1));
+        assert_eq!(steps[6].1, Action::Wipe(2));
+        assert_eq!(steps[6].1.to_string(), "wipe 2");
         assert_eq!(steps[4].1.to_string(), "isolate leader");
         let err = parse_schedule("100 explode 1").unwrap_err();
         assert!(err.contains("line 1") && err.contains("unknown action"), "{err}");

@@ -81,6 +81,12 @@ struct ReadRounds {
 struct Rejoin {
     /// Each answering voter's term and log end (last term, last index).
     answers: BTreeMap<NodeId, (Term, Term, LogIndex)>,
+    /// Every voter has answered; the answers are frozen, and the highest term among them is
+    /// this node's term, counted as voted (see [`Raft::maybe_finish_rejoin`]). Until then it
+    /// acknowledges nothing.
+    floor_taken: bool,
+    /// The most up-to-date log end (last term, last index) among the answers.
+    target: (Term, LogIndex),
 }
 
 /// One Raft node.
@@ -216,7 +222,7 @@ impl Raft {
             config,
         };
         if raft.rejoin.is_some() {
-            raft.probe_unanswered();
+            raft.probe_peers();
             raft.maybe_finish_rejoin();
         }
         raft
@@ -279,7 +285,7 @@ impl Raft {
                 // Not allowed to campaign; asks again, now and then, whoever has not answered
                 // (a leader's heartbeats keep the election timer from ever running out).
                 if self.ticks.is_multiple_of(u64::from(self.config.election_ticks)) {
-                    self.probe_unanswered();
+                    self.probe_peers();
                 }
                 if self.election_elapsed >= self.randomized_election_ticks {
                     self.reset_election_timer();
@@ -328,11 +334,12 @@ impl Raft {
         }
         match message.body {
             // Like pre-votes, probes change no terms: a rejoining node must not disturb anyone.
-            MessageBody::StateProbe => {
-                if let Some(progress) = self.progress.get_mut(&message.from) {
-                    // Only a node that lost its storage asks: whatever it acknowledged before
-                    // is gone, so replicate to it from scratch (a lower match index only delays
-                    // commits; a repeated old probe costs one more probe round).
+            MessageBody::StateProbe { last_index } => {
+                if let Some(progress) =
+                    self.progress.get_mut(&message.from).filter(|p| p.match_index > last_index)
+                {
+                    // It lost what it acknowledged: replicate to it from scratch (a lower
+                    // match index only delays commits).
                     let acked_round = progress.acked_round;
                     *progress = Progress::new(self.log.last_index().next());
                     progress.acked_round = acked_round;
@@ -345,7 +352,7 @@ impl Raft {
                 return self.send_now(message.from, self.term, body);
             }
             MessageBody::StateProbeResponse { last_index, last_term } => {
-                if let Some(rejoin) = &mut self.rejoin {
+                if let Some(rejoin) = self.rejoin.as_mut().filter(|r| !r.floor_taken) {
                     rejoin.answers.insert(message.from, (message.term, last_term, last_index));
                     self.maybe_finish_rejoin();
                 }
@@ -381,6 +388,14 @@ impl Raft {
             }
             MessageBody::Vote { last_index, last_term } => {
                 self.step_vote(message.from, *last_index, *last_term)
+            }
+            MessageBody::Append { .. }
+            | MessageBody::Heartbeat { .. }
+            | MessageBody::InstallSnapshot { .. }
+                if self.rejoin.as_ref().is_some_and(|r| !r.floor_taken) =>
+            {
+                // Rejoining and not yet sure which terms it may have voted in: an answer could
+                // help a deposed leader (see `maybe_finish_rejoin`). Say nothing.
             }
             _ => match self.role {
                 Role::Leader => self.step_leader(message),
@@ -633,42 +648,57 @@ impl Raft {
 
     // ----- rejoining after lost storage (see `Recovered::rejoining`) -----------------------
 
-    fn probe_unanswered(&mut self) {
+    /// Asks the voters that have not answered yet; once all have, asks them all again (so a
+    /// leader that still counts on what this node held before learns otherwise).
+    fn probe_peers(&mut self) {
         let Some(rejoin) = &self.rejoin else { return };
-        let unanswered: Vec<NodeId> =
-            self.peers().into_iter().filter(|p| !rejoin.answers.contains_key(p)).collect();
-        for peer in unanswered {
-            self.send_now(peer, self.term, MessageBody::StateProbe);
+        let targets: Vec<NodeId> = self
+            .peers()
+            .into_iter()
+            .filter(|p| rejoin.floor_taken || !rejoin.answers.contains_key(p))
+            .collect();
+        let body = MessageBody::StateProbe { last_index: self.log.last_index() };
+        for peer in targets {
+            self.send_now(peer, self.term, body.clone());
         }
     }
 
     fn maybe_finish_rejoin(&mut self) {
-        let Some(rejoin) = &self.rejoin else { return };
-        if self.peers().iter().any(|p| !rejoin.answers.contains_key(p)) {
-            return;
+        let peers = self.peers();
+        let Some(rejoin) = &mut self.rejoin else { return };
+        if !rejoin.floor_taken {
+            if peers.iter().any(|p| !rejoin.answers.contains_key(p)) {
+                return;
+            }
+            rejoin.floor_taken = true;
+            // Every vote this node may have cast went to a candidate that made its term durable
+            // first, and that candidate has answered with a term at least as high. Taking that
+            // term now, before acknowledging anything, keeps it from helping a leader of an
+            // older term commit behind the back of one it may have elected.
+            let floor = rejoin.answers.values().map(|&(term, _, _)| term).max().unwrap_or_default();
+            rejoin.target = rejoin
+                .answers
+                .values()
+                .map(|&(_, last_term, last_index)| (last_term, last_index))
+                .max()
+                .unwrap_or_default();
+            if floor > self.term {
+                self.become_follower(floor, None);
+            }
+            if self.term == floor && self.voted_for.is_none() {
+                // As if it had voted for itself: the only vote it may have cast in `floor`
+                // is gone.
+                self.voted_for = Some(self.config.id);
+            }
+            // Asked again so that a leader replicates to it from scratch now that it answers.
+            self.probe_peers();
         }
-        // Every vote this node may have cast went to a candidate that made its term durable
-        // first, and that candidate has answered with a term at least as high.
-        let floor = rejoin.answers.values().map(|&(term, _, _)| term).max().unwrap_or_default();
-        let most_up_to_date = rejoin
-            .answers
-            .values()
-            .map(|&(_, last_term, last_index)| (last_term, last_index))
-            .max();
-        if most_up_to_date
-            .is_some_and(|theirs| (self.log.last_term(), self.log.last_index()) < theirs)
-        {
+        let Some(rejoin) = &self.rejoin else { return };
+        if (self.log.last_term(), self.log.last_index()) < rejoin.target {
             return; // not caught up yet: whatever it acknowledged before may be missing
         }
         self.rejoin = None;
         self.rejoined_unreported = true;
-        if floor > self.term {
-            self.become_follower(floor, None);
-        }
-        if self.term == floor && self.voted_for.is_none() {
-            // As if it had voted for itself: the only vote it may have cast in `floor` is gone.
-            self.voted_for = Some(self.config.id);
-        }
     }
 
     fn reset_election_timer(&mut self) {

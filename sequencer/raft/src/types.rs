@@ -140,8 +140,12 @@ pub enum MessageBody {
         received: u64,
     },
     /// From a node that lost its storage (see [`crate::Recovered::rejoining`]): what is your
-    /// term and your log's end? Changes no state on either side; `term` is the sender's.
-    StateProbe,
+    /// term and your log's end? Changes no term on either side; `term` is the sender's,
+    /// `last_index` the end of its log — a leader that believed it held more replicates to it
+    /// from scratch.
+    StateProbe {
+        last_index: LogIndex,
+    },
     /// The answer: `term` is the answering node's current term.
     StateProbeResponse {
         last_index: LogIndex,

@@ -73,6 +73,8 @@ pub struct Metrics {
     pub term: AtomicU64,
     /// 0 follower, 1 pre-candidate, 2 candidate, 3 leader.
     pub role: AtomicU64,
+    /// 1 while the node rejoins after starting without its storage.
+    pub rejoining: AtomicU64,
     pub commit_index: AtomicU64,
     pub applied_index: AtomicU64,
     pub leader_changes: AtomicU64,
@@ -90,6 +92,7 @@ impl Metrics {
             node_id,
             term: AtomicU64::new(0),
             role: AtomicU64::new(0),
+            rejoining: AtomicU64::new(0),
             commit_index: AtomicU64::new(0),
             applied_index: AtomicU64::new(0),
             leader_changes: AtomicU64::new(0),
@@ -118,6 +121,12 @@ impl Metrics {
                 "0 follower, 1 pre-candidate, 2 candidate, 3 leader.",
                 "gauge",
                 self.role.load(Relaxed),
+            ),
+            (
+                "tob_rejoining",
+                "1 while this node, started without its storage, may not vote yet.",
+                "gauge",
+                self.rejoining.load(Relaxed),
             ),
             (
                 "tob_commit_index",

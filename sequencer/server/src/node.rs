@@ -372,6 +372,7 @@ impl NodeActor {
             Role::Leader => 3,
         };
         m.role.store(role, Relaxed);
+        m.rejoining.store(u64::from(self.raft.is_rejoining()), Relaxed);
         m.commit_index.store(self.raft.commit_index().0, Relaxed);
         m.applied_index.store(self.machine.applied_index(), Relaxed);
         let leader = self.raft.leader().map(|l| l.0);

@@ -235,6 +235,17 @@ fn acknowledged_appends_and_claims_survive_killing_the_leader() {
     cluster.converge(position, Duration::from_secs(10));
 }
 
+/// A gauge from a node's metrics endpoint (its address from the node's metrics flag).
+fn gauge(address: &str, name: &str) -> Option<f64> {
+    let mut stream = TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    let line = body.lines().find(|l| l.starts_with(&format!("{name} ")))?;
+    line.rsplit(' ').next()?.parse().ok()
+}
+
 /// Waits until `path` exists or not, as `present` says.
 fn wait_for_file(path: &std::path::Path, present: bool, within: Duration) {
     let deadline = Instant::now() + within;
@@ -274,6 +285,7 @@ fn a_node_whose_data_directory_was_lost_votes_only_after_rejoining() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert_eq!(gauge(&cluster.nodes[blank].metrics, "tob_rejoining"), Some(1.0));
     // The old leader returns: a leader again, nothing lost, and the blank node rejoined.
     cluster.spawn(leader);
     cluster.leader(Duration::from_secs(10));
@@ -284,6 +296,11 @@ fn a_node_whose_data_directory_was_lost_votes_only_after_rejoining() {
     let position = client.sync().unwrap();
     cluster.converge(position, Duration::from_secs(10));
     wait_for_file(&cluster.nodes[blank].dir.join("rejoining"), false, Duration::from_secs(10));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gauge(&cluster.nodes[blank].metrics, "tob_rejoining") != Some(0.0) {
+        assert!(Instant::now() < deadline, "tob_rejoining stays 1 after the marker went");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -544,6 +561,7 @@ fn every_node_serves_prometheus_metrics_on_loopback() {
         line.rsplit(' ').next().unwrap().parse().unwrap()
     };
     assert_eq!(value("tob_role "), 3.0);
+    assert_eq!(value("tob_rejoining "), 0.0, "a new cluster's nodes have all rejoined");
     assert!(value("tob_term ") >= 1.0);
     assert!(value("tob_proposals_total ") >= 6.0);
     assert!(value("tob_fsync_latency_seconds_count ") >= 1.0);
