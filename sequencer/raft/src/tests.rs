@@ -559,3 +559,38 @@ fn a_rejoined_node_counts_the_highest_reported_term_as_voted() {
     assert_eq!(hard_state.term, term);
     assert_eq!(hard_state.voted_for, Some(NodeId(blank)), "no second vote in this term");
 }
+
+#[test]
+fn a_blank_node_acknowledges_nothing_until_every_member_has_answered() {
+    let mut c = Cluster::new(3);
+    let leader = c.elect();
+    let (blank, other) = match leader {
+        1 => (2, 3),
+        2 => (1, 3),
+        _ => (1, 2),
+    };
+    c.cut.insert((blank, other));
+    c.cut.insert((other, blank));
+    wipe(&mut c, blank);
+    c.readies.clear();
+    c.nodes.get_mut(&leader).unwrap().propose(b"x".to_vec()).unwrap();
+    c.tick(30);
+    let answered_leader = |c: &Cluster| {
+        c.readies.iter().filter(|(id, _)| *id == blank).any(|(_, r)| {
+            r.messages.iter().chain(&r.messages_after_persist).any(|m| {
+                m.to.0 == leader
+                    && matches!(
+                        m.body,
+                        MessageBody::AppendResponse(_) | MessageBody::HeartbeatResponse { .. }
+                    )
+            })
+        })
+    };
+    assert!(!answered_leader(&c), "it answered the leader before hearing from everyone");
+    assert!(c.nodes[&blank].is_rejoining());
+    c.cut.clear();
+    c.tick(30);
+    assert!(answered_leader(&c));
+    assert!(!c.nodes[&blank].is_rejoining());
+    assert_eq!(c.nodes[&blank].last_index(), c.nodes[&leader].last_index());
+}
