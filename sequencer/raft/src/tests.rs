@@ -46,6 +46,11 @@ impl Cluster {
         }
     }
 
+    fn cut_both_ways(&mut self, a: u64, b: u64) {
+        self.cut.insert((a, b));
+        self.cut.insert((b, a));
+    }
+
     fn isolate(&mut self, id: u64) {
         for &other in self.nodes.keys() {
             if other != id {
@@ -478,6 +483,12 @@ fn a_follower_restarted_mid_snapshot_asks_for_it_from_the_start() {
     assert!(installed);
 }
 
+/// The two other nodes of a 3-node cluster.
+fn followers_of(leader: u64) -> (u64, u64) {
+    let mut others = (1..=3).filter(|&id| id != leader);
+    (others.next().unwrap(), others.next().unwrap())
+}
+
 /// Restarts `id` on a blank disk: storage lost, rejoining.
 fn wipe(c: &mut Cluster, id: u64) {
     let config = c.nodes[&id].config().clone();
@@ -505,14 +516,9 @@ fn a_new_cluster_of_blank_nodes_elects_a_leader() {
 fn a_node_that_lost_its_disk_votes_only_after_hearing_from_everyone_and_catching_up() {
     let mut c = Cluster::new(3);
     let leader = c.elect();
-    let (blank, lagging) = match leader {
-        1 => (2, 3),
-        2 => (1, 3),
-        _ => (1, 2),
-    };
+    let (blank, lagging) = followers_of(leader);
     // The lagging follower misses entries that the leader and `blank` commit together.
-    c.cut.insert((leader, lagging));
-    c.cut.insert((lagging, leader));
+    c.cut_both_ways(leader, lagging);
     for i in 0..3u8 {
         c.nodes.get_mut(&leader).unwrap().propose(vec![i]).unwrap();
     }
@@ -564,13 +570,8 @@ fn a_rejoined_node_counts_the_highest_reported_term_as_voted() {
 fn a_blank_node_acknowledges_nothing_until_every_member_has_answered() {
     let mut c = Cluster::new(3);
     let leader = c.elect();
-    let (blank, other) = match leader {
-        1 => (2, 3),
-        2 => (1, 3),
-        _ => (1, 2),
-    };
-    c.cut.insert((blank, other));
-    c.cut.insert((other, blank));
+    let (blank, other) = followers_of(leader);
+    c.cut_both_ways(blank, other);
     wipe(&mut c, blank);
     c.readies.clear();
     c.nodes.get_mut(&leader).unwrap().propose(b"x".to_vec()).unwrap();
