@@ -32,11 +32,6 @@ impl Disk {
         Disk { rejoining: true, ..Disk::default() }
     }
 
-    /// Whether the node on this disk has still to finish rejoining.
-    pub fn rejoining(&self) -> bool {
-        self.rejoining
-    }
-
     /// Writes a Ready's durable parts, in the order of the persistence contract.
     pub fn write(&mut self, ready: &Ready) {
         if let Some(snapshot) = &ready.snapshot {
