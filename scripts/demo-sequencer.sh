@@ -21,7 +21,7 @@ trap cleanup EXIT
 . scripts/lib/local.sh   # free_base_port
 base=$(free_base_port)
 echo "== 0. A real 3-node cluster on loopback (ports $base..$((base + 8)))"
-$tob cluster up --dir "$out/cluster" --base-port "$base" > "$out/up.txt" 2> "$out/cluster.log" &
+$tob cluster up --dir "$out/cluster" --base-port "$base" --restart-after 1 > "$out/up.txt" 2> "$out/cluster.log" &
 cluster_pid=$!
 sleep 1.5
 export TOB_CLUSTER=$(sed -n 's/^TOB_CLUSTER=//p' "$out/up.txt")
@@ -51,6 +51,26 @@ echo "   kill -9 the leader (pid $leader_pid), then claim again:"
 kill -9 "$leader_pid"
 $tob claim users user7 db-late | sed "s/^/   /" || true
 $tob status | sed 's/^/   /'
+echo
+sleep 1.5   # `tob cluster up --restart-after 1` brings the old leader back
+follower=$($tob --json status | python3 -c 'import json,sys
+for l in sys.stdin:
+    s=json.loads(l)
+    if s.get("role")=="follower": print(s["node"], s["pid"]); break')
+set -- $follower
+echo "   A follower loses its disk: kill -9 node $1 and delete its data directory; it restarts blank"
+echo "   and may not vote until it has heard from every member and caught up:"
+rejoins_before=$(grep -c "rejoined: this node votes again" "$out/cluster.log" || true)
+kill -9 "$2"
+rm -rf "$out/cluster/n$1"
+for _ in $(seq 100); do
+    [ "$(grep -c "rejoined: this node votes again" "$out/cluster.log" || true)" -gt "$rejoins_before" ] && break
+    sleep 0.1
+done
+grep -o "starting without earlier storage[^:]*\|rejoined: this node votes again" "$out/cluster.log" \
+    | tail -2 | sed 's/^/   log: /'
+$tob status | sed 's/^/   /'
+echo "   user7 still belongs to: $($tob owner users user7)"
 echo
 
 echo "== 1. The simulator: six clients race for four usernames on a 3-node cluster while the nemesis"
