@@ -497,13 +497,18 @@ fn wipe(c: &mut Cluster, id: u64) {
 }
 
 #[test]
-fn a_new_cluster_of_blank_nodes_elects_a_leader() {
+fn a_new_cluster_of_blank_nodes_elects_a_leader_once_every_node_has_answered() {
     let voters: Vec<NodeId> = (1..=3).map(NodeId).collect();
     let mut c = Cluster::new(3);
     for id in 1..=3 {
         let config = Config::new(NodeId(id), voters.clone(), 42);
         c.nodes.insert(id, Raft::new(config, Recovered { rejoining: true, ..Default::default() }));
     }
+    // Until every node has answered, nobody votes: two nodes of three elect no one.
+    c.isolate(3);
+    c.tick(60);
+    assert!(c.leaders().is_empty(), "elected before hearing from node 3: {:?}", c.leaders());
+    c.cut.clear();
     let leader = c.elect();
     assert!(c.nodes.values().all(|r| !r.is_rejoining()));
     let rejoined = c.readies.iter().filter(|(_, r)| r.rejoined).count();
