@@ -57,6 +57,7 @@ follower=$($tob --json status | python3 -c 'import json,sys
 for l in sys.stdin:
     s=json.loads(l)
     if s.get("role")=="follower": print(s["node"], s["pid"]); break')
+[ -n "$follower" ] || { echo "   no follower to wipe (tob status found none)" >&2; exit 1; }
 set -- $follower
 echo "   A follower loses its disk: kill -9 node $1 and delete its data directory; it restarts blank"
 echo "   and may not vote until it has heard from every member and caught up:"

@@ -134,19 +134,22 @@ impl Cluster {
     /// blank and it rejoins. At most one blank node at a time: if another node has not
     /// finished rejoining (its `rejoining` marker is still there), this is a plain kill —
     /// two lost disks of three is more than any majority survives, and the cluster would wait
-    /// for ever. Returns whether the directory was deleted.
-    pub fn wipe(&mut self, i: usize) -> std::io::Result<bool> {
+    /// for ever.
+    pub fn wipe(&mut self, i: usize) -> std::io::Result<()> {
         self.kill(i);
         let another_rejoining = (0..self.nodes.len())
             .any(|j| j != i && self.data_dir(j).join(tob_wal::REJOIN_MARKER).exists());
         if another_rejoining {
             use std::io::Write;
-            writeln!(self.log, "tob-faults: wipe {} skipped (another node is rejoining)", i)?;
-            return Ok(false);
+            let name = self.name(i);
+            return writeln!(
+                self.log,
+                "tob-faults: wipe of {name} skipped (another node is rejoining)"
+            );
         }
         match std::fs::remove_dir_all(self.data_dir(i)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(true),
+            _ => Ok(()),
         }
     }
 

@@ -207,9 +207,7 @@ pub fn apply(cluster: &mut Cluster, action: &Action) -> std::io::Result<()> {
     let node = |n: usize| if n == nemesis::LEADER { leader } else { n % size };
     match action {
         Action::Kill(n) => cluster.kill(node(*n)),
-        Action::Wipe(n) => {
-            cluster.wipe(node(*n))?;
-        }
+        Action::Wipe(n) => cluster.wipe(node(*n))?,
         Action::Restart(n) => cluster.restart(node(*n))?,
         Action::Pause(n) => cluster.pause(node(*n)),
         Action::Resume(n) => cluster.resume(node(*n)),

@@ -489,6 +489,17 @@ fn followers_of(leader: u64) -> (u64, u64) {
     (others.next().unwrap(), others.next().unwrap())
 }
 
+/// A 3-node cluster with a leader and its followers `(leader, blank, other)`, the link that
+/// `cut` picks among them cut both ways.
+fn three_nodes_with_a_cut(cut: impl Fn(u64, u64, u64) -> (u64, u64)) -> (Cluster, u64, u64, u64) {
+    let mut c = Cluster::new(3);
+    let leader = c.elect();
+    let (blank, other) = followers_of(leader);
+    let (a, b) = cut(leader, blank, other);
+    c.cut_both_ways(a, b);
+    (c, leader, blank, other)
+}
+
 /// Restarts `id` on a blank disk: storage lost, rejoining.
 fn wipe(c: &mut Cluster, id: u64) {
     let config = c.nodes[&id].config().clone();
@@ -519,11 +530,9 @@ fn a_new_cluster_of_blank_nodes_elects_a_leader_once_every_node_has_answered() {
 
 #[test]
 fn a_node_that_lost_its_disk_votes_only_after_hearing_from_everyone_and_catching_up() {
-    let mut c = Cluster::new(3);
-    let leader = c.elect();
-    let (blank, lagging) = followers_of(leader);
     // The lagging follower misses entries that the leader and `blank` commit together.
-    c.cut_both_ways(leader, lagging);
+    let (mut c, leader, blank, lagging) =
+        three_nodes_with_a_cut(|leader, _, lagging| (leader, lagging));
     for i in 0..3u8 {
         c.nodes.get_mut(&leader).unwrap().propose(vec![i]).unwrap();
     }
@@ -573,10 +582,7 @@ fn a_rejoined_node_counts_the_highest_reported_term_as_voted() {
 
 #[test]
 fn a_blank_node_acknowledges_nothing_until_every_member_has_answered() {
-    let mut c = Cluster::new(3);
-    let leader = c.elect();
-    let (blank, other) = followers_of(leader);
-    c.cut_both_ways(blank, other);
+    let (mut c, leader, blank, _) = three_nodes_with_a_cut(|_, blank, other| (blank, other));
     wipe(&mut c, blank);
     c.readies.clear();
     c.nodes.get_mut(&leader).unwrap().propose(b"x".to_vec()).unwrap();
