@@ -25,6 +25,8 @@ pub enum TobError {
     TooLong(String),
     /// Settings or set-up missing.
     NotConfigured(String),
+    /// More than one transaction may do (messages staged for its commit).
+    LimitExceeded(String),
     /// The namespace was never created (`tob_create_namespace`); empty when not known here.
     UnknownNamespace(String),
     /// The cluster refused the request for another reason.
@@ -87,6 +89,7 @@ impl TobError {
             TobError::BadArgument(_) => ERRCODE_INVALID_PARAMETER_VALUE,
             TobError::TooLong(_) => ERRCODE_STRING_DATA_RIGHT_TRUNCATION,
             TobError::NotConfigured(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            TobError::LimitExceeded(_) => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             TobError::UnknownNamespace(_) => ERRCODE_UNDEFINED_OBJECT,
             TobError::Refused { code: ErrorCode::Overloaded, .. } => ERRCODE_INSUFFICIENT_RESOURCES,
             TobError::Refused { code: ErrorCode::NotLeader | ErrorCode::Unavailable, .. } => {
@@ -117,7 +120,7 @@ impl TobError {
             }
             TobError::Cancelled => "canceling statement due to user request".into(),
             TobError::BadArgument(why) | TobError::TooLong(why) => format!("tob: {why}"),
-            TobError::NotConfigured(why) => format!("tob: {why}"),
+            TobError::NotConfigured(why) | TobError::LimitExceeded(why) => format!("tob: {why}"),
             TobError::UnknownNamespace(namespace) if namespace.is_empty() => {
                 "tob: namespace does not exist".into()
             }

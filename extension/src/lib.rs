@@ -115,6 +115,26 @@ fn tob_append(topic: Option<&str>, payload: Option<&str>) -> i64 {
     with_client(|c| Ok(c.append(topic, payload.as_bytes())?)).0 as i64
 }
 
+/// Appends a message to the total order when the current transaction commits, and never if
+/// it rolls back (a transactional outbox). Its `seq` is given when the background worker
+/// settles the transaction, right after the commit; one transaction's messages are contiguous.
+#[pg_extern(volatile, parallel_unsafe)]
+fn tob_append_on_commit(topic: Option<&str>, payload: Option<&str>) {
+    let topic = topic.map(|t| checked("topic", Some(t), NAME_BYTES_MAX));
+    let Some(payload) = payload else {
+        TobError::BadArgument("payload must not be NULL".into()).raise()
+    };
+    let max = tob_proto::Limits::default().payload_bytes_max;
+    if payload.len() > max {
+        TobError::TooLong(format!(
+            "payload is {} bytes long; at most {max} are allowed",
+            payload.len()
+        ))
+        .raise()
+    }
+    xact::append_on_commit(topic, payload.as_bytes());
+}
+
 /// Messages from `from_seq` on, in the total order (optionally of one topic).
 #[pg_extern(volatile, parallel_unsafe)]
 fn tob_read(
@@ -308,11 +328,13 @@ BEGIN
 END
 $$;
 REVOKE ALL ON FUNCTION tob_claim(text, text, text), tob_release(text, text, text),
-    tob_owner(text, text), tob_append(text, text), tob_read(bigint, integer, text),
+    tob_owner(text, text), tob_append(text, text), tob_append_on_commit(text, text),
+    tob_read(bigint, integer, text),
     tob_sync(), tob_next(text), tob_lock(text), tob_unlock(text), tob_status(),
     tob_fence(text, bigint), tob_unique(), tob_namespaces() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tob_claim(text, text, text), tob_release(text, text, text),
-    tob_owner(text, text), tob_append(text, text), tob_read(bigint, integer, text),
+    tob_owner(text, text), tob_append(text, text), tob_append_on_commit(text, text),
+    tob_read(bigint, integer, text),
     tob_sync(), tob_next(text), tob_lock(text), tob_unlock(text), tob_status(),
     tob_fence(text, bigint), tob_unique(), tob_namespaces() TO tob_user;
 GRANT SELECT, INSERT, UPDATE ON tob_fences TO tob_user;

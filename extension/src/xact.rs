@@ -6,13 +6,18 @@
 //! the background worker, which settles it in the cluster (prepared claims become held,
 //! scheduled releases happen, or everything is undone) — the callbacks themselves never talk
 //! to the network and never raise. A rolled-back savepoint undoes its own claims and releases.
+//! Messages for `tob_append_on_commit` wait in the backend and are staged under the same
+//! holder at `PRE_COMMIT`; the same settle appends or drops them.
 
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
 use tob_client::claim_key;
-use tob_proto::{ClaimKey, ClaimKind, ClaimState, Command, FencingToken, Outcome, SessionId};
+use tob_proto::{
+    ClaimKey, ClaimKind, ClaimState, Command, FencingToken, Limits, Outcome, SessionId,
+    StagedMessage,
+};
 
 use crate::backend::{self, with_client};
 use crate::error::TobError;
@@ -37,11 +42,23 @@ struct Op {
     subxact: pg_sys::SubTransactionId,
 }
 
+/// A message for the total order once this transaction commits (`tob_append_on_commit`).
+#[derive(Debug)]
+struct Outgoing {
+    message: StagedMessage,
+    /// The (sub)transaction that wrote it; moves to the parent when a savepoint is released.
+    subxact: pg_sys::SubTransactionId,
+}
+
 #[derive(Debug)]
 struct Txn {
     full_xid: u64,
     holder: String,
     ops: Vec<Op>,
+    /// Kept here until `PRE_COMMIT` stages them in the cluster (a rolled-back savepoint drops
+    /// its own without a round trip).
+    outgoing: Vec<Outgoing>,
+    outgoing_bytes: usize,
     /// Scheduled releases a rolled-back savepoint could not withdraw yet: retried before
     /// commit, where failing can still abort.
     keeps_owed: Vec<ClaimKey>,
@@ -108,6 +125,8 @@ fn record_transaction(full_xid: u64, holder: &str) {
             full_xid,
             holder: holder.to_owned(),
             ops: Vec::new(),
+            outgoing: Vec::new(),
+            outgoing_bytes: 0,
             keeps_owed: Vec::new(),
         });
     });
@@ -232,10 +251,61 @@ pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
     }
 }
 
+/// Keeps a message for the total order until this transaction commits: staged in the cluster
+/// at `PRE_COMMIT` (after the claims are prepared), appended when the transaction is settled
+/// as committed, dropped if it aborts or its savepoint is rolled back.
+pub fn append_on_commit(topic: Option<&str>, payload: &[u8]) {
+    require_preloaded("tob_append_on_commit");
+    let (full_xid, holder) = current_holder();
+    record_transaction(full_xid, &holder);
+    let limit = Limits::default().staged_bytes_max;
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let message = StagedMessage { topic: topic.map(str::to_owned), payload: payload.to_vec() };
+    TXN.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let txn = slot.as_mut().expect("recorded above");
+        if txn.outgoing_bytes + payload.len() > limit {
+            TobError::LimitExceeded(format!(
+                "a transaction's messages for tob_append_on_commit may total {} MiB; this one would have {} bytes",
+                limit >> 20,
+                txn.outgoing_bytes + payload.len()
+            ))
+            .raise()
+        }
+        txn.outgoing_bytes += payload.len();
+        txn.outgoing.push(Outgoing { message, subxact });
+    });
+}
+
+/// Stages the transaction's outgoing messages, in order, in as few requests as the limits on
+/// one request allow. Failing raises, which aborts the commit (and drops what was staged).
+fn stage_outgoing(holder: &str, outgoing: Vec<StagedMessage>) {
+    let limits = Limits::default();
+    let mut batch: Vec<StagedMessage> = Vec::new();
+    let mut batch_bytes = 0;
+    let send = |batch: Vec<StagedMessage>| match with_client(|c| Ok(c.stage(holder, batch)?)) {
+        Outcome::Staged { .. } => {}
+        other => TobError::from_outcome(other).raise(),
+    };
+    for message in outgoing {
+        let full = batch.len() == limits.batch_keys_max
+            || batch_bytes + message.payload.len() > limits.payload_bytes_max;
+        if full && !batch.is_empty() {
+            send(std::mem::take(&mut batch));
+            batch_bytes = 0;
+        }
+        batch_bytes += message.payload.len();
+        batch.push(message);
+    }
+    if !batch.is_empty() {
+        send(batch);
+    }
+}
+
 /// Before commit (or PREPARE TRANSACTION): prepare every live claim; a lost one aborts.
 fn prepare_for_commit(two_phase: bool) {
-    let Some((holder, keys, keeps)) = TXN.with(|cell| {
-        cell.borrow().as_ref().map(|t| {
+    let Some((holder, keys, keeps, outgoing)) = TXN.with(|cell| {
+        cell.borrow_mut().as_mut().map(|t| {
             let mut keys: Vec<ClaimKey> = t
                 .ops
                 .iter()
@@ -244,16 +314,34 @@ fn prepare_for_commit(two_phase: bool) {
                 .collect();
             keys.sort();
             keys.dedup();
-            (t.holder.clone(), keys, t.keeps_owed.clone())
+            let outgoing: Vec<StagedMessage> =
+                std::mem::take(&mut t.outgoing).into_iter().map(|o| o.message).collect();
+            (t.holder.clone(), keys, t.keeps_owed.clone(), outgoing)
         })
     }) else {
         return;
     };
+    // PostgreSQL makes a commit durable before COMMIT returns only if the transaction wrote
+    // WAL; one that only claimed, released or appended on commit wrote none, so its commit
+    // record could be lost in a crash after COMMIT returned — and with it, by the commit log,
+    // its claims and messages. Its effects are in the cluster: flush its commit like a
+    // writing transaction's (unless synchronous_commit is off, as PostgreSQL would).
+    if unsafe { pg_sys::synchronous_commit }
+        > pg_sys::SyncCommitLevel::SYNCHRONOUS_COMMIT_OFF as i32
+    {
+        unsafe { pg_sys::ForceSyncCommit() };
+    }
     if two_phase && !shmem::available() {
         TobError::NotConfigured("PREPARE TRANSACTION with tob claims".into()).raise()
     }
     for key in keeps {
         with_client(|c| Ok(c.keep_on_commit(key.clone(), &holder)?));
+    }
+    // Both precede the commit record, so either order is safe; messages first, so that a
+    // claim seen prepared means this transaction's messages are staged too.
+    let staged = !outgoing.is_empty();
+    if staged {
+        stage_outgoing(&holder, outgoing);
     }
     if !keys.is_empty() {
         prepare(&holder, keys);
@@ -262,7 +350,7 @@ fn prepare_for_commit(two_phase: bool) {
         cell.borrow().as_ref().is_some_and(|t| t.ops.iter().any(|op| op.kind == OpKind::Claimed))
     });
     let pause = guc::TEST_PAUSE_AFTER_PREPARE_MS.get();
-    if claimed && pause > 0 {
+    if (claimed || staged) && pause > 0 {
         backend::sleep(Duration::from_millis(pause as u64));
     }
 }
@@ -315,9 +403,16 @@ unsafe extern "C-unwind" fn subxact_callback(
     use pg_sys::SubXactEvent::*;
     match event {
         SUBXACT_EVENT_COMMIT_SUB => TXN.with(|cell| {
-            for op in cell.borrow_mut().iter_mut().flat_map(|t| t.ops.iter_mut()) {
-                if op.subxact == my_subid {
-                    op.subxact = parent_subid;
+            let mut slot = cell.borrow_mut();
+            let Some(txn) = slot.as_mut() else { return };
+            for subxact in txn
+                .ops
+                .iter_mut()
+                .map(|op| &mut op.subxact)
+                .chain(txn.outgoing.iter_mut().map(|o| &mut o.subxact))
+            {
+                if *subxact == my_subid {
+                    *subxact = parent_subid;
                 }
             }
         }),
@@ -334,6 +429,9 @@ fn undo_subtransaction(subxact: pg_sys::SubTransactionId) {
     let undone: Vec<Op> = TXN.with(|cell| {
         let mut slot = cell.borrow_mut();
         let Some(txn) = slot.as_mut() else { return Vec::new() };
+        // Its messages were never sent: dropping them is all there is to undo.
+        txn.outgoing.retain(|o| o.subxact != subxact);
+        txn.outgoing_bytes = txn.outgoing.iter().map(|o| o.message.payload.len()).sum();
         let (undone, kept) =
             std::mem::take(&mut txn.ops).into_iter().partition(|op| op.subxact == subxact);
         txn.ops = kept;

@@ -685,6 +685,9 @@ async fn a_second_delete_waits_for_an_unsettled_one_and_releases() {
     let other = pg.connect("app").await;
     for (name, wait, deleted) in [("alice", "10s", true), ("bob", "300ms", false)] {
         // The worker stopped: the rolled-back DELETE's end stays unsettled in the cluster.
+        // Each call once first: a backend's first call looks the function up in pg_proc, which
+        // may prune that page and so write WAL, which would flush the commit by chance.
+        db.batch_execute("SELECT tob_release('usernames', 'nobody_holds_this')").await.unwrap();
         signal("-STOP");
         other
             .batch_execute(&format!("BEGIN; DELETE FROM users WHERE name = '{name}'; ROLLBACK"))
@@ -770,4 +773,234 @@ async fn finished_transactions_are_settled_together_after_the_settle_delay() {
         "{} entries besides the claims: not settled together",
         entries - 40
     );
+}
+
+/// Every message of `topic`, in order, read a page at a time (a node answers at most 10,000
+/// per read).
+async fn payloads_of(db: &tob_e2e::Client, topic: &str) -> Vec<String> {
+    let mut payloads = Vec::new();
+    let mut from = 1i64;
+    loop {
+        let page = db
+            .query(
+                "SELECT seq, payload FROM tob_read($1, 10000, $2) ORDER BY seq",
+                &[&from, &topic],
+            )
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { return payloads };
+        from = last.get::<_, i64>(0) + 1;
+        payloads.extend(page.iter().map(|r| r.get::<_, String>(1)));
+    }
+}
+
+/// `tob_append_on_commit`: a committed transaction's messages enter the total order together
+/// and in order, after the commit and never before; a rolled-back transaction's or savepoint's
+/// never; a PREPAREd transaction's follow COMMIT/ROLLBACK PREPARED; a transaction cut off by a
+/// crash before its commit record leaves none; large transactions are split and bounded.
+#[tokio::test]
+async fn messages_appended_on_commit_follow_their_transaction() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &["tob.settle_delay = '1s'"]);
+    let db = pg.create_app_database("app").await;
+    let other = pg.create_app_database("other").await;
+    wait_until_ready(&db).await;
+    let staged = |topic: &'static str| {
+        let other = &other;
+        move |expected: Vec<&'static str>| async move {
+            eventually(Duration::from_secs(10), || async {
+                payloads_of(other, topic).await == expected
+            })
+            .await
+        }
+    };
+
+    // Committed: visible only after the commit, contiguous, in order; then a plain append.
+    db.batch_execute(
+        "BEGIN;
+         SELECT tob_append_on_commit('outbox', 'a1');
+         SELECT tob_append('plain', 'during');
+         SELECT tob_append_on_commit('outbox', 'a2');
+         SAVEPOINT s1; SELECT tob_append_on_commit('outbox', 'a3'); RELEASE s1;
+         SAVEPOINT s2; SELECT tob_append_on_commit('outbox', 'dropped'); ROLLBACK TO s2;",
+    )
+    .await
+    .unwrap();
+    assert!(payloads_of(&other, "outbox").await.is_empty(), "nothing before the commit");
+    db.batch_execute("COMMIT").await.unwrap();
+    assert!(
+        staged("outbox")(vec!["a1", "a2", "a3"]).await,
+        "{:?}",
+        payloads_of(&db, "outbox").await
+    );
+    let seqs: Vec<i64> = other
+        .query("SELECT seq FROM tob_read(1, 100, 'outbox')", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(seqs, vec![seqs[0], seqs[0] + 1, seqs[0] + 2], "one transaction's are contiguous");
+    let plain: i64 =
+        other.query_one("SELECT seq FROM tob_read(1, 10, 'plain')", &[]).await.unwrap().get(0);
+    assert!(plain < seqs[0], "the plain append went in at once, the others at commit");
+
+    // Rolled back, or failed later in the transaction: never.
+    db.batch_execute("BEGIN; SELECT tob_append_on_commit('outbox', 'rolled back'); ROLLBACK;")
+        .await
+        .unwrap();
+    let err = db
+        .batch_execute(
+            "BEGIN; SELECT tob_append_on_commit('outbox', 'failed'); SELECT 1/0; COMMIT;",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "22012");
+    db.batch_execute("ROLLBACK").await.unwrap();
+    // Outside a transaction block the statement's transaction commits at once.
+    db.batch_execute("SELECT tob_append_on_commit('outbox', 'autocommit')").await.unwrap();
+    assert!(staged("outbox")(vec!["a1", "a2", "a3", "autocommit"]).await);
+
+    // PREPARE TRANSACTION: staged, then settled by the reconciler from the commit log.
+    db.batch_execute(
+        "BEGIN; SELECT tob_append_on_commit('two_phase', 'kept'); PREPARE TRANSACTION 'p1';
+         BEGIN; SELECT tob_append_on_commit('two_phase', 'gone'); PREPARE TRANSACTION 'p2';",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(payloads_of(&other, "two_phase").await.is_empty(), "nothing before COMMIT PREPARED");
+    db.batch_execute("ROLLBACK PREPARED 'p2'").await.unwrap();
+    db.batch_execute("COMMIT PREPARED 'p1'").await.unwrap();
+    assert!(staged("two_phase")(vec!["kept"]).await, "{:?}", payloads_of(&db, "two_phase").await);
+
+    // Many messages (more than one request may carry, by count and by bytes): all, in order.
+    db.batch_execute(
+        "BEGIN;
+         SELECT tob_append_on_commit('bulk', i::text) FROM generate_series(1, 12000) i;
+         SELECT tob_append_on_commit('big', repeat(i::text, 700000)) FROM generate_series(1, 3) i;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            payloads_of(&other, "bulk").await.len() == 12000
+        })
+        .await
+    );
+    let bulk = payloads_of(&other, "bulk").await;
+    assert!(bulk.iter().enumerate().all(|(i, p)| *p == (i + 1).to_string()), "in order");
+    let big = payloads_of(&other, "big").await;
+    assert_eq!(big.len(), 3);
+    assert!(
+        big.iter()
+            .enumerate()
+            .all(|(i, p)| p.len() == 700000 && p.starts_with(&(i + 1).to_string()))
+    );
+
+    // Bad input: refused at the call, with nothing staged.
+    for (sql, code) in [
+        ("SELECT tob_append_on_commit('t', NULL)", "22023"),
+        ("SELECT tob_append_on_commit('', 'x')", "22023"),
+        ("SELECT tob_append_on_commit(repeat('t', 300), 'x')", "22001"),
+        ("SELECT tob_append_on_commit('t', repeat('x', 1048577))", "22001"),
+    ] {
+        let err = db.query_one(sql, &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), code, "{sql}");
+    }
+    let err = db
+        .batch_execute(
+            "BEGIN;
+             SELECT tob_append_on_commit('huge', repeat('x', 1048576)) FROM generate_series(1, 65);",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "54000", "{err:?}");
+    db.batch_execute("ROLLBACK").await.unwrap();
+
+    // A crash right after commits, before the worker settled them (`tob.settle_delay` is 1 s
+    // here): after the restart the reconciler finishes each as committed — nothing lost. These
+    // transactions wrote no WAL of their own, so PostgreSQL would not flush their commit
+    // records before COMMIT returns (the WAL writer does it soon after: stopped here, so that
+    // the crash finds them unflushed); tob makes it flush them (found by this test).
+    db.batch_execute("SELECT tob_claim('usernames', 'released_alone')").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            owner_state(&db, "released_alone").await.as_deref() == Some("held")
+        })
+        .await
+    );
+    let wal_writer: i32 = db
+        .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &wal_writer.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {name} {wal_writer}");
+    };
+    // Each call once first: a backend's first call looks the function up in pg_proc, which
+    // may prune that page and so write WAL, which would flush the commit by chance.
+    db.batch_execute("SELECT tob_release('usernames', 'nobody_holds_this')").await.unwrap();
+    signal("-STOP");
+    db.batch_execute("SELECT tob_append_on_commit('crash', 'committed')").await.unwrap();
+    db.batch_execute("SELECT tob_claim('usernames', 'claimed_alone')").await.unwrap();
+    db.batch_execute("SELECT tob_release('usernames', 'released_alone')").await.unwrap();
+    assert!(payloads_of(&other, "crash").await.is_empty(), "not settled yet");
+    assert_eq!(owner_state(&other, "claimed_alone").await.as_deref(), Some("prepared"));
+    // A child killed: the postmaster ends every other process and drops shared memory, WAL
+    // buffers included (a crash); then stopped and started as in the other crash tests.
+    signal("-KILL");
+    pg.stop_immediate();
+    pg.restart_after_crash();
+    let db = pg.connect("app").await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            payloads_of(&db, "crash").await == ["committed"]
+                && owner_state(&db, "claimed_alone").await.as_deref() == Some("held")
+                && owner_state(&db, "released_alone").await.is_none()
+        })
+        .await,
+        "{:?} {:?} {:?}\n{}",
+        payloads_of(&db, "crash").await,
+        owner_state(&db, "claimed_alone").await,
+        owner_state(&db, "released_alone").await,
+        pg.log()
+    );
+
+    // A crash after staging, before the commit record: the transaction never committed, so its
+    // message never appears. Its claim, prepared after the messages were staged, shows when.
+    let committing = pg.connect("app").await;
+    committing.batch_execute("SET tob.test_pause_after_prepare = '30s'").await.unwrap();
+    let pending = tokio::spawn(async move {
+        committing
+            .batch_execute(
+                "BEGIN; SELECT tob_append_on_commit('crash', 'never');
+                 SELECT tob_claim('usernames', 'crash_witness'); COMMIT;",
+            )
+            .await
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            owner_state(&db, "crash_witness").await.as_deref() == Some("prepared")
+        })
+        .await
+    );
+    pg.stop_immediate();
+    assert!(pending.await.unwrap().is_err(), "the connection died with the server");
+    pg.restart_after_crash();
+    let db = pg.connect("app").await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            owner_state(&db, "crash_witness").await.is_none()
+        })
+        .await,
+        "the reconciler settled the transaction as aborted\n{}",
+        pg.log()
+    );
+    assert_eq!(payloads_of(&db, "crash").await, ["committed"]);
 }

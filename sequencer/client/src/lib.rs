@@ -227,6 +227,16 @@ impl Client {
         self.command(Command::ReleaseOnCommit { key, owner: owner.into(), holder: holder.into() })
     }
 
+    /// Stages messages under `holder` (a transaction) until a `Settle` names it: appended in
+    /// this order if it committed, dropped if not. `Ok(Outcome::Staged{..})` or an error.
+    pub fn stage(
+        &mut self,
+        holder: &str,
+        messages: Vec<tob_proto::StagedMessage>,
+    ) -> Result<Outcome, ClientError> {
+        self.command(Command::Stage { holder: holder.into(), messages })
+    }
+
     /// Withdraws a [`Client::release_on_commit`] of `holder`.
     pub fn keep_on_commit(&mut self, key: ClaimKey, holder: &str) -> Result<Outcome, ClientError> {
         self.command(Command::KeepOnCommit { key, holder: holder.into() })

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use tob_proto::{
     ClaimKey, ClaimKind, ClaimState, ClientId, Command, ErrorCode, FencingToken, Limits, Outcome,
     OwnerInfo, RESERVED_NAMESPACE_PREFIX, ReleasedClaim, Request, RequestId, Seq, SessionId,
+    StagedMessage,
 };
 
 use crate::claim_table::ClaimTable;
@@ -121,6 +122,17 @@ pub struct MachineState {
     /// namespaces existed ends where they end.
     #[serde(skip)]
     namespaces: Namespaces,
+    /// Messages of transactions not settled yet (`Stage`), by holder. Encoded after the
+    /// namespaces: a snapshot written before staging existed ends with them.
+    #[serde(skip)]
+    staged: BTreeMap<String, Staged>,
+}
+
+/// One holder's staged messages, in the order staged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Staged {
+    payload_bytes: u64,
+    messages: Vec<StagedMessage>,
 }
 
 /// Declared namespaces, and whether claims need one yet (see the crate docs).
@@ -280,6 +292,9 @@ impl Machine {
             Command::Settle { committed, aborted } => {
                 let settled = committed.iter().map(|h| self.settle(h, true)).sum::<u64>()
                     + aborted.iter().map(|h| self.settle(h, false)).sum::<u64>();
+                for holder in committed.iter().chain(aborted) {
+                    self.settle_staged(holder, committed.contains(holder));
+                }
                 Outcome::Settled { claims: settled }
             }
             Command::Read { key } => Outcome::Owner { current: self.owner(key) },
@@ -309,7 +324,23 @@ impl Machine {
                 Outcome::NamespaceCreated { created }
             }
             Command::RequireNamespaces => self.require_namespaces(),
+            Command::Stage { holder, messages } => self.stage(holder, messages),
         }
+    }
+
+    /// Stages `messages` under `holder` until it settles; refused as a whole if the holder's
+    /// staged payloads would pass `staged_bytes_max`.
+    fn stage(&mut self, holder: &str, messages: &[StagedMessage]) -> Outcome {
+        let staged = self.state.staged.get(holder);
+        let adding: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
+        let before = staged.map_or(0, |s| s.payload_bytes);
+        if before + adding > self.config.limits.staged_bytes_max as u64 {
+            return Outcome::Error { code: ErrorCode::TooLarge };
+        }
+        let staged = self.state.staged.entry(holder.to_owned()).or_default();
+        staged.payload_bytes += adding;
+        staged.messages.extend_from_slice(messages);
+        Outcome::Staged { messages: staged.messages.len() as u64 }
     }
 
     /// From here on claims need a declared namespace; those already in use are declared.
@@ -542,6 +573,17 @@ impl Machine {
         changed
     }
 
+    /// Appends `holder`'s staged messages (contiguous, in the order staged) if it committed;
+    /// drops them if not. A committed holder's messages follow the claims settled with it.
+    fn settle_staged(&mut self, holder: &str, committed: bool) {
+        let Some(staged) = self.state.staged.remove(holder) else { return };
+        if committed {
+            for message in staged.messages {
+                self.append(message.topic, message.payload);
+            }
+        }
+    }
+
     fn expire(&mut self, session: SessionId, keepalives_seen: u64) -> Outcome {
         match self.state.sessions.get(&session) {
             None => Outcome::Error { code: ErrorCode::UnknownSession },
@@ -601,20 +643,35 @@ impl Machine {
             .collect())
     }
 
-    /// Holders starting with `prefix` that have claims in flight, after `after`, at most `max`.
+    /// Holders starting with `prefix` that have claims or staged messages in flight, in
+    /// order, after `after`, at most `max`.
     pub fn in_flight_holders(&self, prefix: &str, after: Option<&str>, max: usize) -> Vec<String> {
-        let mut holders: Vec<String> = Vec::new();
         let empty = ClaimKey { namespace: String::new(), key: String::new() };
         let start = after.filter(|a| *a >= prefix).unwrap_or(prefix);
-        for (holder, _) in self.state.in_flight.range((start.to_owned(), empty)..) {
-            if !holder.starts_with(prefix) || holders.len() >= max {
-                break;
+        let claiming = self.state.in_flight.range((start.to_owned(), empty)..).map(|(h, _)| h);
+        let staging = self
+            .state
+            .staged
+            .range::<str, _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded))
+            .map(|(h, _)| h);
+        // Both sources are in order: the first `max` of each, merged, are the first `max`.
+        let first = |holders: &mut dyn Iterator<Item = &String>| -> Vec<String> {
+            let mut taken: Vec<String> = Vec::new();
+            for holder in holders.take_while(|h| h.starts_with(prefix)) {
+                if taken.len() >= max {
+                    break;
+                }
+                if Some(holder.as_str()) != after && taken.last() != Some(holder) {
+                    taken.push(holder.clone());
+                }
             }
-            if Some(holder.as_str()) == after || holders.last() == Some(holder) {
-                continue;
-            }
-            holders.push(holder.clone());
-        }
+            taken
+        };
+        let mut holders = first(&mut { claiming });
+        holders.extend(first(&mut { staging }));
+        holders.sort();
+        holders.dedup();
+        holders.truncate(max);
         holders
     }
 
@@ -631,24 +688,31 @@ impl Machine {
     // ----- snapshots ------------------------------------------------------------------------
 
     /// The whole state, byte-identical on every replica at the same applied index: the
-    /// state's fields, then the namespaces.
+    /// state's fields, then the namespaces, then the staged messages.
     pub fn snapshot(&self) -> Vec<u8> {
         let bytes = postcard::to_allocvec(&self.state).expect("serialising cannot fail");
-        postcard::to_extend(&self.state.namespaces, bytes).expect("serialising cannot fail")
+        let bytes =
+            postcard::to_extend(&self.state.namespaces, bytes).expect("serialising cannot fail");
+        postcard::to_extend(&self.state.staged, bytes).expect("serialising cannot fail")
     }
 
     /// Replaces the state with a snapshot. One that ends after the state's fields was written
-    /// before namespaces existed: claims need none until `RequireNamespaces` is applied.
+    /// before namespaces existed: claims need none until `RequireNamespaces` is applied. One
+    /// that ends after the namespaces was written before staging existed: nothing is staged.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<(), ErrorCode> {
         let (mut state, rest) =
             postcard::take_from_bytes::<MachineState>(bytes).map_err(|_| ErrorCode::Malformed)?;
+        let mut rest = rest;
         if !rest.is_empty() {
-            let (namespaces, rest) =
+            (state.namespaces, rest) =
                 postcard::take_from_bytes::<Namespaces>(rest).map_err(|_| ErrorCode::Malformed)?;
-            if !rest.is_empty() {
-                return Err(ErrorCode::Malformed);
-            }
-            state.namespaces = namespaces;
+        }
+        if !rest.is_empty() {
+            (state.staged, rest) = postcard::take_from_bytes::<BTreeMap<String, Staged>>(rest)
+                .map_err(|_| ErrorCode::Malformed)?;
+        }
+        if !rest.is_empty() {
+            return Err(ErrorCode::Malformed);
         }
         if cfg!(feature = "planted-bugs") && self.config.bugs.forget_namespaces_on_restore {
             state.namespaces.declared.clear();

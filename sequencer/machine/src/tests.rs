@@ -257,6 +257,8 @@ fn snapshots_are_byte_identical_across_replicas() {
         .map(|i| match i % 5 {
             _ if i == 10 => Command::RequireNamespaces,
             _ if i == 30 => Command::CreateNamespace { name: "orders".into() },
+            _ if i == 20 || i == 35 => stage("pg:1:x1", &[("t1", "staged")]),
+            _ if i == 40 => Command::Settle { committed: vec!["pg:1:x1".into()], aborted: vec![] },
             0 => Command::Append { topic: Some(format!("t{}", i % 3)), payload: vec![i as u8] },
             1 => Command::Claim {
                 key: key(&format!("k{}", i % 7)),
@@ -497,4 +499,98 @@ fn a_snapshot_from_before_namespaces_restores_without_the_rule() {
     assert_eq!(Machine::new(MachineConfig::default()).restore(&current), Err(ErrorCode::Malformed));
     current.truncate(current.len() - 3);
     assert_eq!(Machine::new(MachineConfig::default()).restore(&current), Err(ErrorCode::Malformed));
+}
+
+fn stage(holder: &str, messages: &[(&str, &str)]) -> Command {
+    let messages = messages
+        .iter()
+        .map(|(topic, payload)| StagedMessage {
+            topic: Some(topic.to_string()),
+            payload: payload.as_bytes().to_vec(),
+        })
+        .collect();
+    Command::Stage { holder: holder.into(), messages }
+}
+
+fn payloads(d: &Driver) -> Vec<String> {
+    let messages = d.machine.messages(Seq(1), 100, None).unwrap();
+    messages.into_iter().map(|m| String::from_utf8(m.payload).unwrap()).collect()
+}
+
+#[test]
+fn staged_messages_enter_the_order_together_when_their_transaction_commits() {
+    let mut d = Driver::new();
+    assert_eq!(
+        d.run(stage("pg:1:x1", &[("t", "a1"), ("t", "a2")])),
+        Outcome::Staged { messages: 2 }
+    );
+    assert_eq!(d.run(stage("pg:1:x2", &[("t", "b1")])), Outcome::Staged { messages: 1 });
+    d.run(Command::Append { topic: None, payload: b"plain".to_vec() });
+    assert_eq!(d.run(stage("pg:1:x1", &[("u", "a3")])), Outcome::Staged { messages: 3 });
+    // Nobody reads a staged message; the reconciler finds its holder.
+    assert_eq!(payloads(&d), vec!["plain"]);
+    assert_eq!(d.machine.in_flight_holders("pg:1:", None, 10), vec!["pg:1:x1", "pg:1:x2"]);
+
+    assert_eq!(settle(&mut d, &["pg:1:x1"], &["pg:1:x2"]), Outcome::Settled { claims: 0 });
+    assert_eq!(payloads(&d), vec!["plain", "a1", "a2", "a3"]);
+    let topics: Vec<Option<String>> =
+        d.machine.messages(Seq(2), 10, None).unwrap().into_iter().map(|m| m.topic).collect();
+    assert_eq!(topics, vec![Some("t".into()), Some("t".into()), Some("u".into())]);
+    assert!(d.machine.in_flight_holders("pg:1:", None, 10).is_empty());
+    // Settling again (the reconciler after the worker) appends nothing twice.
+    settle(&mut d, &["pg:1:x1", "pg:1:x2"], &[]);
+    assert_eq!(payloads(&d), vec!["plain", "a1", "a2", "a3"]);
+}
+
+#[test]
+fn a_transaction_stages_at_most_its_byte_limit() {
+    let limits = Limits { staged_bytes_max: 5, ..Limits::default() };
+    let mut d = Driver::new();
+    d.machine = Machine::new(MachineConfig { limits, ..MachineConfig::default() });
+    assert_eq!(d.run(stage("tx", &[("t", "abc")])), Outcome::Staged { messages: 1 });
+    // Refused as a whole: neither message of the second request is staged.
+    assert_eq!(
+        d.run(stage("tx", &[("t", "d"), ("t", "efg")])),
+        Outcome::Error { code: ErrorCode::TooLarge }
+    );
+    assert_eq!(d.run(stage("tx", &[("t", "de")])), Outcome::Staged { messages: 2 });
+    settle(&mut d, &["tx"], &[]);
+    assert_eq!(payloads(&d), vec!["abc", "de"]);
+}
+
+#[test]
+fn holders_in_flight_include_those_with_only_staged_messages() {
+    let mut d = Driver::new();
+    let Outcome::SessionOpened { session } = d.run(Command::OpenSession { ttl_ms: 1000 }) else {
+        panic!("session")
+    };
+    tx_claim(&mut d, "a", "db1", "pg:1:x1", session);
+    tx_claim(&mut d, "b", "db1", "pg:1:x3", session);
+    d.run(stage("pg:1:x0", &[("t", "m")]));
+    d.run(stage("pg:1:x1", &[("t", "m")]));
+    d.run(stage("pg:1:x2", &[("t", "m")]));
+    d.run(stage("pg:2:x0", &[("t", "m")]));
+    let listed = |after: Option<&str>, max| d.machine.in_flight_holders("pg:1:", after, max);
+    assert_eq!(listed(None, 10), vec!["pg:1:x0", "pg:1:x1", "pg:1:x2", "pg:1:x3"]);
+    assert_eq!(listed(None, 2), vec!["pg:1:x0", "pg:1:x1"]);
+    assert_eq!(listed(Some("pg:1:x1"), 2), vec!["pg:1:x2", "pg:1:x3"]);
+    assert_eq!(listed(Some("pg:1:x3"), 2), Vec::<String>::new());
+}
+
+#[test]
+fn staged_messages_survive_a_snapshot_and_older_snapshots_have_none() {
+    let mut d = Driver::new();
+    d.run(stage("pg:1:x1", &[("t", "a1")]));
+    let mut restored = Machine::new(MachineConfig::default());
+    restored.restore(&d.machine.snapshot()).unwrap();
+    let mut e = Driver { machine: restored, index: d.index, next_request: d.next_request };
+    settle(&mut e, &["pg:1:x1"], &[]);
+    assert_eq!(payloads(&e), vec!["a1"]);
+
+    // What a node wrote before staging existed: the state's fields and the namespaces.
+    let old = postcard::to_allocvec(&d.machine.state).unwrap();
+    let old = postcard::to_extend(&d.machine.state.namespaces, old).unwrap();
+    let mut restored = Machine::new(MachineConfig::default());
+    restored.restore(&old).unwrap();
+    assert!(restored.in_flight_holders("pg:", None, 10).is_empty());
 }

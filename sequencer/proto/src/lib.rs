@@ -135,6 +135,18 @@ pub enum Command {
     /// declared. Applying the log written before it with the old rules keeps every
     /// acknowledged claim as it was.
     RequireNamespaces,
+    /// Stage messages for the total order under `holder` (a transaction): they are appended,
+    /// in the order staged, when `Settle` names the holder committed, and dropped when it
+    /// names it aborted. Until then no reader sees them. Several `Stage`s of one holder add
+    /// up (a transaction's messages may need more than one request).
+    Stage { holder: String, messages: Vec<StagedMessage> },
+}
+
+/// A message waiting for its transaction's commit (see [`Command::Stage`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedMessage {
+    pub topic: Option<String>,
+    pub payload: Vec<u8>,
 }
 
 /// Namespaces with this prefix are tob's own (the extension's locks) and need no declaring.
@@ -159,6 +171,7 @@ impl Command {
             Command::Expire { .. } => "expire",
             Command::CreateNamespace { .. } => "create_namespace",
             Command::RequireNamespaces => "require_namespaces",
+            Command::Stage { .. } => "stage",
         }
     }
 }
@@ -253,5 +266,9 @@ pub enum Outcome {
     /// `RequireNamespaces` applied: these namespaces had claims and are now declared.
     NamespacesRequired {
         declared: Vec<String>,
+    },
+    /// `Stage` applied: the holder now has this many messages staged.
+    Staged {
+        messages: u64,
     },
 }

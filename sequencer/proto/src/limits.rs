@@ -10,6 +10,8 @@ pub struct Limits {
     pub name_bytes_max: usize,
     pub payload_bytes_max: usize,
     pub batch_keys_max: usize,
+    /// Payload bytes one transaction may have staged (`Stage`) at once, all requests together.
+    pub staged_bytes_max: usize,
 }
 
 impl Default for Limits {
@@ -19,6 +21,7 @@ impl Default for Limits {
             name_bytes_max: 256,
             payload_bytes_max: 1024 * 1024,
             batch_keys_max: 10_000,
+            staged_bytes_max: 64 * 1024 * 1024,
         }
     }
 }
@@ -67,6 +70,17 @@ impl Limits {
             | Command::KeepAlive { .. }
             | Command::Expire { .. }
             | Command::RequireNamespaces => Ok(()),
+            Command::Stage { holder, messages } => {
+                self.name(holder)?;
+                bounded(messages.len(), self.batch_keys_max)?;
+                for message in messages {
+                    if let Some(topic) = &message.topic {
+                        self.name(topic)?;
+                    }
+                }
+                // One request's payloads together, like one `Append`'s.
+                bounded(messages.iter().map(|m| m.payload.len()).sum(), self.payload_bytes_max)
+            }
         }
     }
 
@@ -93,6 +107,7 @@ fn bounded(len: usize, max: usize) -> Result<(), ErrorCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::StagedMessage;
 
     fn key(k: &str) -> ClaimKey {
         ClaimKey { namespace: "users".into(), key: k.into() }
@@ -113,5 +128,21 @@ mod tests {
         let append = |n| limits.check(&Command::Append { topic: None, payload: vec![0; n] });
         assert_eq!(append(4), Ok(()));
         assert_eq!(append(5), Err(ErrorCode::TooLarge));
+    }
+
+    #[test]
+    fn bounds_a_stage_by_its_payloads_together() {
+        let limits = Limits { payload_bytes_max: 4, batch_keys_max: 3, ..Limits::default() };
+        let message = |n| StagedMessage { topic: Some("t".into()), payload: vec![0; n] };
+        let stage = |messages: Vec<StagedMessage>| {
+            limits.check(&Command::Stage { holder: "tx".into(), messages })
+        };
+        assert_eq!(stage(vec![message(2), message(2)]), Ok(()));
+        assert_eq!(stage(vec![message(2), message(3)]), Err(ErrorCode::TooLarge));
+        assert_eq!(stage(vec![message(0); 4]), Err(ErrorCode::TooLarge));
+        let untitled = StagedMessage { topic: Some(String::new()), payload: vec![] };
+        assert_eq!(stage(vec![untitled]), Err(ErrorCode::Empty));
+        let anonymous = Command::Stage { holder: String::new(), messages: vec![] };
+        assert_eq!(limits.check(&anonymous), Err(ErrorCode::Empty));
     }
 }

@@ -674,7 +674,7 @@ impl Handler<ClientCall> for NodeActor {
         self.catch_up_ticks();
         let operation = match &call.call {
             Call::Command(request) => match request.command {
-                Command::Append { .. } => "append",
+                Command::Append { .. } | Command::Stage { .. } => "append",
                 Command::Claim { .. } | Command::Prepare { .. } | Command::Finalize { .. } => {
                     "claim"
                 }
