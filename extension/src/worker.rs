@@ -18,11 +18,15 @@ use tob_proto::SessionId;
 
 use tob_boots::Fate;
 
+use tob_boots::TransactionHolder;
+
 use crate::backend::{holder_of, holder_prefix, transaction_of_holder};
 use crate::{guc, shmem};
 
 /// How often the reconciler walks this instance's in-flight holders.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
+/// Most in-flight holders one reconcile sorts and settles (the rest wait for the next round).
+const RECONCILE_HOLDERS_MAX: usize = 100_000;
 
 pub fn register() {
     BackgroundWorkerBuilder::new("tob session and reconciler")
@@ -41,6 +45,11 @@ struct Worker {
     last_reconcile: Option<Instant>,
     /// When the transactions queued since the last settle are due to be settled.
     settle_due: Option<Instant>,
+    /// Every transaction that ended before the queued ones is settled: false at start, after
+    /// a settle failed and after the queue overflowed. Until a reconcile completes, the queue
+    /// is not settled from, so that one transaction's messages never enter the order after
+    /// those of a transaction that began once it had committed (see `round`).
+    in_sync: bool,
 }
 
 #[pg_guard]
@@ -57,6 +66,7 @@ pub extern "C-unwind" fn tob_worker_main(_arg: pg_sys::Datum) {
         last_keepalive: Instant::now(),
         last_reconcile: None,
         settle_due: None,
+        in_sync: false,
     };
     while BackgroundWorker::wait_latch(Some(worker.next_wait())) {
         if BackgroundWorker::sighup_received() {
@@ -80,10 +90,24 @@ impl Worker {
             return;
         }
         self.keep_session();
+        if shmem::take_overflowed() {
+            self.in_sync = false;
+        }
+        if !self.in_sync {
+            // Some ended transactions are known only to the commit log (a restart, a failed
+            // settle, a full queue). Settled from the queue now, a later transaction could go
+            // before them; so the queue is dropped — what it held is in flight in the cluster
+            // and ended, so the reconciler settles it too — and everything is reconciled in
+            // the order the transactions began.
+            drop(shmem::drain_settles());
+            self.settle_due = None;
+            self.in_sync = self.reconcile();
+            return;
+        }
         self.settle_queued();
         let due = self.last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_EVERY);
-        if due || shmem::take_overflowed() {
-            self.reconcile();
+        if due && self.in_sync {
+            self.in_sync = self.reconcile();
         }
     }
 
@@ -160,15 +184,19 @@ impl Worker {
             let committed = committed.iter().map(|e| holder_of(e.full_xid)).collect();
             let aborted = aborted.iter().map(|e| holder_of(e.full_xid)).collect();
             if let Err(e) = self.client().settle(committed, aborted) {
-                // Still in flight in the cluster: the reconciler settles them.
+                // Still in flight in the cluster: the reconciler settles them (and those
+                // after them in the queue) before anything else.
                 warn_once(&format!("tob: settling finished transactions failed: {e}"));
-                self.last_reconcile = None;
+                self.in_sync = false;
+                return;
             }
         }
     }
 
-    /// Settles every in-flight holder of this instance whose transaction has ended.
-    fn reconcile(&mut self) {
+    /// Settles every in-flight holder of this instance whose transaction has ended, in the
+    /// order the transactions began (start, then transaction id): the order their staged
+    /// messages enter the total order in. Returns whether it got through all of them.
+    fn reconcile(&mut self) -> bool {
         self.last_reconcile = Some(Instant::now());
         let prefix = holder_prefix();
         let current = shmem::boot();
@@ -176,64 +204,88 @@ impl Worker {
             Ok(registry) => registry,
             Err(e) => {
                 warn_once(&format!("tob: reconciler cannot read the starts of this server: {e}"));
-                return;
+                return false;
             }
         };
+        // All of them first: the cluster lists holders in the order of their text, in which
+        // transaction 1000 comes before 999.
+        let mut holders: Vec<(TransactionHolder, String)> = Vec::new();
         let mut after = None;
         loop {
-            let holders = match self.client().in_flight_holders(&prefix, after.clone(), 1000) {
-                Ok(holders) => holders,
+            let page = match self.client().in_flight_holders(&prefix, after.clone(), 1000) {
+                Ok(page) => page,
                 Err(e) => {
                     warn_once(&format!("tob: reconciler cannot list in-flight claims: {e}"));
-                    return;
+                    return false;
                 }
             };
-            let Some(last) = holders.last().cloned() else { return };
-            let mut committed = Vec::new();
-            let mut aborted = Vec::new();
-            let mut ask = Vec::new();
-            for holder in holders {
-                let Some(transaction) = transaction_of_holder(&holder) else { continue };
-                let fate = match transaction.boot {
-                    Some(boot) => registry.fate(current, boot, transaction.full_xid),
-                    // Written before starts were recorded, when every id was flushed to the WAL
-                    // before its claim: never reused.
-                    None => Fate::AskCommitLog,
-                };
-                match fate {
-                    Fate::AskCommitLog => ask.push((holder, transaction.full_xid)),
-                    Fate::Aborted => {
-                        debug1!(
-                            "tob: reconciler: {holder} is past the start after its own: aborted"
-                        );
-                        aborted.push(holder)
-                    }
-                    Fate::Unknown => warn_once(&format!(
-                        "tob: {holder} names a start of this server that {} does not record; its claims stay in flight",
-                        crate::boots::FILE_NAME
-                    )),
-                }
-            }
-            let xids: Vec<u64> = ask.iter().map(|(_, xid)| *xid).collect();
-            for ((holder, xid), status) in ask.into_iter().zip(transaction_statuses(&xids)) {
-                debug1!("tob: reconciler: {holder} is {status:?}");
-                match status.as_deref() {
-                    Some("committed") => committed.push(holder),
-                    Some("aborted") => aborted.push(holder),
-                    Some(_) => {} // in progress, or PREPAREd and waiting for COMMIT PREPARED
-                    None => warning!(
-                        "tob: transaction {xid} is too old for pg_xact_status; its claims stay in flight"
-                    ),
-                }
-            }
-            if (!committed.is_empty() || !aborted.is_empty())
-                && let Err(e) = self.client().settle(committed, aborted)
-            {
-                warn_once(&format!("tob: reconciler could not settle: {e}"));
-                return;
+            let Some(last) = page.last().cloned() else { break };
+            holders.extend(page.into_iter().filter_map(|h| Some((transaction_of_holder(&h)?, h))));
+            if holders.len() >= RECONCILE_HOLDERS_MAX {
+                warn_once(&format!(
+                    "tob: over {RECONCILE_HOLDERS_MAX} transactions in flight; reconciling the first of them"
+                ));
+                break;
             }
             after = Some(last);
         }
+        holders.sort();
+        for chunk in holders.chunks(1000) {
+            if !self.settle_ended(&registry, current, chunk) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Settles those of `holders` (in order) whose transaction has ended.
+    fn settle_ended(
+        &mut self,
+        registry: &tob_boots::Registry,
+        current: u64,
+        holders: &[(TransactionHolder, String)],
+    ) -> bool {
+        let mut committed = Vec::new();
+        let mut aborted = Vec::new();
+        let mut ask = Vec::new();
+        for (transaction, holder) in holders {
+            let fate = match transaction.boot {
+                Some(boot) => registry.fate(current, boot, transaction.full_xid),
+                // Written before starts were recorded, when every id was flushed to the WAL
+                // before its claim: never reused.
+                None => Fate::AskCommitLog,
+            };
+            match fate {
+                Fate::AskCommitLog => ask.push((holder.clone(), transaction.full_xid)),
+                Fate::Aborted => {
+                    debug1!("tob: reconciler: {holder} is past the start after its own: aborted");
+                    aborted.push(holder.clone())
+                }
+                Fate::Unknown => warn_once(&format!(
+                    "tob: {holder} names a start of this server that {} does not record; its claims stay in flight",
+                    crate::boots::FILE_NAME
+                )),
+            }
+        }
+        let xids: Vec<u64> = ask.iter().map(|(_, xid)| *xid).collect();
+        for ((holder, xid), status) in ask.into_iter().zip(transaction_statuses(&xids)) {
+            debug1!("tob: reconciler: {holder} is {status:?}");
+            match status.as_deref() {
+                Some("committed") => committed.push(holder),
+                Some("aborted") => aborted.push(holder),
+                Some(_) => {} // in progress, or PREPAREd and waiting for COMMIT PREPARED
+                None => warning!(
+                    "tob: transaction {xid} is too old for pg_xact_status; its claims stay in flight"
+                ),
+            }
+        }
+        if (!committed.is_empty() || !aborted.is_empty())
+            && let Err(e) = self.client().settle(committed, aborted)
+        {
+            warn_once(&format!("tob: reconciler could not settle: {e}"));
+            return false;
+        }
+        true
     }
 }
 

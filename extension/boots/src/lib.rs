@@ -186,8 +186,11 @@ impl Registry {
     }
 }
 
-/// The parts of a transaction holder id after `pg:<system id>:`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The parts of a transaction holder id after `pg:<system id>:`. Ordered by start, then
+/// transaction id: a transaction that began after another committed comes later (its id was
+/// handed out later, in the same start or a later one), which is the order the reconciler
+/// settles in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TransactionHolder {
     /// None for holders written before boots were recorded (their ids were flushed to the WAL
     /// before the claim, so the commit log speaks for them).
@@ -226,6 +229,23 @@ pub fn parse_lsn(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holders_order_by_start_then_transaction_id_not_as_text() {
+        let mut holders: Vec<TransactionHolder> = ["2:5", "1:1000", "1:999", "7"]
+            .iter()
+            .map(|h| TransactionHolder::parse(h).unwrap())
+            .collect();
+        holders.sort();
+        let rendered: Vec<String> = holders
+            .iter()
+            .map(|h| match h.boot {
+                Some(boot) => TransactionHolder::render(boot, h.full_xid),
+                None => h.full_xid.to_string(),
+            })
+            .collect();
+        assert_eq!(rendered, ["7", "1:999", "1:1000", "2:5"]);
+    }
 
     /// Starts as (number, first id, checkpoint, provisional or final).
     fn registry(boots: &[(u64, u64, u64, FirstXid)]) -> Registry {

@@ -7,7 +7,10 @@
 //!   with `-m immediate` (then restarted) in turn. Checked: `unique_rows` over the history,
 //!   then the tables (no name twice, within or across databases; every acknowledged insert
 //!   still there unless a delete may have removed it) and the cluster's claims (each name
-//!   held by exactly the database that has the row, no claim without a row).
+//!   held by exactly the database that has the row, no claim without a row). Every other
+//!   statement also appends a message naming it with `tob_append_on_commit` if it changed a
+//!   row; checked (`outbox`) against the messages the run left in the total order: each
+//!   acknowledged change's exactly once, in commit order within a database, no other.
 //! - `fencing`: two clients per server take `tob_lock('job')` and write to one ledger (on the
 //!   first server) guarded by `tob_fence`, while the second server's background worker is
 //!   paused past its session lease, so its backends lose locks they still believe in.
@@ -21,7 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tob_sim::checkers::{fenced_writes, unique_rows};
+use tob_sim::checkers::{fenced_writes, outbox, unique_rows};
 use tob_sim::history::Event;
 
 use crate::nemesis::Rng;
@@ -30,6 +33,11 @@ use crate::workload::Recorder;
 
 /// Names contended for by the `usernames` workload.
 pub const NAMES: u64 = 60;
+/// An insert (or delete) that also appends a message naming it, if it changed a row.
+const OUTBOX_INSERT: &str = "WITH i AS (INSERT INTO users (name) VALUES ($1) RETURNING 1) \
+                             SELECT tob_append_on_commit('outbox', $2) FROM i";
+const OUTBOX_DELETE: &str = "WITH d AS (DELETE FROM users WHERE name = $1 RETURNING 1) \
+                             SELECT tob_append_on_commit('outbox', $2) FROM d";
 /// The one resource of the `fencing` workload.
 const RESOURCE: &str = "job";
 const DATABASE: &str = "app";
@@ -220,6 +228,9 @@ impl SqlRun {
             let found = unique_rows::check_final(&ops, &tables);
             anomalies.extend(found.iter().map(ToString::to_string));
             anomalies.extend(claims_match_rows(&self.servers[0], &tables)?);
+            let (messages, found) = outbox_matches(&self.servers[0], &ops)?;
+            facts["outbox_messages"] = json!(messages);
+            anomalies.extend(found);
         }
         Ok(Ending { anomalies, facts })
     }
@@ -277,6 +288,34 @@ fn claims_match_rows(
     Ok(anomalies)
 }
 
+/// The messages appended on commit, checked (`outbox`) against the history — allowing
+/// [`SETTLE`] for the background workers to settle and reconcile. Returns how many there were.
+fn outbox_matches(
+    server: &Server,
+    ops: &[tob_sim::history::Operation],
+) -> io::Result<(usize, Vec<String>)> {
+    let mut db = reconnect(server)?;
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let mut messages: Vec<(u64, String)> = Vec::new();
+        loop {
+            let from = messages.last().map_or(1, |(seq, _)| *seq as i64 + 1);
+            let page = db
+                .query("SELECT seq, payload FROM tob_read($1, 10000, 'outbox')", &[&from])
+                .map_err(io::Error::other)?;
+            if page.is_empty() {
+                break;
+            }
+            messages.extend(page.iter().map(|r| (r.get::<_, i64>(0) as u64, r.get(1))));
+        }
+        let found = outbox::check(ops, &messages);
+        if found.is_empty() || Instant::now() > deadline {
+            return Ok((messages.len(), found.iter().map(ToString::to_string).collect()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// One client thread's state.
 struct Client<'a> {
     process: u64,
@@ -317,6 +356,7 @@ impl Client<'_> {
     /// after a statement of unknown outcome.
     fn usernames(mut self, server: &Server) {
         let database = server.owner(DATABASE);
+        let mut events = 0u64;
         let settings = "SET tob.request_timeout = '3s'; SET tob.claim_wait_timeout = '2s'";
         while !self.stopped() {
             let Some(mut db) = connect(server, settings) else {
@@ -327,13 +367,30 @@ impl Client<'_> {
                 think(&mut self.rng, self.mean_think);
                 let name = format!("u{}", self.rng.range(0, NAMES));
                 // One delete in three keeps names changing hands rather than all taken.
-                let (f, sql) = if self.rng.range(0, 3) == 0 {
-                    ("delete", "DELETE FROM users WHERE name = $1")
-                } else {
-                    ("insert", "INSERT INTO users (name) VALUES ($1)")
+                let f = if self.rng.range(0, 3) == 0 { "delete" } else { "insert" };
+                // Every other one also appends a message naming it if it changed a row.
+                let outbox = self.rng.range(0, 2) == 0;
+                events += 1;
+                let event = format!("{database}#{}#{events}", self.process);
+                let (sql, invoke) = match (f, outbox) {
+                    ("delete", false) => {
+                        ("DELETE FROM users WHERE name = $1", json!({"database": database}))
+                    }
+                    (_, false) => {
+                        ("INSERT INTO users (name) VALUES ($1)", json!({"database": database}))
+                    }
+                    ("delete", true) => {
+                        (OUTBOX_DELETE, json!({"database": database, "event": event}))
+                    }
+                    (_, true) => (OUTBOX_INSERT, json!({"database": database, "event": event})),
                 };
-                self.invoke(f, &name, json!({"database": database}));
-                let (outcome, value) = match db.execute(sql, &[&name]) {
+                self.invoke(f, &name, invoke);
+                let done = if outbox {
+                    db.execute(sql, &[&name, &event])
+                } else {
+                    db.execute(sql, &[&name])
+                };
+                let (outcome, value) = match done {
                     Ok(_) if f == "insert" => ("ok", json!({"result": "inserted"})),
                     Ok(rows) => ("ok", json!({"rows": rows})),
                     Err(e) => statement_error(&e),

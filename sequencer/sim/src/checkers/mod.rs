@@ -5,7 +5,8 @@
 //! `state_machine_safety`) are fed observations by the simulator while it runs. History
 //! checkers (`total_order`, `linearizability`, `fencing`, `counters`, and for the PostgreSQL
 //! workloads `unique_rows` and `fenced_writes`) read only the client history, so they can also
-//! check a history file recorded elsewhere (`tob-sim check FILE`).
+//! check a history file recorded elsewhere (`tob-sim check FILE`). `outbox` reads the history
+//! and the messages a run left in the total order.
 
 pub mod counters;
 pub mod election_safety;
@@ -14,6 +15,7 @@ pub mod fencing;
 pub mod leader_completeness;
 pub mod linearizability;
 pub mod log_matching;
+pub mod outbox;
 pub mod state_machine_safety;
 pub mod total_order;
 pub mod unique_rows;
