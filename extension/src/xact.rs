@@ -29,6 +29,9 @@ enum OpKind {
     Claimed,
     /// A release scheduled for this transaction's commit.
     Releasing,
+    /// The key claimed again after this transaction scheduled its release (a row deleted and
+    /// written again): the release is withdrawn, the claim stays as it was.
+    Kept,
 }
 
 #[derive(Debug)]
@@ -59,9 +62,19 @@ struct Txn {
     /// its own without a round trip).
     outgoing: Vec<Outgoing>,
     outgoing_bytes: usize,
-    /// Scheduled releases a rolled-back savepoint could not withdraw yet: retried before
-    /// commit, where failing can still abort.
-    keeps_owed: Vec<ClaimKey>,
+    /// Keys whose scheduled release a rolled-back savepoint could not withdraw or schedule
+    /// again: set right (as the live ops say) before commit, where failing can still abort.
+    releases_owed: Vec<ClaimKey>,
+}
+
+impl Txn {
+    /// Whether, after `ops`, a release of `key` should be scheduled, and for which owner.
+    fn release_wanted<'a>(ops: impl Iterator<Item = &'a Op>, key: &ClaimKey) -> Option<String> {
+        let last = ops
+            .filter(|op| op.key == *key && matches!(op.kind, OpKind::Releasing | OpKind::Kept))
+            .last()?;
+        (last.kind == OpKind::Releasing).then(|| last.owner.clone())
+    }
 }
 
 thread_local! {
@@ -127,7 +140,7 @@ fn record_transaction(full_xid: u64, holder: &str) {
             ops: Vec::new(),
             outgoing: Vec::new(),
             outgoing_bytes: 0,
-            keeps_owed: Vec::new(),
+            releases_owed: Vec::new(),
         });
     });
 }
@@ -146,6 +159,9 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
     let kind = if prepared { ClaimKind::Prepared } else { ClaimKind::Transactional };
     if prepared {
         record_transaction(full_xid, &holder);
+    }
+    if let Some(token) = claim_again(full_xid, &holder, &claim_key, owner) {
+        return token;
     }
     let mut waiting = backend::Waiting::new();
     loop {
@@ -186,6 +202,33 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
             other => TobError::from_outcome(other).raise(),
         }
     }
+}
+
+/// Claims a key again whose release this transaction scheduled for the same owner (a row
+/// deleted, then written again, as a unique index allows): withdraws the release instead, and
+/// returns the claim's token. None if this transaction has no such release scheduled.
+fn claim_again(full_xid: u64, holder: &str, key: &ClaimKey, owner: &str) -> Option<FencingToken> {
+    let scheduled = TXN.with(|cell| {
+        let slot = cell.borrow();
+        let txn = slot.as_ref().filter(|t| t.full_xid == full_xid)?;
+        Txn::release_wanted(txn.ops.iter(), key)
+    });
+    if scheduled.as_deref() != Some(owner) {
+        return None;
+    }
+    with_client(|c| Ok(c.keep_on_commit(key.clone(), holder)?));
+    let current = with_client(|c| {
+        Ok(c.owner(&key.namespace, &key.key, tob_proto::ReadConsistency::Index)?)
+    });
+    let Some(current) = current.filter(|c| c.owner == owner) else {
+        // Not ours after all (it cannot be taken while our release is scheduled): claim anew.
+        return None;
+    };
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let op =
+        Op { key: key.clone(), owner: owner.into(), kind: OpKind::Kept, prepared: false, subxact };
+    record(full_xid, holder, op);
+    Some(current.token)
 }
 
 fn wait_for_new_session(old: SessionId) {
@@ -304,7 +347,7 @@ fn stage_outgoing(holder: &str, outgoing: Vec<StagedMessage>) {
 
 /// Before commit (or PREPARE TRANSACTION): prepare every live claim; a lost one aborts.
 fn prepare_for_commit(two_phase: bool) {
-    let Some((holder, keys, keeps, outgoing)) = TXN.with(|cell| {
+    let Some((holder, keys, owed, outgoing)) = TXN.with(|cell| {
         cell.borrow_mut().as_mut().map(|t| {
             let mut keys: Vec<ClaimKey> = t
                 .ops
@@ -316,7 +359,12 @@ fn prepare_for_commit(two_phase: bool) {
             keys.dedup();
             let outgoing: Vec<StagedMessage> =
                 std::mem::take(&mut t.outgoing).into_iter().map(|o| o.message).collect();
-            (t.holder.clone(), keys, t.keeps_owed.clone(), outgoing)
+            let owed: Vec<(ClaimKey, Option<String>)> = t
+                .releases_owed
+                .iter()
+                .map(|key| (key.clone(), Txn::release_wanted(t.ops.iter(), key)))
+                .collect();
+            (t.holder.clone(), keys, owed, outgoing)
         })
     }) else {
         return;
@@ -334,8 +382,16 @@ fn prepare_for_commit(two_phase: bool) {
     if two_phase && !shmem::available() {
         TobError::NotConfigured("PREPARE TRANSACTION with tob claims".into()).raise()
     }
-    for key in keeps {
-        with_client(|c| Ok(c.keep_on_commit(key.clone(), &holder)?));
+    for (key, wanted) in owed {
+        match wanted {
+            None => with_client(|c| Ok(c.keep_on_commit(key.clone(), &holder)?)),
+            Some(owner) => {
+                match with_client(|c| Ok(c.release_on_commit(key.clone(), &owner, &holder)?)) {
+                    Outcome::ReleaseScheduled => Outcome::ReleaseScheduled,
+                    other => TobError::from_outcome(other).raise(),
+                }
+            }
+        };
     }
     // Both precede the commit record, so either order is safe; messages first, so that a
     // claim seen prepared means this transaction's messages are staged too.
@@ -423,52 +479,71 @@ unsafe extern "C-unwind" fn subxact_callback(
 
 /// A savepoint was rolled back: undo what it did. Best effort without raising (this runs
 /// during abort processing): a claim whose release fails is released when the transaction
-/// settles (an unprepared claim never survives), and a scheduled release that could not be
-/// withdrawn is withdrawn again before commit.
+/// settles (an unprepared claim never survives), and a key whose scheduled release could not
+/// be withdrawn or scheduled again is set right before commit.
 fn undo_subtransaction(subxact: pg_sys::SubTransactionId) {
-    let undone: Vec<Op> = TXN.with(|cell| {
+    // The claims to release, and the keys whose scheduled release must change: for each,
+    // whether (and for which owner) the ops left want one.
+    let (holder, claims, schedules) = TXN.with(|cell| {
         let mut slot = cell.borrow_mut();
-        let Some(txn) = slot.as_mut() else { return Vec::new() };
+        let Some(txn) = slot.as_mut() else { return (String::new(), Vec::new(), Vec::new()) };
         // Its messages were never sent: dropping them is all there is to undo.
         txn.outgoing.retain(|o| o.subxact != subxact);
         txn.outgoing_bytes = txn.outgoing.iter().map(|o| o.message.payload.len()).sum();
-        let (undone, kept) =
+        let touched: std::collections::BTreeSet<ClaimKey> = txn
+            .ops
+            .iter()
+            .filter(|op| op.subxact == subxact && op.kind != OpKind::Claimed)
+            .map(|op| op.key.clone())
+            .collect();
+        let before: Vec<(ClaimKey, bool)> = touched
+            .into_iter()
+            .map(|key| {
+                let wanted = Txn::release_wanted(txn.ops.iter(), &key).is_some();
+                (key, wanted)
+            })
+            .collect();
+        let (undone, kept): (Vec<Op>, Vec<Op>) =
             std::mem::take(&mut txn.ops).into_iter().partition(|op| op.subxact == subxact);
         txn.ops = kept;
-        undone
+        let schedules: Vec<(ClaimKey, Option<String>)> = before
+            .into_iter()
+            .filter_map(|(key, was)| {
+                let wanted = Txn::release_wanted(txn.ops.iter(), &key);
+                (wanted.is_some() != was).then_some((key, wanted))
+            })
+            .collect();
+        // A claim the parent made before the savepoint stays.
+        let claims: Vec<Op> = undone
+            .into_iter()
+            .filter(|op| op.kind == OpKind::Claimed)
+            .filter(|op| !txn.ops.iter().any(|o| o.key == op.key && o.kind == OpKind::Claimed))
+            .collect();
+        (txn.holder.clone(), claims, schedules)
     });
-    if undone.is_empty() {
-        return;
+    for op in claims {
+        backend::try_with_client(|c| {
+            let release =
+                Command::Release { key: op.key, owner: op.owner, holder: Some(holder.clone()) };
+            c.command(release).map(|_| ())
+        });
     }
-    let holder = TXN.with(|cell| cell.borrow().as_ref().map(|t| t.holder.clone()));
-    let Some(holder) = holder else { return };
     let mut owed = Vec::new();
-    for op in undone {
-        let still_wanted = TXN.with(|cell| {
-            cell.borrow()
-                .as_ref()
-                .is_some_and(|t| t.ops.iter().any(|o| o.key == op.key && o.kind == op.kind))
+    for (key, wanted) in schedules {
+        let done = backend::try_with_client(|c| match &wanted {
+            None => c.keep_on_commit(key.clone(), &holder).map(|_| ()),
+            Some(owner) => match c.release_on_commit(key.clone(), owner, &holder)? {
+                Outcome::ReleaseScheduled => Ok(()),
+                other => Err(tob_client::ClientError::Protocol(format!("{other:?}"))),
+            },
         });
-        if still_wanted {
-            continue; // the parent did the same before the savepoint
-        }
-        let done = backend::try_with_client(|c| match op.kind {
-            OpKind::Claimed => c
-                .command(Command::Release {
-                    key: op.key.clone(),
-                    owner: op.owner.clone(),
-                    holder: Some(holder.clone()),
-                })
-                .map(|_| ()),
-            OpKind::Releasing => c.keep_on_commit(op.key.clone(), &holder).map(|_| ()),
-        });
-        if !done && op.kind == OpKind::Releasing {
-            owed.push(op.key);
+        if !done {
+            owed.push(key);
         }
     }
     TXN.with(|cell| {
         if let Some(txn) = cell.borrow_mut().as_mut() {
-            txn.keeps_owed.extend(owed);
+            txn.releases_owed.extend(owed);
         }
     });
 }

@@ -1004,3 +1004,59 @@ async fn messages_appended_on_commit_follow_their_transaction() {
     );
     assert_eq!(payloads_of(&db, "crash").await, ["committed"]);
 }
+
+/// A name deleted and written again in one transaction stays claimed, as a unique index
+/// allows: insert, delete and insert again; delete and insert again; an UPDATE there and back;
+/// and savepoints rolled back in between. Each name ends claimed exactly when its row exists.
+#[tokio::test]
+async fn a_name_deleted_and_written_again_in_one_transaction_stays_claimed() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    let other = pg.create_app_database("other").await;
+    wait_until_ready(&db).await;
+    for name in ["alice", "dave", "erin", "frank", "hank"] {
+        db.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await.unwrap();
+    }
+    for sql in [
+        // Claimed, deleted and claimed again by one transaction.
+        "BEGIN; INSERT INTO users (name) VALUES ('carol'); DELETE FROM users WHERE name = 'carol';
+         INSERT INTO users (name) VALUES ('carol'); COMMIT;",
+        // Deleted and inserted again (a committed name).
+        "BEGIN; DELETE FROM users WHERE name = 'alice'; INSERT INTO users (name) VALUES ('alice');
+         COMMIT;",
+        // Deleted; inserted again in a savepoint that is rolled back: deleted.
+        "BEGIN; DELETE FROM users WHERE name = 'dave'; SAVEPOINT s;
+         INSERT INTO users (name) VALUES ('dave'); ROLLBACK TO s; COMMIT;",
+        // Deleted and inserted again; deleted again in a savepoint that is rolled back: there.
+        "BEGIN; DELETE FROM users WHERE name = 'erin'; INSERT INTO users (name) VALUES ('erin');
+         SAVEPOINT s; DELETE FROM users WHERE name = 'erin'; ROLLBACK TO s; COMMIT;",
+        // Renamed and renamed back.
+        "BEGIN; UPDATE users SET name = 'gina' WHERE name = 'frank';
+         UPDATE users SET name = 'frank' WHERE name = 'gina'; COMMIT;",
+        // Deleted and inserted again, then rolled back: there, as before.
+        "BEGIN; DELETE FROM users WHERE name = 'hank'; INSERT INTO users (name) VALUES ('hank');
+         ROLLBACK;",
+    ] {
+        db.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    let rows = names(&db).await;
+    assert_eq!(rows, ["alice", "carol", "erin", "frank", "hank"]);
+    for name in ["alice", "carol", "dave", "erin", "frank", "gina", "hank"] {
+        let there = rows.iter().any(|r| r == name);
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                let state = owner_state(&db, name).await;
+                if there { state.as_deref() == Some("held") } else { state.is_none() }
+            })
+            .await,
+            "{name}: row {there}, claim {:?}",
+            owner_state(&db, name).await
+        );
+        let taken = other.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await;
+        match taken {
+            Err(e) => assert!(there && sqlstate(&e) == "23505", "{name}: {e:?}"),
+            Ok(_) => assert!(!there, "{name} is in both databases"),
+        }
+    }
+}
