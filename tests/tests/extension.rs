@@ -18,6 +18,26 @@ async fn read_events(db: &tob_e2e::Client) -> Vec<(i64, String)> {
         .collect()
 }
 
+/// Each statement fails with its SQLSTATE.
+async fn fails_with(db: &tob_e2e::Client, cases: &[(&str, &str)]) {
+    for (sql, code) in cases {
+        let err = db.query_one(*sql, &[]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), *code, "{sql}");
+    }
+}
+
+/// The process id of the server's process of `backend_type` (`pg_stat_activity`).
+async fn process_of(db: &tob_e2e::Client, backend_type: &str) -> i32 {
+    let sql = "SELECT pid FROM pg_stat_activity WHERE backend_type = $1";
+    db.query_one(sql, &[&backend_type]).await.unwrap().get(0)
+}
+
+/// `kill -SIGNAL pid` (the test runs as root, the server as `postgres`).
+fn send_signal(pid: i32, signal: &str) {
+    let status = std::process::Command::new("kill").args([signal, &pid.to_string()]).status();
+    assert!(status.unwrap().success(), "kill {signal} {pid}");
+}
+
 async fn owner_state(db: &tob_e2e::Client, key: &str) -> Option<String> {
     let rows = db.query("SELECT state FROM tob_owner('usernames', $1)", &[&key]).await.unwrap();
     rows.first().map(|r| r.get(0))
@@ -318,15 +338,16 @@ async fn cluster_down_is_a_clear_error() {
     assert_eq!(sqlstate(&err), "08006", "{err:?}");
     assert!(names(&db).await.is_empty(), "the failed insert left nothing");
     // Bad arguments are refused before any network call.
-    for (sql, code) in [
-        ("SELECT tob_claim('ns', '')", "22023"),
-        ("SELECT tob_claim('ns', NULL)", "22023"),
-        ("SELECT tob_claim('ns', repeat('x', 2000))", "22001"),
-        ("SELECT tob_next('')", "22023"),
-    ] {
-        let err = db.query_one(sql, &[]).await.unwrap_err();
-        assert_eq!(sqlstate(&err), code, "{sql}");
-    }
+    fails_with(
+        &db,
+        &[
+            ("SELECT tob_claim('ns', '')", "22023"),
+            ("SELECT tob_claim('ns', NULL)", "22023"),
+            ("SELECT tob_claim('ns', repeat('x', 2000))", "22001"),
+            ("SELECT tob_next('')", "22023"),
+        ],
+    )
+    .await;
     // Back up: works again.
     cluster.restart_all();
     // A namespace nobody created (a typo in a trigger, say): 42704 naming it, with a hint, and
@@ -673,21 +694,11 @@ async fn a_second_delete_waits_for_an_unsettled_one_and_releases() {
     let db = pg.create_app_database("app").await;
     wait_until_ready(&db).await;
     db.batch_execute("INSERT INTO users (name) VALUES ('alice'), ('bob')").await.unwrap();
-    let worker: i32 = db
-        .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'tob'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let signal = |name: &str| {
-        let status = std::process::Command::new("kill").arg(name).arg(worker.to_string()).status();
-        assert!(status.unwrap().success());
-    };
+    let worker = process_of(&db, "tob").await;
+    let signal = |name: &str| send_signal(worker, name);
     let other = pg.connect("app").await;
     for (name, wait, deleted) in [("alice", "10s", true), ("bob", "300ms", false)] {
         // The worker stopped: the rolled-back DELETE's end stays unsettled in the cluster.
-        // Each call once first: a backend's first call looks the function up in pg_proc, which
-        // may prune that page and so write WAL, which would flush the commit by chance.
-        db.batch_execute("SELECT tob_release('usernames', 'nobody_holds_this')").await.unwrap();
         signal("-STOP");
         other
             .batch_execute(&format!("BEGIN; DELETE FROM users WHERE name = '{name}'; ROLLBACK"))
@@ -900,15 +911,16 @@ async fn messages_appended_on_commit_follow_their_transaction() {
     );
 
     // Bad input: refused at the call, with nothing staged.
-    for (sql, code) in [
-        ("SELECT tob_append_on_commit('t', NULL)", "22023"),
-        ("SELECT tob_append_on_commit('', 'x')", "22023"),
-        ("SELECT tob_append_on_commit(repeat('t', 300), 'x')", "22001"),
-        ("SELECT tob_append_on_commit('t', repeat('x', 1048577))", "22001"),
-    ] {
-        let err = db.query_one(sql, &[]).await.unwrap_err();
-        assert_eq!(sqlstate(&err), code, "{sql}");
-    }
+    fails_with(
+        &db,
+        &[
+            ("SELECT tob_append_on_commit('t', NULL)", "22023"),
+            ("SELECT tob_append_on_commit('', 'x')", "22023"),
+            ("SELECT tob_append_on_commit(repeat('t', 300), 'x')", "22001"),
+            ("SELECT tob_append_on_commit('t', repeat('x', 1048577))", "22001"),
+        ],
+    )
+    .await;
     let err = db
         .batch_execute(
             "BEGIN;
@@ -931,18 +943,8 @@ async fn messages_appended_on_commit_follow_their_transaction() {
         })
         .await
     );
-    let wal_writer: i32 = db
-        .query_one("SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let signal = |name: &str| {
-        let status = std::process::Command::new("kill")
-            .args([name, &wal_writer.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill {name} {wal_writer}");
-    };
+    let wal_writer = process_of(&db, "walwriter").await;
+    let signal = |name: &str| send_signal(wal_writer, name);
     // Each call once first: a backend's first call looks the function up in pg_proc, which
     // may prune that page and so write WAL, which would flush the commit by chance.
     db.batch_execute("SELECT tob_release('usernames', 'nobody_holds_this')").await.unwrap();

@@ -21,6 +21,13 @@ impl Driver {
         self.machine.apply(self.index, &request.encode()).expect("decodes")
     }
 
+    fn open_session(&mut self, ttl_ms: u64) -> SessionId {
+        let Outcome::SessionOpened { session } = self.run(Command::OpenSession { ttl_ms }) else {
+            panic!("a session opens")
+        };
+        session
+    }
+
     fn run(&mut self, command: Command) -> Outcome {
         let id = RequestId(self.next_request);
         self.next_request += 1;
@@ -90,9 +97,7 @@ fn release_frees_the_key_only_for_its_owner() {
 #[test]
 fn transaction_lifecycle_pending_prepared_held() {
     let mut d = Driver::new();
-    let Outcome::SessionOpened { session } = d.run(Command::OpenSession { ttl_ms: 1000 }) else {
-        panic!("no session")
-    };
+    let session = d.open_session(1000);
     let claim = Command::Claim {
         key: key("alice"),
         owner: "u1".into(),
@@ -118,9 +123,7 @@ fn transaction_lifecycle_pending_prepared_held() {
 #[test]
 fn pending_claim_of_expired_session_is_lost_at_prepare() {
     let mut d = Driver::new();
-    let Outcome::SessionOpened { session } = d.run(Command::OpenSession { ttl_ms: 1000 }) else {
-        panic!("no session")
-    };
+    let session = d.open_session(1000);
     d.claim("alice", "u1", ClaimKind::Transactional, Some(session));
     d.claim("lock", "u1", ClaimKind::Ephemeral, Some(session));
     // A keep-alive that raced the leader's decision wins.
@@ -317,9 +320,7 @@ fn settle(d: &mut Driver, committed: &[&str], aborted: &[&str]) -> Outcome {
 #[test]
 fn settle_resolves_each_holder_by_its_transactions_fate() {
     let mut d = Driver::new();
-    let Outcome::SessionOpened { session } = d.run(Command::OpenSession { ttl_ms: 1000 }) else {
-        panic!("session")
-    };
+    let session = d.open_session(1000);
     // x1 commits: "a" prepared -> held; "b" claimed but never prepared -> released.
     tx_claim(&mut d, "a", "db1", "pg:1:x1", session);
     tx_claim(&mut d, "b", "db1", "pg:1:x1", session);
@@ -376,9 +377,7 @@ fn release_on_commit_takes_effect_only_when_its_transaction_commits() {
 #[test]
 fn expiry_and_release_leave_no_in_flight_entry_behind() {
     let mut d = Driver::new();
-    let Outcome::SessionOpened { session } = d.run(Command::OpenSession { ttl_ms: 1000 }) else {
-        panic!("session")
-    };
+    let session = d.open_session(1000);
     tx_claim(&mut d, "a", "db1", "pg:1:x1", session);
     tx_claim(&mut d, "b", "db1", "pg:1:x2", session);
     d.run(Command::Release { key: key("b"), owner: "db1".into(), holder: Some("pg:1:x2".into()) });
@@ -561,9 +560,7 @@ fn a_transaction_stages_at_most_its_byte_limit() {
 #[test]
 fn holders_in_flight_include_those_with_only_staged_messages() {
     let mut d = Driver::new();
-    let Outcome::SessionOpened { session } = d.run(Command::OpenSession { ttl_ms: 1000 }) else {
-        panic!("session")
-    };
+    let session = d.open_session(1000);
     tx_claim(&mut d, "a", "db1", "pg:1:x1", session);
     tx_claim(&mut d, "b", "db1", "pg:1:x3", session);
     d.run(stage("pg:1:x0", &[("t", "m")]));

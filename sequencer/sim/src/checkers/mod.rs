@@ -112,3 +112,49 @@ impl Fnv {
         h.0
     }
 }
+
+/// Histories of the PostgreSQL workloads for the checkers' tests: complete operations.
+#[cfg(test)]
+pub(crate) mod sql_history {
+    use serde_json::{Value, json};
+
+    use crate::history::{Event, History, Operation};
+
+    #[derive(Default)]
+    pub(crate) struct H(pub(crate) History);
+
+    /// The invoke value of a statement in database `db`.
+    pub(crate) fn db(db: &str) -> Value {
+        json!({"database": db})
+    }
+
+    impl H {
+        /// Process `p`'s `f` of `name`, invoked with `invoke` at `t.0`, ended `end` at `t.1`.
+        pub(crate) fn op(
+            mut self,
+            p: u64,
+            f: &str,
+            name: &str,
+            invoke: Value,
+            t: (u64, u64),
+            end: (&str, Value),
+        ) -> H {
+            self.0.push(Event::op(p, "invoke", f, json!(name), invoke, t.0));
+            self.0.push(Event::op(p, end.0, f, json!(name), end.1, t.1));
+            self.0.sort();
+            self
+        }
+
+        pub(crate) fn insert(self, p: u64, name: &str, invoke: Value, t: (u64, u64)) -> H {
+            self.op(p, "insert", name, invoke, t, ("ok", json!({"result": "inserted"})))
+        }
+
+        pub(crate) fn delete(self, p: u64, name: &str, db: &str, t: (u64, u64), rows: u64) -> H {
+            self.op(p, "delete", name, self::db(db), t, ("ok", json!({"rows": rows})))
+        }
+
+        pub(crate) fn ops(&self) -> Vec<Operation> {
+            self.0.operations().unwrap()
+        }
+    }
+}

@@ -99,28 +99,17 @@ pub fn check(ops: &[Operation], messages: &[(u64, String)]) -> Vec<Violation> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{Event, History};
+    use crate::checkers::sql_history::H;
     use serde_json::json;
 
-    #[derive(Default)]
-    struct H(History);
+    /// A statement of `db` naming `event`, over `t` = (invoke, complete), ending `end`.
+    fn change(h: H, f: &str, db: &str, event: &str, t: (u64, u64), end: (&str, Value)) -> H {
+        let p = h.0.events.len() as u64;
+        h.op(p, f, "u1", json!({"database": db, "event": event}), t, end)
+    }
 
-    impl H {
-        /// An operation of `db` with `event`, over `t` = (invoke, complete), ending `end`.
-        fn op(mut self, f: &str, db: &str, event: &str, t: (u64, u64), end: (&str, Value)) -> H {
-            let invoke = json!({"database": db, "event": event});
-            let p = self.0.events.len() as u64;
-            self.0.events.push(Event::op(p, "invoke", f, json!("u1"), invoke, t.0));
-            self.0.events.push(Event::op(p, end.0, f, json!("u1"), end.1, t.1));
-            self.0.sort();
-            self
-        }
-        fn insert(self, db: &str, event: &str, t: (u64, u64)) -> H {
-            self.op("insert", db, event, t, ("ok", json!({"result": "inserted"})))
-        }
-        fn ops(&self) -> Vec<Operation> {
-            self.0.operations().unwrap()
-        }
+    fn insert(h: H, db: &str, event: &str, t: (u64, u64)) -> H {
+        change(h, "insert", db, event, t, ("ok", json!({"result": "inserted"})))
     }
 
     fn log(payloads: &[&str]) -> Vec<(u64, String)> {
@@ -133,25 +122,24 @@ mod tests {
 
     #[test]
     fn accepts_each_acknowledged_change_once_in_order() {
-        let h = H::default()
-            .insert("a", "e1", (10, 20))
-            .insert("a", "e2", (30, 40))
-            .op("delete", "a", "e3", (50, 60), ("ok", json!({"rows": 0})))
-            .op("insert", "a", "e4", (70, 80), ("fail", json!({"sqlstate": "23505"})))
-            .op("insert", "b", "e5", (1, 100), ("info", json!({"error": "connection lost"})))
-            .op("insert", "b", "e6", (1, 100), ("info", json!({"error": "connection lost"})));
+        let lost = ("info", json!({"error": "connection lost"}));
+        let h = insert(H::default(), "a", "e1", (10, 20));
+        let h = insert(h, "a", "e2", (30, 40));
+        let h = change(h, "delete", "a", "e3", (50, 60), ("ok", json!({"rows": 0})));
+        let h = change(h, "insert", "a", "e4", (70, 80), ("fail", json!({"sqlstate": "23505"})));
+        let h = change(h, "insert", "b", "e5", (1, 100), lost.clone());
+        let h = change(h, "insert", "b", "e6", (1, 100), lost);
         // e5 of unknown outcome made it, e6 did not; b's messages may precede a's.
         assert!(check(&h.ops(), &log(&["e5", "e1", "e2"])).is_empty());
     }
 
     #[test]
     fn finds_lost_duplicated_and_unwanted_messages() {
-        let h = H::default()
-            .insert("a", "e1", (10, 20))
-            .insert("a", "e2", (30, 40))
-            .op("delete", "a", "e3", (50, 60), ("ok", json!({"rows": 0})))
-            .op("insert", "a", "e4", (70, 80), ("fail", json!({"sqlstate": "23505"})))
-            .op("insert", "b", "e5", (1, 100), ("info", json!({"error": "connection lost"})));
+        let h = insert(H::default(), "a", "e1", (10, 20));
+        let h = insert(h, "a", "e2", (30, 40));
+        let h = change(h, "delete", "a", "e3", (50, 60), ("ok", json!({"rows": 0})));
+        let h = change(h, "insert", "a", "e4", (70, 80), ("fail", json!({"sqlstate": "23505"})));
+        let h = change(h, "insert", "b", "e5", (1, 100), ("info", json!({"error": "closed"})));
         let found = found(&h.ops(), &log(&["e1", "e1", "e3", "e4", "e5", "e5", "stray"]));
         let expect = [
             "e1 appended 2 times",
@@ -169,20 +157,15 @@ mod tests {
 
     #[test]
     fn finds_a_later_transaction_before_an_earlier_one_of_the_same_database() {
-        let h = H::default().insert("a", "e1", (10, 20)).insert("a", "e2", (30, 40)).insert(
-            "b",
-            "e3",
-            (5, 15),
-        );
+        let h = insert(H::default(), "a", "e1", (10, 20));
+        let h = insert(h, "a", "e2", (30, 40));
+        let h = insert(h, "b", "e3", (5, 15));
         // b's e3 was acknowledged before a's e2 began, yet comes after it: another database.
         assert!(check(&h.ops(), &log(&["e1", "e2", "e3"])).is_empty());
         let found = found(&h.ops(), &log(&["e2", "e1", "e3"]));
         assert_eq!(found.len(), 1, "{found:?}");
-        assert!(
-            found[0].contains(
-                "in a, the message at seq 1 is of an operation invoked after the one at seq 2"
-            ),
-            "{found:?}"
-        );
+        let expected =
+            "in a, the message at seq 1 is of an operation invoked after the one at seq 2";
+        assert!(found[0].contains(expected), "{found:?}");
     }
 }

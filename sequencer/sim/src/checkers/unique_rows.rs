@@ -162,38 +162,8 @@ pub fn check_final(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::history::{Event, History};
+    use crate::checkers::sql_history::{H, db};
     use serde_json::json;
-
-    #[derive(Default)]
-    struct H(History);
-
-    impl H {
-        fn op(
-            mut self,
-            p: u64,
-            f: &str,
-            name: &str,
-            db: &str,
-            t: (u64, u64),
-            end: (&str, Value),
-        ) -> H {
-            let invoke = json!({"database": db});
-            self.0.push(Event::op(p, "invoke", f, json!(name), invoke, t.0));
-            self.0.push(Event::op(p, end.0, f, json!(name), end.1, t.1));
-            self.0.sort();
-            self
-        }
-        fn insert(self, p: u64, name: &str, db: &str, t: (u64, u64)) -> H {
-            self.op(p, "insert", name, db, t, ("ok", json!({"result": "inserted"})))
-        }
-        fn delete(self, p: u64, name: &str, db: &str, t: (u64, u64), rows: u64) -> H {
-            self.op(p, "delete", name, db, t, ("ok", json!({"rows": rows})))
-        }
-        fn ops(&self) -> Vec<Operation> {
-            self.0.operations().unwrap()
-        }
-    }
 
     fn tables(rows: &[(&str, &str)]) -> BTreeMap<String, BTreeSet<String>> {
         let mut t: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -206,17 +176,17 @@ mod tests {
     #[test]
     fn insert_delete_insert_elsewhere_passes() {
         let h = H::default()
-            .insert(1, "alice", "one", (0, 10))
+            .insert(1, "alice", db("one"), (0, 10))
             .op(
                 2,
                 "insert",
                 "alice",
-                "two",
+                db("two"),
                 (5, 12),
                 ("fail", json!({"sqlstate": "23505", "owner": "one"})),
             )
             .delete(1, "alice", "one", (20, 30), 1)
-            .insert(2, "alice", "two", (40, 50));
+            .insert(2, "alice", db("two"), (40, 50));
         assert_eq!(check(&h.ops()), vec![]);
         assert_eq!(check_final(&h.ops(), &tables(&[("two", "alice")])), vec![]);
     }
@@ -224,21 +194,22 @@ mod tests {
     #[test]
     fn a_name_acknowledged_twice_without_a_delete_is_caught() {
         let h = H::default()
-            .insert(1, "alice", "one", (0, 10))
+            .insert(1, "alice", db("one"), (0, 10))
             .delete(1, "alice", "one", (11, 12), 0) // deleted nothing
-            .insert(2, "alice", "two", (20, 30));
+            .insert(2, "alice", db("two"), (20, 30));
         assert_eq!(check(&h.ops()).len(), 1);
         // Concurrent inserts both acknowledged are just as wrong.
-        let h = H::default().insert(1, "bob", "one", (0, 10)).insert(2, "bob", "one", (1, 9));
+        let h =
+            H::default().insert(1, "bob", db("one"), (0, 10)).insert(2, "bob", db("one"), (1, 9));
         assert_eq!(check(&h.ops()).len(), 1);
     }
 
     #[test]
     fn an_unknown_delete_may_explain_a_second_insert() {
         let h = H::default()
-            .insert(1, "alice", "one", (0, 10))
-            .op(1, "delete", "alice", "one", (11, 12), ("info", json!({"error": "closed"})))
-            .insert(2, "alice", "two", (20, 30));
+            .insert(1, "alice", db("one"), (0, 10))
+            .op(1, "delete", "alice", db("one"), (11, 12), ("info", json!({"error": "closed"})))
+            .insert(2, "alice", db("two"), (20, 30));
         assert_eq!(check(&h.ops()), vec![]);
     }
 
@@ -248,7 +219,7 @@ mod tests {
             2,
             "insert",
             "alice",
-            "two",
+            db("two"),
             (5, 12),
             ("fail", json!({"sqlstate": "23505", "owner": "three"})),
         );
@@ -257,7 +228,12 @@ mod tests {
 
     #[test]
     fn final_tables_are_checked_against_the_history() {
-        let h = H::default().insert(1, "alice", "one", (0, 10)).insert(2, "bob", "two", (0, 10));
+        let h = H::default().insert(1, "alice", db("one"), (0, 10)).insert(
+            2,
+            "bob",
+            db("two"),
+            (0, 10),
+        );
         // Lost: alice's acknowledged insert is gone.
         assert_eq!(check_final(&h.ops(), &tables(&[("two", "bob")])).len(), 1);
         // Twice: bob in both databases (and no insert into one could have made it).
@@ -269,17 +245,17 @@ mod tests {
             1,
             "insert",
             "carol",
-            "one",
+            db("one"),
             (0, 10),
             ("fail", json!({"sqlstate": "40001"})),
         );
         assert_eq!(check_final(&h.ops(), &tables(&[("one", "carol")])).len(), 1);
         // An acknowledged insert later (possibly) deleted may be gone.
-        let h = H::default().insert(1, "dave", "one", (0, 10)).op(
+        let h = H::default().insert(1, "dave", db("one"), (0, 10)).op(
             1,
             "delete",
             "dave",
-            "one",
+            db("one"),
             (20, 30),
             ("info", json!({"error": "closed"})),
         );
