@@ -675,6 +675,16 @@ impl Machine {
         holders
     }
 
+    /// `(holder, key)` pairs in flight: claims pending or prepared, releases scheduled.
+    pub fn claims_in_flight(&self) -> u64 {
+        self.state.in_flight.len() as u64
+    }
+
+    /// Messages staged by transactions not settled yet.
+    pub fn staged_messages(&self) -> u64 {
+        self.state.staged.values().map(|s| s.messages.len() as u64).sum()
+    }
+
     /// The current value of a counter (0 if never incremented).
     pub fn counter(&self, name: &str) -> u64 {
         self.state.counters.get(name).copied().unwrap_or(0)

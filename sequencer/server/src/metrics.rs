@@ -77,6 +77,10 @@ pub struct Metrics {
     pub rejoining: AtomicU64,
     pub commit_index: AtomicU64,
     pub applied_index: AtomicU64,
+    /// Claims and scheduled releases of transactions not settled yet, in this node's state.
+    pub claims_in_flight: AtomicU64,
+    /// Messages staged by transactions not settled yet, in this node's state.
+    pub staged_messages: AtomicU64,
     pub leader_changes: AtomicU64,
     pub proposals: AtomicU64,
     pub fsyncs: AtomicU64,
@@ -95,6 +99,8 @@ impl Metrics {
             rejoining: AtomicU64::new(0),
             commit_index: AtomicU64::new(0),
             applied_index: AtomicU64::new(0),
+            claims_in_flight: AtomicU64::new(0),
+            staged_messages: AtomicU64::new(0),
             leader_changes: AtomicU64::new(0),
             proposals: AtomicU64::new(0),
             fsyncs: AtomicU64::new(0),
@@ -127,6 +133,18 @@ impl Metrics {
                 "1 while this node, started without its storage, may not vote yet.",
                 "gauge",
                 self.rejoining.load(Relaxed),
+            ),
+            (
+                "tob_claims_in_flight",
+                "Claims pending or prepared and releases scheduled by transactions not settled yet.",
+                "gauge",
+                self.claims_in_flight.load(Relaxed),
+            ),
+            (
+                "tob_staged_messages",
+                "Messages staged by transactions not settled yet (tob_append_on_commit).",
+                "gauge",
+                self.staged_messages.load(Relaxed),
             ),
             (
                 "tob_commit_index",

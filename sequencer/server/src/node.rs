@@ -375,6 +375,8 @@ impl NodeActor {
         m.rejoining.store(u64::from(self.raft.is_rejoining()), Relaxed);
         m.commit_index.store(self.raft.commit_index().0, Relaxed);
         m.applied_index.store(self.machine.applied_index(), Relaxed);
+        m.claims_in_flight.store(self.machine.claims_in_flight(), Relaxed);
+        m.staged_messages.store(self.machine.staged_messages(), Relaxed);
         let leader = self.raft.leader().map(|l| l.0);
         if leader.is_some() && leader != self.known_leader {
             m.leader_changes.fetch_add(1, Relaxed);

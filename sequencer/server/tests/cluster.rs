@@ -545,6 +545,12 @@ fn every_node_serves_prometheus_metrics_on_loopback() {
     }
     client.create_namespace("users").unwrap();
     client.claim("users", "alice", "u1").unwrap();
+    // A transaction in flight: one prepared claim, two staged messages.
+    let holder = "pg:1:1:700";
+    let prepared = tob_proto::ClaimKind::Prepared;
+    client.claim_with("users", "bob", "u2", holder, prepared, None).unwrap();
+    let staged = |p: &[u8]| tob_proto::StagedMessage { topic: None, payload: p.to_vec() };
+    client.stage(holder, vec![staged(b"a"), staged(b"b")]).unwrap();
     let status = client.status_of(leader).unwrap();
     assert!(status.metrics_address.starts_with("127.0.0.1:"), "{}", status.metrics_address);
     let mut stream = TcpStream::connect(&status.metrics_address).unwrap();
@@ -562,6 +568,8 @@ fn every_node_serves_prometheus_metrics_on_loopback() {
     };
     assert_eq!(value("tob_role "), 3.0);
     assert_eq!(value("tob_rejoining "), 0.0, "a new cluster's nodes have all rejoined");
+    assert_eq!(value("tob_claims_in_flight "), 1.0);
+    assert_eq!(value("tob_staged_messages "), 2.0);
     assert!(value("tob_term ") >= 1.0);
     assert!(value("tob_proposals_total ") >= 6.0);
     assert!(value("tob_fsync_latency_seconds_count ") >= 1.0);
