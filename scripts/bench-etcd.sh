@@ -34,7 +34,7 @@ for i in 1 2 3; do
 done
 etcd_endpoints="127.0.0.1:${client[1]},127.0.0.1:${client[2]},127.0.0.1:${client[3]}"
 sleep 3
-echo "== etcd $(etcd --version | head -1 | awk '{print $3}'), 3 members on loopback"
+echo "== etcd $(etcd --version | awk 'NR == 1 { print $3 }'), 3 members on loopback"
 for w in append claim; do
     ./target/release/tob-bench --etcd --cluster "$etcd_endpoints" --workload "$w" --duration "$seconds"
 done | awk 'NR == 1 || !/^workload/'

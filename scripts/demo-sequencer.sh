@@ -80,7 +80,8 @@ $sim --seed 7 --history "$out/history.jsonl" --verbose | grep -v '^nemesis end' 
 
 echo
 echo "== 2. Who got alice? The first answered claims on alice from the recorded history:"
-grep '"f":"claim","key":"alice"' "$out/history.jsonl" | grep '"type":"ok"' | head -6 | sed 's/^/   /'
+# awk reads to the end: `| head` would end the pipe early and, under pipefail, the demo.
+awk '/"f":"claim","key":"alice"/ && /"type":"ok"/ && n++ < 6 { print "   " $0 }' "$out/history.jsonl"
 
 echo
 echo "== 3. The history re-checked from the file (linearizability, total order, fencing, counters):"

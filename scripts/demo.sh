@@ -106,6 +106,19 @@ psql east -d app -tAc "SELECT tob_append('events', 'hello from east')" > /dev/nu
 psql west -d app -tAc "SELECT tob_append('events', 'hello from west')" > /dev/null
 psql west -d app -c "SELECT seq, payload FROM tob_read(1, 10, 'events')" | sed 's/^/   /'
 
+echo "== 6. Messages that enter the order only if their transaction commits (an outbox)"
+psql east -d app -q -c "BEGIN; INSERT INTO users (name) VALUES ('user31');
+    SELECT tob_append_on_commit('signups', 'user31 joined east'); ROLLBACK;" > /dev/null
+psql east -d app -q -c "BEGIN; INSERT INTO users (name) VALUES ('user32');
+    SELECT tob_append_on_commit('signups', 'user32 joined east'); COMMIT;" > /dev/null
+echo "   east: user31's transaction rolled back, user32's committed; west reads 'signups':"
+# The message is appended when east's background worker settles the commit (tob.settle_delay).
+for _ in $(seq 50); do
+    [ "$(psql west -d app -tAc "SELECT count(*) FROM tob_read(1, 10, 'signups')")" = 1 ] && break
+    sleep 0.1
+done
+psql west -d app -c "SELECT seq, payload FROM tob_read(1, 10, 'signups')" | sed 's/^/   /'
+
 echo
 echo "== PostgreSQL demo done. Now the sequencer on its own."
 cleanup

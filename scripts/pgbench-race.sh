@@ -92,7 +92,7 @@ rows=$(wc -l < "$work/names")
 names=$(sort -u "$work/names" | wc -l)
 twice=$(sort "$work/names" | uniq -d | wc -l)
 echo "   rows: $rows across $shards shards ($names names); names found twice: $twice"
-[ "$twice" -eq 0 ] || { failed=1; sort "$work/names" | uniq -d | head -5 | sed 's/^/      twice: /'; }
+[ "$twice" -eq 0 ] || { failed=1; sort "$work/names" | uniq -d | awk 'NR <= 5 { print "      twice: " $0 }'; }
 # Claims of transactions that just ended are settled by each instance's background worker.
 deadline=$(( $(date +%s) + 30 ))
 while :; do
