@@ -1,11 +1,14 @@
 //! Simulated clients. Each is one sequential process doing a random mix of operations — appends,
 //! claims on a few hot keys (deliberate contention), releases, reads in all three modes,
-//! counters, and transactions (session, pending claim, prepare/finalize or release) — and
-//! retrying each request with the same request id until it is answered or given up.
+//! counters, transactions (session, pending claim, prepare/finalize or release), and messages
+//! staged under a transaction and then settled as committed or aborted (`Stage`, `Settle`:
+//! what `tob_append_on_commit` does) — and retrying each request with the same request id
+//! until it is answered or given up.
 
 use serde_json::{Value, json};
 use tob_proto::{
     ClaimKey, ClaimKind, ClientId, Command, ErrorCode, Outcome, Request, RequestId, SessionId,
+    StagedMessage,
 };
 use tob_raft::{ReadMode, SplitMix64};
 
@@ -36,16 +39,50 @@ impl ReadKind {
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    Append { topic: Option<String>, id: String },
-    Claim { key: String, owner: String, kind: ClaimKind },
-    Release { key: String, owner: String, holder: Option<String> },
-    Read { key: String, mode: ReadKind },
-    Next { counter: String },
+    Append {
+        topic: Option<String>,
+        id: String,
+    },
+    Claim {
+        key: String,
+        owner: String,
+        kind: ClaimKind,
+    },
+    Release {
+        key: String,
+        owner: String,
+        holder: Option<String>,
+    },
+    Read {
+        key: String,
+        mode: ReadKind,
+    },
+    Next {
+        counter: String,
+    },
     OpenSession,
     KeepAlive,
-    Prepare { key: String, holder: String },
-    Finalize { key: String, holder: String },
+    Prepare {
+        key: String,
+        holder: String,
+    },
+    Finalize {
+        key: String,
+        holder: String,
+    },
     CreateNamespace,
+    /// Stage messages `ids` under `holder` (not recorded: retried until answered).
+    Stage {
+        holder: String,
+        topic: Option<String>,
+        ids: Vec<String>,
+    },
+    /// Settle `holder` as committed or aborted: the history's `append_on_commit`.
+    SettleStaged {
+        holder: String,
+        ids: Vec<String>,
+        commit: bool,
+    },
 }
 
 impl Op {
@@ -57,6 +94,7 @@ impl Op {
             Op::Release { .. } => Some("release"),
             Op::Read { .. } => Some("read"),
             Op::Next { .. } => Some("next"),
+            Op::SettleStaged { .. } => Some("append_on_commit"),
             _ => None,
         }
     }
@@ -74,6 +112,7 @@ impl Op {
         match self {
             Op::Append { id, .. } => json!({"id": id, "payload": id}),
             Op::Claim { owner, .. } | Op::Release { owner, .. } => json!({"owner": owner}),
+            Op::SettleStaged { ids, commit, .. } => json!({"ids": ids, "commit": commit}),
             _ => Value::Null,
         }
     }
@@ -121,6 +160,8 @@ pub struct SimClient {
     session: Option<SessionId>,
     keepalive_due_ns: u64,
     txn: Option<Txn>,
+    /// Messages staged and not settled yet: `(holder, ids)`.
+    staged: Option<(String, Vec<String>)>,
     serial: u64,
     pub completed: u64,
     /// This client's `CreateNamespace` was acknowledged: from then on the namespace must
@@ -147,6 +188,7 @@ impl SimClient {
             session: None,
             keepalive_due_ns: 0,
             txn: None,
+            staged: None,
             serial: 0,
             completed: 0,
             namespace_created: false,
@@ -160,6 +202,10 @@ impl SimClient {
         if !self.namespace_created {
             // Claims need a declared namespace: every client declares it first (idempotent).
             return Op::CreateNamespace;
+        }
+        if let Some((holder, ids)) = self.staged.take() {
+            // Most transactions commit.
+            return Op::SettleStaged { holder, ids, commit: rng.chance(800_000) };
         }
         if let Some(txn) = &self.txn {
             let holder = txn.owner.clone();
@@ -194,7 +240,13 @@ impl SimClient {
         // stuck, so they are the ones that see a stale read if a deposed leader answers one.
         let roll = if self.index % 2 == 1 { 60 } else { rng.range(0, 100) };
         match roll {
-            0..=24 => {
+            0..=4 => {
+                let topic = Some(format!("t{}", rng.range(1, 3)));
+                let ids =
+                    (0..rng.range(1, 4)).map(|k| format!("m{p}-{}-{k}", self.serial)).collect();
+                Op::Stage { holder: format!("p{p}x{}", self.serial), topic, ids }
+            }
+            5..=24 => {
                 let topic = match rng.range(0, 3) {
                     0 => None,
                     t => Some(format!("t{t}")),
@@ -272,6 +324,24 @@ impl SimClient {
                 Command::Finalize { holder: holder.clone(), keys: vec![claim_key(key)] }
             }
             Op::CreateNamespace => Command::CreateNamespace { name: NAMESPACE.into() },
+            Op::Stage { holder, topic, ids } => Command::Stage {
+                holder: holder.clone(),
+                messages: ids
+                    .iter()
+                    .map(|id| StagedMessage {
+                        topic: topic.clone(),
+                        payload: id.as_bytes().to_vec(),
+                    })
+                    .collect(),
+            },
+            Op::SettleStaged { holder, commit, .. } => {
+                let holders = vec![holder.clone()];
+                if *commit {
+                    Command::Settle { committed: holders, aborted: vec![] }
+                } else {
+                    Command::Settle { committed: vec![], aborted: holders }
+                }
+            }
         };
         CallBody::Command(Request {
             client: Some(self.client_id),
@@ -288,6 +358,10 @@ impl SimClient {
         let current = self.current.take().expect("an operation in flight");
         self.completed += 1;
         let unexpected = |o: &Outcome| Err(format!("{:?} answered with {o:?}", current.op));
+        if let (Op::Stage { holder, ids, .. }, Outcome::Error { .. }) = (&current.op, &outcome) {
+            // Not staged (nothing should be): settle it as aborted all the same.
+            self.staged = Some((holder.clone(), ids.clone()));
+        }
         if let Outcome::Error { code } = outcome {
             match code {
                 ErrorCode::UnknownSession => {
@@ -351,6 +425,11 @@ impl SimClient {
                 }
                 return Ok(Completion::NotRecorded);
             }
+            (Op::Stage { holder, ids, .. }, Outcome::Staged { .. }) => {
+                self.staged = Some((holder.clone(), ids.clone()));
+                return Ok(Completion::NotRecorded);
+            }
+            (Op::SettleStaged { .. }, Outcome::Settled { .. }) => json!({"result": "settled"}),
             (Op::CreateNamespace, Outcome::NamespaceCreated { .. }) => {
                 self.namespace_created = true;
                 return Ok(Completion::NotRecorded);

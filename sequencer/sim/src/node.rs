@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use tob_machine::{ExpiryWatch, Machine, MachineBugs, MachineConfig, NamespaceRuleWatch};
 use tob_proto::{
-    ClaimKey, ClientId, Command, Outcome, ReleasedClaim, Request, RequestId, SessionId,
+    ClaimKey, ClientId, Command, Outcome, ReleasedClaim, Request, RequestId, Seq, SessionId,
 };
 use tob_raft::{
     Config, Entry, EntryKind, LogIndex, PlantedBugs, Raft, ReadState, Ready, Role, Snapshot,
@@ -245,8 +245,18 @@ impl SimNode {
         match &entry.kind {
             EntryKind::Noop => self.machine.apply_noop(index),
             EntryKind::Command(bytes) => {
+                let before = self.machine.last_seq().0;
                 if let Some(applied) = self.machine.apply(index, bytes) {
-                    self.applied(index, applied.request, applied.outcome, applied.duplicate, fx);
+                    // Every message the entry appended: an `Append`'s, or a `Settle`'s staged.
+                    let after = self.machine.last_seq().0;
+                    let appended = (after - before) as usize;
+                    for m in
+                        self.machine.messages(Seq(before + 1), appended, None).unwrap_or_default()
+                    {
+                        fx.deliveries
+                            .push((m.seq.0, String::from_utf8_lossy(&m.payload).into_owned()));
+                    }
+                    self.applied(index, applied.request, applied.outcome, fx);
                 }
             }
         }
@@ -255,22 +265,11 @@ impl SimNode {
         }
     }
 
-    fn applied(
-        &mut self,
-        index: u64,
-        request: Request,
-        outcome: Outcome,
-        duplicate: bool,
-        fx: &mut Effects,
-    ) {
-        match (&request.command, &outcome) {
-            (Command::Append { payload, .. }, Outcome::Appended { seq }) if !duplicate => {
-                fx.deliveries.push((seq.0, String::from_utf8_lossy(payload).into_owned()));
-            }
-            (Command::Expire { session, keepalives_seen }, Outcome::Expired { released }) => {
-                fx.expired.push((index, *session, *keepalives_seen, released.clone()));
-            }
-            _ => {}
+    fn applied(&mut self, index: u64, request: Request, outcome: Outcome, fx: &mut Effects) {
+        if let (Command::Expire { session, keepalives_seen }, Outcome::Expired { released }) =
+            (&request.command, &outcome)
+        {
+            fx.expired.push((index, *session, *keepalives_seen, released.clone()));
         }
         let Some(client) = request.client else { return };
         if let Some(waiting) = self.waiters.remove(&(client, request.request_id)) {

@@ -6,7 +6,12 @@
 //! - validity: only appended messages are delivered, never a failed append, and an
 //!   acknowledged append is delivered at the `seq` it was told;
 //! - reliable delivery: every node named final delivers everything any node delivered;
-//! - real-time order: an append acknowledged before another was invoked has a lower `seq`.
+//! - real-time order: an append acknowledged before another was invoked has a lower `seq`;
+//! - messages appended on commit (`append_on_commit`: staged under a transaction, then that
+//!   transaction settled; invoke value `{"ids": [...], "commit": bool}`): all of a
+//!   transaction's or none, at consecutive `seq`s in the order staged; all of them if it
+//!   settled as committed and the settle was acknowledged, none if it settled as aborted; and
+//!   in real-time order with the other appends.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -86,6 +91,47 @@ pub fn check(history: &History, ops: &[Operation], final_nodes: &[String]) -> Ve
             _ => {}
         }
     }
+    let mut settled: Vec<(&Operation, u64)> = Vec::new();
+    for op in ops.iter().filter(|op| op.f == "append_on_commit") {
+        let ids: Vec<&str> = op
+            .invoke_value
+            .get("ids")
+            .and_then(|v| v.as_array())
+            .map(|ids| ids.iter().filter_map(|id| id.as_str()).collect())
+            .unwrap_or_default();
+        let commit = op.invoke_value.get("commit").and_then(|v| v.as_bool()).unwrap_or(false);
+        appended_ids.extend(ids.iter().copied());
+        let seqs: Vec<u64> = ids.iter().filter_map(|id| seq_of_id.get(id).copied()).collect();
+        let first = ids.first().copied().unwrap_or("?");
+        if !seqs.is_empty() && seqs.len() != ids.len() {
+            out.push(violation(
+                NAME,
+                format!(
+                    "transaction of {first}: {} of {} messages delivered",
+                    seqs.len(),
+                    ids.len()
+                ),
+            ));
+        } else if seqs.windows(2).any(|w| w[1] != w[0] + 1) {
+            out.push(violation(
+                NAME,
+                format!("transaction of {first}: messages at seqs {seqs:?}, not consecutive"),
+            ));
+        }
+        match op.outcome {
+            Outcome::Ok if commit && seqs.is_empty() && !final_nodes.is_empty() => out.push(
+                violation(NAME, format!("committed transaction of {first} was never delivered")),
+            ),
+            _ if !commit && !seqs.is_empty() => out.push(violation(
+                NAME,
+                format!("aborted transaction of {first} was delivered at {seqs:?}"),
+            )),
+            _ => {}
+        }
+        if seqs.len() == ids.len() {
+            settled.extend(seqs.iter().map(|&seq| (op, seq)));
+        }
+    }
     for id in seq_of_id.keys() {
         if !appended_ids.contains(id) {
             out.push(violation(NAME, format!("delivered message {id} was never appended")));
@@ -113,8 +159,11 @@ pub fn check(history: &History, ops: &[Operation], final_nodes: &[String]) -> Ve
             Outcome::Fail => None,
         }
     };
-    let known: Vec<(&Operation, u64)> =
+    let mut known: Vec<(&Operation, u64)> =
         appends.iter().filter_map(|op| Some((*op, seq_of(op)?))).collect();
+    // A transaction's messages are one event: each of them after whatever was acknowledged
+    // before its settle began, before whatever began after the settle was acknowledged.
+    known.extend(settled);
     out.extend(real_time_order(NAME, &known, "append"));
     out
 }
@@ -237,6 +286,64 @@ mod tests {
         h.push(Event::deliver("n1", 1, "m2", 40));
         h.push(Event::deliver("n1", 2, "m1", 41));
         assert!(run(&h, &["n1"]).iter().any(|v| v.message.contains("already acknowledged")));
+    }
+
+    /// Process `p` settles a transaction that staged `ids`, over `t`, ending `end`.
+    fn settle(h: &mut History, p: u64, ids: &[&str], commit: bool, t: (u64, u64), end: &str) {
+        let invoke = json!({"ids": ids, "commit": commit});
+        h.push(Event::op(p, "invoke", "append_on_commit", json!(null), invoke, t.0));
+        if end != "info" {
+            h.push(Event::op(p, end, "append_on_commit", json!(null), json!({}), t.1));
+        }
+    }
+
+    /// `good()` and, after it, a committed transaction of `x1, x2` and an aborted one of `y1`.
+    fn with_transactions() -> History {
+        let mut h = good();
+        settle(&mut h, 3, &["x1", "x2"], true, (50, 60), "ok");
+        settle(&mut h, 4, &["y1"], false, (50, 60), "ok");
+        h.push(Event::deliver("n1", 3, "x1", 61));
+        h.push(Event::deliver("n1", 4, "x2", 62));
+        h
+    }
+
+    #[test]
+    fn messages_appended_on_commit_are_checked_as_one_transaction() {
+        assert_eq!(run(&with_transactions(), &["n1"]), vec![]);
+
+        let mut partial = with_transactions();
+        partial.events.retain(|e| e.id.as_deref() != Some("x2"));
+        let found = run(&partial, &[]);
+        assert!(found.iter().any(|v| v.message.contains("1 of 2 messages")), "{found:?}");
+
+        let mut apart = with_transactions();
+        apart.events.retain(|e| e.id.as_deref() != Some("x2"));
+        apart.push(Event::deliver("n1", 4, "m9", 62));
+        apart.push(Event::deliver("n1", 5, "x2", 63));
+        append(&mut apart, 5, "m9", 55, 70, Some(4));
+        let found = run(&apart, &[]);
+        assert!(found.iter().any(|v| v.message.contains("not consecutive")), "{found:?}");
+
+        let mut lost = with_transactions();
+        lost.events.retain(|e| !e.id.as_deref().is_some_and(|id| id.starts_with('x')));
+        let found = run(&lost, &["n1"]);
+        assert!(found.iter().any(|v| v.message.contains("never delivered")), "{found:?}");
+
+        let mut aborted = with_transactions();
+        aborted.push(Event::deliver("n1", 5, "y1", 63));
+        let found = run(&aborted, &[]);
+        assert!(found.iter().any(|v| v.message.contains("aborted transaction")), "{found:?}");
+
+        // Settled after m2 was acknowledged, yet delivered before it.
+        let mut early = History::default();
+        append(&mut early, 1, "m1", 0, 10, Some(3));
+        settle(&mut early, 2, &["x1"], true, (20, 30), "ok");
+        early.push(Event::deliver("n1", 1, "x1", 31));
+        early.push(Event::deliver("n1", 2, "m2", 32));
+        early.push(Event::deliver("n1", 3, "m1", 33));
+        append(&mut early, 3, "m2", 35, 36, Some(2));
+        let found = run(&early, &[]);
+        assert!(found.iter().any(|v| v.message.contains("already acknowledged")), "{found:?}");
     }
 
     #[test]
