@@ -40,7 +40,9 @@ pub fn lock(resource: &str) -> FencingToken {
                 remember(resource);
                 return token;
             }
-            Outcome::Taken { current } => waiting.wait_or_raise(LOCK_NAMESPACE, resource, current),
+            Outcome::Taken { current } | Outcome::Releasing { current, .. } => {
+                waiting.wait_or_raise(LOCK_NAMESPACE, resource, current)
+            }
             // The instance session expired: the worker opens a new one.
             Outcome::Error { code: ErrorCode::UnknownSession } => {
                 backend::sleep(Duration::from_millis(10))

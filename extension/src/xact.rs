@@ -192,8 +192,11 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
             {
                 TobError::Taken { namespace: namespace.into(), key: key.into(), current }.raise()
             }
-            // Pending or prepared in another transaction: wait for its fate.
-            Outcome::Taken { current } => waiting.wait_or_raise(namespace, key, current),
+            // Pending or prepared in another transaction, or held and being released by one
+            // (a DELETE not committed yet): wait for its fate, as a unique index does.
+            Outcome::Taken { current } | Outcome::Releasing { current, .. } => {
+                waiting.wait_or_raise(namespace, key, current)
+            }
             Outcome::Error { code: tob_proto::ErrorCode::UnknownSession } => {
                 // The instance session expired; the worker opens another. Claims made earlier
                 // in this transaction are lost and will fail the commit.

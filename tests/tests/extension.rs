@@ -170,7 +170,8 @@ async fn rollback_savepoint_and_delete_release() {
 }
 
 /// A claimer waits for a pending claim: it gets the name when the holder aborts, and 23505
-/// when the holder commits. `nowait` fails at once with 55P03.
+/// when the holder commits; and for a held name whose DELETE is not committed yet: 23505 if
+/// the deleter rolls back, the name if it commits. `nowait` fails at once with 55P03.
 #[tokio::test]
 async fn waiting_claimer_follows_the_holders_fate() {
     let cluster = Sequencers::start();
@@ -202,6 +203,33 @@ async fn waiting_claimer_follows_the_holders_fate() {
             Some(code) => assert_eq!(sqlstate(&result.unwrap_err()), code),
         }
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    // The same for a name whose DELETE is not committed yet: it is the deleter's fate that
+    // decides (free if it commits, 23505 if it rolls back), as with a unique index.
+    for (outcome, expected) in [("ROLLBACK", Some("23505")), ("COMMIT", None)] {
+        let name = format!("deleted_{outcome}");
+        holder.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await.unwrap();
+        holder.batch_execute("BEGIN").await.unwrap();
+        holder.execute("DELETE FROM users WHERE name = $1", &[&name]).await.unwrap();
+
+        let nowait = pg.connect("app").await;
+        nowait.batch_execute("SET tob.claim_wait = nowait").await.unwrap();
+        let err = nowait.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await;
+        assert_eq!(sqlstate(&err.unwrap_err()), "55P03");
+
+        let wait_client = pg.connect("app").await;
+        let waiting = tokio::spawn(async move {
+            wait_client.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await
+        });
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(!waiting.is_finished(), "the claimer waits while the deleter is open");
+        holder.batch_execute(outcome).await.unwrap();
+        let result = waiting.await.unwrap();
+        match expected {
+            None => assert!(result.is_ok(), "{result:?}"),
+            Some(code) => assert_eq!(sqlstate(&result.unwrap_err()), code),
+        }
     }
 }
 

@@ -233,6 +233,18 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
                 );
                 return Ok(ExitCode::from(1));
             }
+            Outcome::Releasing { current, releasing } => {
+                say(
+                    format!(
+                        "taken by {} (token {}, {}), being released by {releasing} (not settled yet)",
+                        current.owner,
+                        current.token.0,
+                        current.state.as_str()
+                    ),
+                    json!({"result": "releasing", "owner": current.owner, "token": current.token.0, "state": current.state.as_str(), "releasing": releasing}),
+                );
+                return Ok(ExitCode::from(1));
+            }
             other => return Err(ClientError::Protocol(format!("unexpected {other:?}"))),
         },
         Cmd::Release { namespace, key, owner } => match c.release(namespace, key, owner)? {

@@ -155,6 +155,21 @@ fn commands_print_results_and_use_the_documented_exit_codes() {
     assert_eq!(v["owner"], "u1");
     assert_eq!(v["token"], token);
 
+    // A transaction in flight has scheduled alice's release (a DELETE not committed yet):
+    // refused for now, saying so.
+    let nodes = c.addresses.split(',').map(str::to_owned).collect();
+    let mut client = tob_client::Client::new(tob_client::ClientConfig::new(nodes, 1));
+    let alice = tob_client::claim_key("users", "alice");
+    client.release_on_commit(alice.clone(), "u1", "pg:1:1:900").unwrap();
+    let releasing = c.tob(&["--json", "claim", "users", "alice", "u2"]);
+    assert_eq!(releasing.status.code(), Some(1), "exits 1 like taken");
+    let v: serde_json::Value = serde_json::from_str(&releasing.stdout_text()).unwrap();
+    assert_eq!(
+        (v["result"].as_str(), v["releasing"].as_str()),
+        (Some("releasing"), Some("pg:1:1:900"))
+    );
+    client.keep_on_commit(alice, "pg:1:1:900").unwrap();
+
     let owner = c.tob(&["--json", "owner", "users", "alice", "--consistency", "lease"]);
     let v: serde_json::Value = serde_json::from_str(&owner.stdout_text()).unwrap();
     assert_eq!(v["owner"], "u1");

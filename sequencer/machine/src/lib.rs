@@ -422,6 +422,10 @@ impl Machine {
             if existing.owner == owner && existing.holder == holder {
                 return Outcome::Claimed { token: existing.token };
             }
+            if let Some(releasing) = existing.releasing.as_ref().filter(|r| *r != holder) {
+                let releasing = releasing.clone();
+                return Outcome::Releasing { current: info(existing), releasing };
+            }
             return Outcome::Taken { current: info(existing) };
         }
         let state = match kind {

@@ -361,11 +361,18 @@ fn release_on_commit_takes_effect_only_when_its_transaction_commits() {
     assert_eq!(schedule(&mut d, "alice", "db1", "pg:1:x1"), Outcome::ReleaseScheduled);
     assert_eq!(schedule(&mut d, "alice", "db1", "pg:1:x2"), Outcome::NotOwner);
     assert_eq!(schedule(&mut d, "bob", "db1", "pg:1:x2"), Outcome::ReleaseScheduled);
-    // Still held until the fate is known.
+    // Still held until the fate is known; another claimer is told to wait for it.
     assert_eq!(state_of(&d, "alice"), Some(ClaimState::Held));
+    let claim = |d: &mut Driver, k: &str| d.claim(k, "db2", ClaimKind::Prepared, None);
+    let Outcome::Releasing { current, releasing } = claim(&mut d, "alice") else {
+        panic!("a claim on a key being released waits")
+    };
+    assert_eq!((current.owner.as_str(), releasing.as_str()), ("db1", "pg:1:x1"));
     assert_eq!(settle(&mut d, &["pg:1:x1"], &["pg:1:x2"]), Outcome::Settled { claims: 2 });
     assert_eq!(state_of(&d, "alice"), None, "released by the committed transaction");
     assert_eq!(state_of(&d, "bob"), Some(ClaimState::Held), "kept: its deleter aborted");
+    assert!(matches!(claim(&mut d, "alice"), Outcome::Claimed { .. }), "free once committed");
+    assert!(matches!(claim(&mut d, "bob"), Outcome::Taken { .. }), "taken once aborted");
     // A withdrawn schedule (rolled-back savepoint) releases nothing at commit.
     assert_eq!(schedule(&mut d, "bob", "db1", "pg:1:x3"), Outcome::ReleaseScheduled);
     d.run(Command::KeepOnCommit { key: key("bob"), holder: "pg:1:x3".into() });

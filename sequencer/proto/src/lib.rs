@@ -271,4 +271,11 @@ pub enum Outcome {
     Staged {
         messages: u64,
     },
+    /// `Claim` refused for now: the key is held, but another transaction (`releasing`) has
+    /// scheduled its release (`ReleaseOnCommit`) and has not settled. The claimer may wait
+    /// and try again, as for a pending claim: free if that transaction commits, `Taken` if not.
+    Releasing {
+        current: OwnerInfo,
+        releasing: String,
+    },
 }
