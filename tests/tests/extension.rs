@@ -179,58 +179,54 @@ async fn waiting_claimer_follows_the_holders_fate() {
     let holder = pg.create_app_database("app").await;
     wait_until_ready(&holder).await;
 
+    // `holder` inserts the name in an open transaction.
     for (outcome, expected) in [("ROLLBACK", None), ("COMMIT", Some("23505"))] {
         let name = format!("contested_{outcome}");
         holder.batch_execute("BEGIN").await.unwrap();
         holder.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await.unwrap();
-
-        let nowait = pg.connect("app").await;
-        nowait.batch_execute("SET tob.claim_wait = nowait").await.unwrap();
-        let err = nowait.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await;
-        assert_eq!(sqlstate(&err.unwrap_err()), "55P03");
-
-        let started = Instant::now();
-        let wait_client = pg.connect("app").await;
-        let waiting = tokio::spawn(async move {
-            wait_client.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await
-        });
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(!waiting.is_finished(), "the claimer waits while the holder is open");
-        holder.batch_execute(outcome).await.unwrap();
-        let result = waiting.await.unwrap();
-        match expected {
-            None => assert!(result.is_ok(), "{result:?}"),
-            Some(code) => assert_eq!(sqlstate(&result.unwrap_err()), code),
-        }
-        assert!(started.elapsed() < Duration::from_secs(10));
+        insert_waits_for(&pg, &holder, &name, outcome, expected).await;
     }
-
-    // The same for a name whose DELETE is not committed yet: it is the deleter's fate that
-    // decides (free if it commits, 23505 if it rolls back), as with a unique index.
+    // `holder` deletes the name (committed earlier) in an open transaction: the deleter's
+    // fate decides (free if it commits, 23505 if it rolls back), as with a unique index.
     for (outcome, expected) in [("ROLLBACK", Some("23505")), ("COMMIT", None)] {
         let name = format!("deleted_{outcome}");
         holder.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await.unwrap();
         holder.batch_execute("BEGIN").await.unwrap();
         holder.execute("DELETE FROM users WHERE name = $1", &[&name]).await.unwrap();
-
-        let nowait = pg.connect("app").await;
-        nowait.batch_execute("SET tob.claim_wait = nowait").await.unwrap();
-        let err = nowait.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await;
-        assert_eq!(sqlstate(&err.unwrap_err()), "55P03");
-
-        let wait_client = pg.connect("app").await;
-        let waiting = tokio::spawn(async move {
-            wait_client.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await
-        });
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(!waiting.is_finished(), "the claimer waits while the deleter is open");
-        holder.batch_execute(outcome).await.unwrap();
-        let result = waiting.await.unwrap();
-        match expected {
-            None => assert!(result.is_ok(), "{result:?}"),
-            Some(code) => assert_eq!(sqlstate(&result.unwrap_err()), code),
-        }
+        insert_waits_for(&pg, &holder, &name, outcome, expected).await;
     }
+}
+
+/// While `holder`'s transaction is open, an insert of `name` fails at once with `nowait` and
+/// otherwise waits; `holder` ends with `outcome`; the insert then succeeds or fails with
+/// `expected`, promptly.
+async fn insert_waits_for(
+    pg: &Postgres,
+    holder: &tob_e2e::Client,
+    name: &str,
+    outcome: &str,
+    expected: Option<&str>,
+) {
+    let nowait = pg.connect("app").await;
+    nowait.batch_execute("SET tob.claim_wait = nowait").await.unwrap();
+    let err = nowait.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await;
+    assert_eq!(sqlstate(&err.unwrap_err()), "55P03");
+
+    let started = Instant::now();
+    let wait_client = pg.connect("app").await;
+    let name = name.to_owned();
+    let waiting = tokio::spawn(async move {
+        wait_client.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!waiting.is_finished(), "the claimer waits while the other transaction is open");
+    holder.batch_execute(outcome).await.unwrap();
+    let result = waiting.await.unwrap();
+    match expected {
+        None => assert!(result.is_ok(), "{result:?}"),
+        Some(code) => assert_eq!(sqlstate(&result.unwrap_err()), code),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 /// A waiting claimer gives up after tob.claim_wait_timeout with 55P03; statement_timeout
