@@ -10,6 +10,7 @@
 //! holder at `PRE_COMMIT`; the same settle appends or drops them.
 
 use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use pgrx::prelude::*;
@@ -65,15 +66,34 @@ struct Txn {
     /// Keys whose scheduled release a rolled-back savepoint could not withdraw or schedule
     /// again: set right (as the live ops say) before commit, where failing can still abort.
     releases_owed: Vec<ClaimKey>,
+    /// For each key a live `Releasing` or `Kept` op names: the owner whose release the last
+    /// of them wants scheduled, or None (withdrawn). What `ops` say, kept for a lookup per
+    /// claim instead of a scan (a bulk INSERT claims many keys in one transaction).
+    releases: BTreeMap<ClaimKey, Option<String>>,
 }
 
 impl Txn {
-    /// Whether, after `ops`, a release of `key` should be scheduled, and for which owner.
-    fn release_wanted<'a>(ops: impl Iterator<Item = &'a Op>, key: &ClaimKey) -> Option<String> {
-        let last = ops
-            .filter(|op| op.key == *key && matches!(op.kind, OpKind::Releasing | OpKind::Kept))
-            .last()?;
-        (last.kind == OpKind::Releasing).then(|| last.owner.clone())
+    /// Whether a release of `key` should be scheduled at this point, and for which owner.
+    fn release_wanted(&self, key: &ClaimKey) -> Option<String> {
+        self.releases.get(key).cloned().flatten()
+    }
+
+    /// Recomputes `releases` for `key` from the live ops (after a savepoint's were undone).
+    fn recompute_release(&mut self, key: &ClaimKey) {
+        let last = self
+            .ops
+            .iter()
+            .rev()
+            .find(|op| op.key == *key && matches!(op.kind, OpKind::Releasing | OpKind::Kept));
+        match last {
+            Some(op) => {
+                let wanted = (op.kind == OpKind::Releasing).then(|| op.owner.clone());
+                self.releases.insert(key.clone(), wanted);
+            }
+            None => {
+                self.releases.remove(key);
+            }
+        }
     }
 }
 
@@ -124,7 +144,16 @@ fn current_holder() -> (u64, String) {
 
 fn record(full_xid: u64, holder: &str, op: Op) {
     record_transaction(full_xid, holder);
-    TXN.with(|cell| cell.borrow_mut().as_mut().expect("recorded above").ops.push(op));
+    TXN.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let txn = slot.as_mut().expect("recorded above");
+        match op.kind {
+            OpKind::Releasing => drop(txn.releases.insert(op.key.clone(), Some(op.owner.clone()))),
+            OpKind::Kept => drop(txn.releases.insert(op.key.clone(), None)),
+            OpKind::Claimed => {}
+        }
+        txn.ops.push(op);
+    });
 }
 
 /// Starts this transaction's bookkeeping (once).
@@ -141,6 +170,7 @@ fn record_transaction(full_xid: u64, holder: &str) {
             outgoing: Vec::new(),
             outgoing_bytes: 0,
             releases_owed: Vec::new(),
+            releases: BTreeMap::new(),
         });
     });
 }
@@ -214,7 +244,7 @@ fn claim_again(full_xid: u64, holder: &str, key: &ClaimKey, owner: &str) -> Opti
     let scheduled = TXN.with(|cell| {
         let slot = cell.borrow();
         let txn = slot.as_ref().filter(|t| t.full_xid == full_xid)?;
-        Txn::release_wanted(txn.ops.iter(), key)
+        txn.release_wanted(key)
     });
     if scheduled.as_deref() != Some(owner) {
         return None;
@@ -362,11 +392,8 @@ fn prepare_for_commit(two_phase: bool) {
             keys.dedup();
             let outgoing: Vec<StagedMessage> =
                 std::mem::take(&mut t.outgoing).into_iter().map(|o| o.message).collect();
-            let owed: Vec<(ClaimKey, Option<String>)> = t
-                .releases_owed
-                .iter()
-                .map(|key| (key.clone(), Txn::release_wanted(t.ops.iter(), key)))
-                .collect();
+            let owed: Vec<(ClaimKey, Option<String>)> =
+                t.releases_owed.iter().map(|key| (key.clone(), t.release_wanted(key))).collect();
             (t.holder.clone(), keys, owed, outgoing)
         })
     }) else {
@@ -493,7 +520,7 @@ fn undo_subtransaction(subxact: pg_sys::SubTransactionId) {
         // Its messages were never sent: dropping them is all there is to undo.
         txn.outgoing.retain(|o| o.subxact != subxact);
         txn.outgoing_bytes = txn.outgoing.iter().map(|o| o.message.payload.len()).sum();
-        let touched: std::collections::BTreeSet<ClaimKey> = txn
+        let touched: BTreeSet<ClaimKey> = txn
             .ops
             .iter()
             .filter(|op| op.subxact == subxact && op.kind != OpKind::Claimed)
@@ -502,7 +529,7 @@ fn undo_subtransaction(subxact: pg_sys::SubTransactionId) {
         let before: Vec<(ClaimKey, bool)> = touched
             .into_iter()
             .map(|key| {
-                let wanted = Txn::release_wanted(txn.ops.iter(), &key).is_some();
+                let wanted = txn.release_wanted(&key).is_some();
                 (key, wanted)
             })
             .collect();
@@ -512,7 +539,8 @@ fn undo_subtransaction(subxact: pg_sys::SubTransactionId) {
         let schedules: Vec<(ClaimKey, Option<String>)> = before
             .into_iter()
             .filter_map(|(key, was)| {
-                let wanted = Txn::release_wanted(txn.ops.iter(), &key);
+                txn.recompute_release(&key);
+                let wanted = txn.release_wanted(&key);
                 (wanted.is_some() != was).then_some((key, wanted))
             })
             .collect();

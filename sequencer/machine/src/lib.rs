@@ -292,8 +292,11 @@ impl Machine {
             Command::Settle { committed, aborted } => {
                 let settled = committed.iter().map(|h| self.settle(h, true)).sum::<u64>()
                     + aborted.iter().map(|h| self.settle(h, false)).sum::<u64>();
-                for holder in committed.iter().chain(aborted) {
-                    self.settle_staged(holder, committed.contains(holder));
+                for holder in committed {
+                    self.settle_staged(holder, true);
+                }
+                for holder in aborted {
+                    self.settle_staged(holder, false);
                 }
                 Outcome::Settled { claims: settled }
             }
