@@ -119,8 +119,15 @@ impl Waiting {
     }
 
     /// Sleeps a little (2 ms, doubling up to 50 ms), or raises 55P03 when this session does
-    /// not wait or has waited long enough.
-    pub fn wait_or_raise(&mut self, namespace: &str, key: &str, current: tob_proto::OwnerInfo) {
+    /// not wait or has waited long enough. `releasing`: what is waited for is another
+    /// transaction's release of the key, not its claim.
+    pub fn wait_or_raise(
+        &mut self,
+        namespace: &str,
+        key: &str,
+        current: tob_proto::OwnerInfo,
+        releasing: bool,
+    ) {
         let nowait = crate::guc::CLAIM_WAIT.get() == crate::guc::ClaimWait::Nowait;
         if nowait || self.started.elapsed() >= crate::guc::claim_wait_timeout() {
             TobError::WouldWait {
@@ -128,6 +135,7 @@ impl Waiting {
                 key: key.into(),
                 current,
                 waited: !nowait,
+                releasing,
             }
             .raise()
         }

@@ -10,7 +10,8 @@ pub enum TobError {
     /// The key is held (or pending/prepared in another transaction that then committed).
     Taken { namespace: String, key: String, current: OwnerInfo },
     /// `tob.claim_wait = nowait`, or the wait outlasted `tob.claim_wait_timeout`.
-    WouldWait { namespace: String, key: String, current: OwnerInfo, waited: bool },
+    /// `releasing`: another transaction's release of the key was waited for, not its claim.
+    WouldWait { namespace: String, key: String, current: OwnerInfo, waited: bool, releasing: bool },
     /// A claim of this transaction was lost before commit (its instance session expired).
     ClaimLost { keys: Vec<String> },
     /// No sequencer node could be reached.
@@ -103,6 +104,11 @@ impl TobError {
         match self {
             TobError::Taken { namespace, key, .. } => {
                 format!("tob: \"{key}\" is already claimed in namespace \"{namespace}\"")
+            }
+            TobError::WouldWait { namespace, key, waited: false, releasing: true, .. } => {
+                format!(
+                    "tob: \"{key}\" in namespace \"{namespace}\" is being released by another transaction"
+                )
             }
             TobError::WouldWait { namespace, key, waited: false, .. } => format!(
                 "tob: \"{key}\" in namespace \"{namespace}\" is pending in another transaction"

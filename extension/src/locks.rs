@@ -40,8 +40,11 @@ pub fn lock(resource: &str) -> FencingToken {
                 remember(resource);
                 return token;
             }
-            Outcome::Taken { current } | Outcome::Releasing { current, .. } => {
-                waiting.wait_or_raise(LOCK_NAMESPACE, resource, current)
+            Outcome::Taken { current } => {
+                waiting.wait_or_raise(LOCK_NAMESPACE, resource, current, false)
+            }
+            Outcome::Releasing { current, .. } => {
+                waiting.wait_or_raise(LOCK_NAMESPACE, resource, current, true)
             }
             // The instance session expired: the worker opens a new one.
             Outcome::Error { code: ErrorCode::UnknownSession } => {

@@ -224,8 +224,9 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
             }
             // Pending or prepared in another transaction, or held and being released by one
             // (a DELETE not committed yet): wait for its fate, as a unique index does.
-            Outcome::Taken { current } | Outcome::Releasing { current, .. } => {
-                waiting.wait_or_raise(namespace, key, current)
+            Outcome::Taken { current } => waiting.wait_or_raise(namespace, key, current, false),
+            Outcome::Releasing { current, .. } => {
+                waiting.wait_or_raise(namespace, key, current, true)
             }
             Outcome::Error { code: tob_proto::ErrorCode::UnknownSession } => {
                 // The instance session expired; the worker opens another. Claims made earlier
@@ -317,7 +318,7 @@ pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
                 });
                 match current {
                     Some(current) if current.owner == owner => {
-                        waiting.wait_or_raise(namespace, key, current)
+                        waiting.wait_or_raise(namespace, key, current, true)
                     }
                     _ => return false,
                 }

@@ -209,8 +209,11 @@ async fn insert_waits_for(
 ) {
     let nowait = pg.connect("app").await;
     nowait.batch_execute("SET tob.claim_wait = nowait").await.unwrap();
-    let err = nowait.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await;
-    assert_eq!(sqlstate(&err.unwrap_err()), "55P03");
+    let err = nowait.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "55P03");
+    let why = if name.starts_with("deleted") { "being released by" } else { "pending in" };
+    let message = err.as_db_error().unwrap().message();
+    assert!(message.contains(&format!("is {why} another transaction")), "{message}");
 
     let started = Instant::now();
     let wait_client = pg.connect("app").await;
