@@ -16,9 +16,7 @@ use pgrx::prelude::*;
 use tob_client::{Client, ClientConfig, ClientError};
 use tob_proto::SessionId;
 
-use tob_boots::Fate;
-
-use tob_boots::TransactionHolder;
+use tob_boots::{Fate, TransactionHolder};
 
 use crate::backend::{holder_of, holder_prefix, transaction_of_holder};
 use crate::{guc, shmem};

@@ -414,15 +414,15 @@ fn prepare_for_commit(two_phase: bool) {
         TobError::NotConfigured("PREPARE TRANSACTION with tob claims".into()).raise()
     }
     for (key, wanted) in owed {
-        match wanted {
+        let outcome = match wanted {
             None => with_client(|c| Ok(c.keep_on_commit(key.clone(), &holder)?)),
             Some(owner) => {
-                match with_client(|c| Ok(c.release_on_commit(key.clone(), &owner, &holder)?)) {
-                    Outcome::ReleaseScheduled => Outcome::ReleaseScheduled,
-                    other => TobError::from_outcome(other).raise(),
-                }
+                with_client(|c| Ok(c.release_on_commit(key.clone(), &owner, &holder)?))
             }
         };
+        if outcome != Outcome::ReleaseScheduled {
+            TobError::from_outcome(outcome).raise()
+        }
     }
     // Both precede the commit record, so either order is safe; messages first, so that a
     // claim seen prepared means this transaction's messages are staged too.

@@ -92,10 +92,11 @@ pub type Rng = tob_raft::SplitMix64;
 
 /// A random schedule for `duration` on `nodes` nodes: a fault every 1–3 s, each repaired
 /// 0.5–2.5 s later (pauses outlast the election timeout), ending healed. Faults: kill -9 and
-/// restart (one in three with the data directory deleted: a lost disk), SIGSTOP/SIGCONT, an isolated node — each also aimed at whichever node leads —,
-/// a bridge, a majority/minority partition (5 nodes), a one-way cut, clients cut off from a
-/// node, added latency with jitter, connection resets, every node restarted at once, a node
-/// restarted with a 30% faster or slower tick.
+/// restart (one in three with the data directory deleted: a lost disk), SIGSTOP/SIGCONT, an
+/// isolated node — each also aimed at whichever node leads —, a bridge, a majority/minority
+/// partition (5 nodes), a one-way cut, clients cut off from a node, added latency with
+/// jitter, connection resets, every node restarted at once, a node restarted with a 30%
+/// faster or slower tick.
 pub fn random_schedule(seed: u64, duration: Duration, nodes: usize) -> Vec<(Duration, Action)> {
     let mut rng = Rng::new(seed);
     let mut steps = Vec::new();

@@ -372,18 +372,16 @@ impl Client<'_> {
                 let outbox = self.rng.range(0, 2) == 0;
                 events += 1;
                 let event = format!("{database}#{}#{events}", self.process);
-                let (sql, invoke) = match (f, outbox) {
-                    ("delete", false) => {
-                        ("DELETE FROM users WHERE name = $1", json!({"database": database}))
-                    }
-                    (_, false) => {
-                        ("INSERT INTO users (name) VALUES ($1)", json!({"database": database}))
-                    }
-                    ("delete", true) => {
-                        (OUTBOX_DELETE, json!({"database": database, "event": event}))
-                    }
-                    (_, true) => (OUTBOX_INSERT, json!({"database": database, "event": event})),
+                let sql = match (f, outbox) {
+                    ("delete", false) => "DELETE FROM users WHERE name = $1",
+                    (_, false) => "INSERT INTO users (name) VALUES ($1)",
+                    ("delete", true) => OUTBOX_DELETE,
+                    (_, true) => OUTBOX_INSERT,
                 };
+                let mut invoke = json!({"database": database});
+                if outbox {
+                    invoke["event"] = json!(event);
+                }
                 self.invoke(f, &name, invoke);
                 let done = if outbox {
                     db.execute(sql, &[&name, &event])

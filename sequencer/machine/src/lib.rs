@@ -180,11 +180,14 @@ pub struct Applied {
 pub struct Machine {
     config: MachineConfig,
     state: MachineState,
+    /// Messages staged in `state`, all holders together: read by the node's metrics after
+    /// every batch, so counted as they come and go rather than summed each time.
+    staged_messages: u64,
 }
 
 impl Machine {
     pub fn new(config: MachineConfig) -> Machine {
-        Machine { config, state: MachineState::default() }
+        Machine { config, state: MachineState::default(), staged_messages: 0 }
     }
 
     /// The last log index applied (including no-ops).
@@ -343,6 +346,7 @@ impl Machine {
         let staged = self.state.staged.entry(holder.to_owned()).or_default();
         staged.payload_bytes += adding;
         staged.messages.extend_from_slice(messages);
+        self.staged_messages += messages.len() as u64;
         Outcome::Staged { messages: staged.messages.len() as u64 }
     }
 
@@ -584,6 +588,7 @@ impl Machine {
     /// drops them if not. A committed holder's messages follow the claims settled with it.
     fn settle_staged(&mut self, holder: &str, committed: bool) {
         let Some(staged) = self.state.staged.remove(holder) else { return };
+        self.staged_messages -= staged.messages.len() as u64;
         if committed {
             for message in staged.messages {
                 self.append(message.topic, message.payload);
@@ -655,8 +660,8 @@ impl Machine {
     pub fn in_flight_holders(&self, prefix: &str, after: Option<&str>, max: usize) -> Vec<String> {
         let empty = ClaimKey { namespace: String::new(), key: String::new() };
         let start = after.filter(|a| *a >= prefix).unwrap_or(prefix);
-        let claiming = self.state.in_flight.range((start.to_owned(), empty)..).map(|(h, _)| h);
-        let staging = self
+        let mut claiming = self.state.in_flight.range((start.to_owned(), empty)..).map(|(h, _)| h);
+        let mut staging = self
             .state
             .staged
             .range::<str, _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded))
@@ -674,8 +679,8 @@ impl Machine {
             }
             taken
         };
-        let mut holders = first(&mut { claiming });
-        holders.extend(first(&mut { staging }));
+        let mut holders = first(&mut claiming);
+        holders.extend(first(&mut staging));
         holders.sort();
         holders.dedup();
         holders.truncate(max);
@@ -689,7 +694,7 @@ impl Machine {
 
     /// Messages staged by transactions not settled yet.
     pub fn staged_messages(&self) -> u64 {
-        self.state.staged.values().map(|s| s.messages.len() as u64).sum()
+        self.staged_messages
     }
 
     /// The current value of a counter (0 if never incremented).
@@ -734,6 +739,7 @@ impl Machine {
         if cfg!(feature = "planted-bugs") && self.config.bugs.forget_namespaces_on_restore {
             state.namespaces.declared.clear();
         }
+        self.staged_messages = state.staged.values().map(|s| s.messages.len() as u64).sum();
         self.state = state;
         Ok(())
     }

@@ -536,8 +536,10 @@ fn staged_messages_enter_the_order_together_when_their_transaction_commits() {
     // Nobody reads a staged message; the reconciler finds its holder.
     assert_eq!(payloads(&d), vec!["plain"]);
     assert_eq!(d.machine.in_flight_holders("pg:1:", None, 10), vec!["pg:1:x1", "pg:1:x2"]);
+    assert_eq!(d.machine.staged_messages(), 4);
 
     assert_eq!(settle(&mut d, &["pg:1:x1"], &["pg:1:x2"]), Outcome::Settled { claims: 0 });
+    assert_eq!(d.machine.staged_messages(), 0);
     assert_eq!(payloads(&d), vec!["plain", "a1", "a2", "a3"]);
     let topics: Vec<Option<String>> =
         d.machine.messages(Seq(2), 10, None).unwrap().into_iter().map(|m| m.topic).collect();
@@ -587,6 +589,7 @@ fn staged_messages_survive_a_snapshot_and_older_snapshots_have_none() {
     d.run(stage("pg:1:x1", &[("t", "a1")]));
     let mut restored = Machine::new(MachineConfig::default());
     restored.restore(&d.machine.snapshot()).unwrap();
+    assert_eq!(restored.staged_messages(), 1);
     let mut e = Driver { machine: restored, index: d.index, next_request: d.next_request };
     settle(&mut e, &["pg:1:x1"], &[]);
     assert_eq!(payloads(&e), vec!["a1"]);
