@@ -99,14 +99,22 @@ impl Worker {
             // the order the transactions began.
             drop(shmem::drain_settles());
             self.settle_due = None;
-            self.in_sync = self.reconcile();
+            if self.reconcile_due() {
+                self.in_sync = self.reconcile();
+            }
             return;
         }
         self.settle_queued();
-        let due = self.last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_EVERY);
-        if due && self.in_sync {
+        if self.in_sync && self.reconcile_due() {
             self.in_sync = self.reconcile();
         }
+    }
+
+    /// Whether a reconcile is due: one a second (a failed one is tried again no sooner, so a
+    /// cluster that refuses is not asked every round), and at once after a start or a failed
+    /// settle.
+    fn reconcile_due(&self) -> bool {
+        self.last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_EVERY)
     }
 
     fn ensure_client(&mut self) -> bool {
@@ -186,6 +194,7 @@ impl Worker {
                 // after them in the queue) before anything else.
                 warn_once(&format!("tob: settling finished transactions failed: {e}"));
                 self.in_sync = false;
+                self.last_reconcile = None;
                 return;
             }
         }

@@ -250,19 +250,20 @@ fn claim_again(full_xid: u64, holder: &str, key: &ClaimKey, owner: &str) -> Opti
     if scheduled.as_deref() != Some(owner) {
         return None;
     }
-    with_client(|c| Ok(c.keep_on_commit(key.clone(), holder)?));
-    let current = with_client(|c| {
-        Ok(c.owner(&key.namespace, &key.key, tob_proto::ReadConsistency::Index)?)
-    });
-    let Some(current) = current.filter(|c| c.owner == owner) else {
-        // Not ours after all (it cannot be taken while our release is scheduled): claim anew.
-        return None;
-    };
+    // Recorded before the withdrawal is sent: if a call below fails and its savepoint is rolled
+    // back, undoing this op schedules the release again — whether or not the withdrawal got
+    // through — instead of leaving the name held for a row that is gone.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let op =
         Op { key: key.clone(), owner: owner.into(), kind: OpKind::Kept, prepared: false, subxact };
     record(full_xid, holder, op);
-    Some(current.token)
+    with_client(|c| Ok(c.keep_on_commit(key.clone(), holder)?));
+    let current = with_client(|c| {
+        Ok(c.owner(&key.namespace, &key.key, tob_proto::ReadConsistency::Index)?)
+    });
+    // Gone only if it was this transaction's own pending claim and the instance session
+    // expired: claim anew (the commit then fails with 40001 for the lost one).
+    current.filter(|c| c.owner == owner).map(|c| c.token)
 }
 
 fn wait_for_new_session(old: SessionId) {

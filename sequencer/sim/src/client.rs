@@ -358,10 +358,6 @@ impl SimClient {
         let current = self.current.take().expect("an operation in flight");
         self.completed += 1;
         let unexpected = |o: &Outcome| Err(format!("{:?} answered with {o:?}", current.op));
-        if let (Op::Stage { holder, ids, .. }, Outcome::Error { .. }) = (&current.op, &outcome) {
-            // Not staged (nothing should be): settle it as aborted all the same.
-            self.staged = Some((holder.clone(), ids.clone()));
-        }
         if let Outcome::Error { code } = outcome {
             match code {
                 ErrorCode::UnknownSession => {
