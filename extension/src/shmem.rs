@@ -20,6 +20,9 @@ pub const SETTLE_BATCH_MAX: usize = 1000;
 pub struct SettleEntry {
     pub full_xid: u64,
     pub committed: bool,
+    /// End of the commit record (0 for an abort): the worker flushes the WAL up to it before
+    /// settling, so that no claim or message outlives a commit that a crash could still undo.
+    pub commit_lsn: u64,
 }
 
 #[derive(Copy, Clone)]

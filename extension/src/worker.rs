@@ -184,6 +184,7 @@ impl Worker {
         }
         self.settle_due = None;
         let queued = shmem::drain_settles();
+        flush_commits_up_to(queued.iter().map(|e| e.commit_lsn).max().unwrap_or(0));
         for batch in queued.chunks(shmem::SETTLE_BATCH_MAX) {
             let (committed, aborted): (Vec<&shmem::SettleEntry>, Vec<&shmem::SettleEntry>) =
                 batch.iter().partition(|e| e.committed);
@@ -286,6 +287,10 @@ impl Worker {
                 ),
             }
         }
+        if !committed.is_empty() {
+            // Their commit records were written before pg_xact_status saw them committed.
+            flush_commits_up_to(unsafe { pg_sys::GetXLogInsertRecPtr() });
+        }
         if (!committed.is_empty() || !aborted.is_empty())
             && let Err(e) = self.client().settle(committed, aborted)
         {
@@ -293,6 +298,19 @@ impl Worker {
             return false;
         }
         true
+    }
+}
+
+/// Makes the WAL durable up to `lsn` before committed transactions are settled. A transaction
+/// committed with `synchronous_commit = off` is in the commit log (pg_xact_status says
+/// committed) before its commit record is on disk, and a crash then loses it: settled first,
+/// its name would stay held with no row and its messages would stay in the total order.
+/// Usually a no-op (tob's commits flush themselves, and the WAL writer flushes the others
+/// within three `wal_writer_delay`s); otherwise the worker waits for the flush as a committing
+/// backend would.
+fn flush_commits_up_to(lsn: u64) {
+    if lsn != 0 {
+        unsafe { pg_sys::XLogFlush(lsn) };
     }
 }
 

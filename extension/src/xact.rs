@@ -474,7 +474,13 @@ unsafe extern "C-unwind" fn xact_callback(
                 && shmem::available()
             {
                 let committed = event == XACT_EVENT_COMMIT;
-                shmem::push_settle(shmem::SettleEntry { full_xid: txn.full_xid, committed });
+                // Set by RecordTransactionCommit, which ran before this callback.
+                let commit_lsn = if committed { unsafe { pg_sys::XactLastCommitEnd } } else { 0 };
+                shmem::push_settle(shmem::SettleEntry {
+                    full_xid: txn.full_xid,
+                    committed,
+                    commit_lsn,
+                });
             }
         }
         _ => {}

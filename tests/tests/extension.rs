@@ -1001,6 +1001,43 @@ async fn messages_appended_on_commit_follow_their_transaction() {
         pg.log()
     );
 
+    // With synchronous_commit = off, COMMIT returns before the commit record is on disk and a
+    // crash may lose the transaction; its tob effects must never outlive it. Before settling,
+    // the worker flushes the WAL up to the commit record (found by this test: it settled the
+    // transaction while the WAL writer had not flushed it yet, and after the crash the name
+    // was held with no row and the message stayed in the order).
+    let watch = pg.connect("other").await;
+    let wal_writer = process_of(&db, "walwriter").await;
+    send_signal(wal_writer, "-STOP");
+    db.batch_execute(
+        "SET synchronous_commit = off;
+         BEGIN; INSERT INTO users (name) VALUES ('async_row');
+         SELECT tob_append_on_commit('crash', 'async'); COMMIT;",
+    )
+    .await
+    .unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            owner_state(&watch, "async_row").await.as_deref() == Some("held")
+        })
+        .await,
+        "settled after tob.settle_delay"
+    );
+    send_signal(wal_writer, "-KILL");
+    pg.stop_immediate();
+    pg.restart_after_crash();
+    let db = pg.connect("app").await;
+    let rows: i64 = db
+        .query_one("SELECT count(*) FROM users WHERE name = 'async_row'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        (rows, owner_state(&db, "async_row").await, payloads_of(&db, "crash").await),
+        (1, Some("held".to_owned()), vec!["committed".to_owned(), "async".to_owned()]),
+        "the settled transaction survived the crash with its row"
+    );
+
     // A crash after staging, before the commit record: the transaction never committed, so its
     // message never appears. Its claim, prepared after the messages were staged, shows when.
     let committing = pg.connect("app").await;
@@ -1031,7 +1068,7 @@ async fn messages_appended_on_commit_follow_their_transaction() {
         "the reconciler settled the transaction as aborted\n{}",
         pg.log()
     );
-    assert_eq!(payloads_of(&db, "crash").await, ["committed"]);
+    assert_eq!(payloads_of(&db, "crash").await, ["committed", "async"]);
 }
 
 /// A name deleted and written again in one transaction stays claimed, as a unique index
