@@ -233,7 +233,8 @@ async fn insert_waits_for(
 }
 
 /// A waiting claimer gives up after tob.claim_wait_timeout with 55P03; statement_timeout
-/// and pg_cancel_backend interrupt a wait with 57014.
+/// and pg_cancel_backend interrupt a wait with 57014; two transactions waiting for each
+/// other's names both give up with 55P03.
 #[tokio::test]
 async fn waits_end_on_timeouts_and_cancel() {
     let cluster = Sequencers::start();
@@ -271,6 +272,51 @@ async fn waits_end_on_timeouts_and_cancel() {
     assert_eq!(sqlstate(&err), "57014");
     assert!(started.elapsed() < Duration::from_secs(2), "cancel acts promptly");
     holder.batch_execute("ROLLBACK").await.unwrap();
+
+    // Two transactions that each wait for the other's name: a deadlock PostgreSQL cannot see
+    // (the waits are on the cluster, as between two servers). Both give up after
+    // tob.claim_wait_timeout with 55P03 and, rolled back, leave both names free.
+    let mut sides = Vec::new();
+    for mine in ["deadlock_a", "deadlock_b"] {
+        let side = pg.connect("app").await;
+        side.batch_execute("SET tob.claim_wait_timeout = '1s'").await.unwrap();
+        side.batch_execute("BEGIN").await.unwrap();
+        side.execute("INSERT INTO users (name) VALUES ($1)", &[&mine]).await.unwrap();
+        sides.push(side);
+    }
+    let started = Instant::now();
+    let waits: Vec<_> = sides
+        .into_iter()
+        .zip(["deadlock_b", "deadlock_a"])
+        .map(|(side, theirs)| {
+            tokio::spawn(async move {
+                let result = side.execute("INSERT INTO users (name) VALUES ($1)", &[&theirs]).await;
+                (side, result)
+            })
+        })
+        .collect();
+    let mut sides = Vec::new();
+    for wait in waits {
+        // Neither rolls back before both gave up: a rollback frees its name for the other.
+        let (side, result) = wait.await.unwrap();
+        let err = result.unwrap_err();
+        assert_eq!(sqlstate(&err), "55P03", "{err:?}");
+        sides.push(side);
+    }
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(1) && waited < Duration::from_secs(8), "{waited:?}");
+    for side in sides {
+        side.batch_execute("ROLLBACK").await.unwrap();
+    }
+    for name in ["deadlock_a", "deadlock_b"] {
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                owner_state(&holder, name).await.is_none()
+            })
+            .await,
+            "{name} is free again"
+        );
+    }
 }
 
 /// A cluster that hangs (every node stopped with SIGSTOP) holds a call on the network:
