@@ -36,6 +36,22 @@ const KEY_BYTES_MAX: usize = 1024;
 const NAME_BYTES_MAX: usize = 256;
 
 /// Checks an argument the way the cluster would, so bad input fails before any network call.
+/// A message's payload: not NULL (empty is fine), within the cluster's limit on one request.
+fn checked_payload(payload: Option<&str>) -> &str {
+    let Some(payload) = payload else {
+        TobError::BadArgument("payload must not be NULL".into()).raise()
+    };
+    let max = tob_proto::Limits::default().payload_bytes_max;
+    if payload.len() > max {
+        TobError::TooLong(format!(
+            "payload is {} bytes long; at most {max} are allowed",
+            payload.len()
+        ))
+        .raise()
+    }
+    payload
+}
+
 fn checked<'a>(what: &str, value: Option<&'a str>, max: usize) -> &'a str {
     let Some(value) = value else {
         TobError::BadArgument(format!("{what} must not be NULL")).raise()
@@ -109,9 +125,7 @@ fn tob_owner(
 #[pg_extern(volatile, parallel_unsafe)]
 fn tob_append(topic: Option<&str>, payload: Option<&str>) -> i64 {
     let topic = topic.map(|t| checked("topic", Some(t), NAME_BYTES_MAX));
-    let Some(payload) = payload else {
-        TobError::BadArgument("payload must not be NULL".into()).raise()
-    };
+    let payload = checked_payload(payload);
     with_client(|c| Ok(c.append(topic, payload.as_bytes())?)).0 as i64
 }
 
@@ -121,17 +135,7 @@ fn tob_append(topic: Option<&str>, payload: Option<&str>) -> i64 {
 #[pg_extern(volatile, parallel_unsafe)]
 fn tob_append_on_commit(topic: Option<&str>, payload: Option<&str>) {
     let topic = topic.map(|t| checked("topic", Some(t), NAME_BYTES_MAX));
-    let Some(payload) = payload else {
-        TobError::BadArgument("payload must not be NULL".into()).raise()
-    };
-    let max = tob_proto::Limits::default().payload_bytes_max;
-    if payload.len() > max {
-        TobError::TooLong(format!(
-            "payload is {} bytes long; at most {max} are allowed",
-            payload.len()
-        ))
-        .raise()
-    }
+    let payload = checked_payload(payload);
     xact::append_on_commit(topic, payload.as_bytes());
 }
 

@@ -417,6 +417,7 @@ async fn cluster_down_is_a_clear_error() {
             ("SELECT tob_claim('ns', '')", "22023"),
             ("SELECT tob_claim('ns', NULL)", "22023"),
             ("SELECT tob_claim('ns', repeat('x', 2000))", "22001"),
+            ("SELECT tob_append('t', repeat('x', 1048577))", "22001"),
             ("SELECT tob_next('')", "22023"),
         ],
     )

@@ -267,8 +267,8 @@ impl Machine {
     }
 
     fn execute(&mut self, index: u64, command: &Command) -> Outcome {
-        if let Err(code) = self.config.limits.check(command) {
-            return Outcome::Error { code };
+        if let Err(refused) = self.config.limits.check(command) {
+            return Outcome::Error { code: refused.code };
         }
         match command {
             Command::Append { topic, payload } => self.append(topic.clone(), payload.clone()),

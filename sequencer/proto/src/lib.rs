@@ -17,7 +17,7 @@ pub use client::{
     ReadConsistency, Reply,
 };
 pub use error::ErrorCode;
-pub use limits::Limits;
+pub use limits::{LimitError, Limits};
 
 /// Dense, gap-free position of a message in the total order (1, 2, 3, … across all topics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -725,8 +725,8 @@ impl Handler<ClientCall> for NodeActor {
                         "a client request needs a client id",
                     );
                 };
-                if let Err(code) = self.machine_limits().check(&request.command) {
-                    return self.refuse(&waiter, code, code.name());
+                if let Err(refused) = self.machine_limits().check(&request.command) {
+                    return self.refuse(&waiter, refused.code, &refused.message);
                 }
                 if matches!(request.command, Command::Expire { .. } | Command::RequireNamespaces) {
                     return self.refuse(

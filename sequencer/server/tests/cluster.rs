@@ -434,10 +434,21 @@ fn bad_input_is_refused_and_the_node_keeps_serving() {
     let response: tob_proto::ClientResponse = postcard::from_bytes(&payload).unwrap();
     assert_eq!(response.id, 42);
     assert!(matches!(response.reply, tob_proto::Reply::Error { code: ErrorCode::Malformed, .. }));
-    // Oversized keys are refused by the cluster with a clear code.
+    // Oversized keys and payloads are refused by the cluster with a clear code and a message
+    // naming what and by how much.
     let mut client = cluster.client();
     let err = client.claim("users", &"k".repeat(5000), "u1").unwrap_err();
-    assert!(matches!(err, ClientError::Refused { code: ErrorCode::TooLarge, .. }), "{err:?}");
+    assert!(
+        matches!(&err, ClientError::Refused { code: ErrorCode::TooLarge, message }
+            if message == "key is 5000 bytes long; at most 1024 are allowed"),
+        "{err:?}"
+    );
+    let err = client.append(None, &vec![b'x'; (1 << 20) + 1]).unwrap_err();
+    assert!(
+        matches!(&err, ClientError::Refused { code: ErrorCode::TooLarge, message }
+            if message == "payload is 1048577 bytes long; at most 1048576 are allowed"),
+        "{err:?}"
+    );
     // A namespace nobody created: refused for claims and for reads in every mode (a typo must
     // not start a second uniqueness domain, nor report its keys free).
     let unknown = |e: ClientError| {
