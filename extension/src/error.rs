@@ -32,6 +32,10 @@ pub enum TobError {
     UnknownNamespace(String),
     /// The cluster refused the request for another reason.
     Refused { code: ErrorCode, message: String },
+    /// `tob_unique` declared in a way it cannot work (arguments, timing, level, column).
+    TriggerMisuse(String),
+    /// `tob_unique` names a column the table does not have.
+    UndefinedColumn(String),
 }
 
 impl From<ClientError> for TobError {
@@ -97,6 +101,8 @@ impl TobError {
                 ERRCODE_CONNECTION_FAILURE
             }
             TobError::Refused { .. } => ERRCODE_INTERNAL_ERROR,
+            TobError::TriggerMisuse(_) => ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+            TobError::UndefinedColumn(_) => ERRCODE_UNDEFINED_COLUMN,
         }
     }
 
@@ -127,6 +133,9 @@ impl TobError {
             TobError::Cancelled => "canceling statement due to user request".into(),
             TobError::BadArgument(why) | TobError::TooLong(why) => format!("tob: {why}"),
             TobError::NotConfigured(why) | TobError::LimitExceeded(why) => format!("tob: {why}"),
+            TobError::TriggerMisuse(why) | TobError::UndefinedColumn(why) => {
+                format!("tob_unique: {why}")
+            }
             TobError::UnknownNamespace(namespace) if namespace.is_empty() => {
                 "tob: namespace does not exist".into()
             }
@@ -167,6 +176,9 @@ impl TobError {
                 "Declare it once for the whole cluster: SELECT tob_create_namespace('{}');",
                 if namespace.is_empty() { "..." } else { namespace }
             )),
+            TobError::TriggerMisuse(_) => Some(
+                "CREATE TRIGGER ... BEFORE INSERT OR UPDATE OR DELETE ... FOR EACH ROW EXECUTE FUNCTION tob_unique('namespace', 'column'); and for TRUNCATE: BEFORE TRUNCATE ... FOR EACH STATEMENT with the same arguments.".into(),
+            ),
             _ => None,
         }
     }

@@ -240,31 +240,59 @@ fn tob_status() -> TableIterator<
     TableIterator::new(rows)
 }
 
-/// Trigger function: `tob_unique('namespace', 'column')` keeps a text column's values unique
-/// across every database using the same cluster. INSERT claims NEW's value, UPDATE moves the
-/// claim, DELETE releases it — each final exactly when the transaction commits. NULLs are not
-/// claimed (as in a unique index).
+/// Trigger function: `tob_unique('namespace', 'column')` keeps a column's values unique across
+/// every database using the same cluster. As a `BEFORE ... FOR EACH ROW` trigger, INSERT
+/// claims NEW's value, UPDATE moves the claim, DELETE releases it — each final exactly when the
+/// transaction commits; as a `BEFORE TRUNCATE ... FOR EACH STATEMENT` trigger, TRUNCATE
+/// releases every value in the table. NULLs are not claimed (as in a unique index). The key
+/// is the value's text form (its type's output function), so any column type works.
 #[pg_trigger]
 fn tob_unique<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, TobTriggerError> {
+) -> Result<Option<PgHeapTuple<'a, impl WhoAllocated>>, pgrx::PgTriggerError> {
+    use pgrx::{PgTriggerLevel, PgTriggerOperation, PgTriggerWhen};
     let args = trigger.extra_args()?;
     let [namespace, column] = args.as_slice() else {
-        return Err(TobTriggerError::Usage);
+        TobError::TriggerMisuse(format!(
+            "needs two arguments, the namespace and the column, not {}",
+            args.len()
+        ))
+        .raise()
     };
     let namespace = checked("namespace", Some(namespace), NAME_BYTES_MAX);
-    let value_of = |tuple: &Option<PgHeapTuple<'a, AllocatedByPostgres>>| -> Result<Option<String>, TobTriggerError> {
-        match tuple {
-            Some(t) => Ok(t.get_by_name::<String>(column)?),
-            None => Ok(None),
+    let data = trigger.trigger_data();
+    let table = trigger.table_name()?;
+    let column = UniqueColumn::find(data, &table, column);
+    let owner = backend::default_owner();
+    let (when, level, op) = (trigger.when()?, trigger.level(), trigger.op()?);
+    match (&when, &level, &op) {
+        (PgTriggerWhen::Before, PgTriggerLevel::Statement, PgTriggerOperation::Truncate) => {
+            let schema = trigger.table_schema()?;
+            for value in column.values_in_table(&schema, &table) {
+                xact::release(namespace, &value, &owner);
+            }
+            return Ok(None);
         }
+        (
+            PgTriggerWhen::Before,
+            PgTriggerLevel::Row,
+            PgTriggerOperation::Insert | PgTriggerOperation::Update | PgTriggerOperation::Delete,
+        ) => {}
+        _ => TobError::TriggerMisuse(format!(
+            "must be fired BEFORE INSERT, UPDATE or DELETE FOR EACH ROW, or BEFORE TRUNCATE FOR EACH STATEMENT; trigger \"{}\" on \"{table}\" is {when} {op} FOR EACH {level}",
+            trigger.name()?
+        ))
+        .raise(),
+    }
+    // INSERT: tg_trigtuple is NEW; UPDATE: tg_trigtuple is OLD, tg_newtuple NEW; DELETE: OLD.
+    let (new_tuple, old_tuple) = match &op {
+        PgTriggerOperation::Insert => (data.tg_trigtuple, std::ptr::null_mut()),
+        PgTriggerOperation::Update => (data.tg_newtuple, data.tg_trigtuple),
+        _ => (std::ptr::null_mut(), data.tg_trigtuple),
     };
-    let new = trigger.new();
-    let old = trigger.old();
-    let new_value = value_of(&new)?;
-    let old_value = value_of(&old)?;
+    let new_value = column.value(new_tuple);
+    let old_value = column.value(old_tuple);
     if new_value != old_value {
-        let owner = backend::default_owner();
         if let Some(value) = &new_value {
             xact::claim(namespace, checked("key", Some(value), KEY_BYTES_MAX), &owner);
         }
@@ -272,17 +300,71 @@ fn tob_unique<'a>(
             xact::release(namespace, value, &owner);
         }
     }
-    Ok(new.or(old))
+    Ok(trigger.new().or(trigger.old()))
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum TobTriggerError {
-    #[error("tob_unique needs two arguments: tob_unique('namespace', 'column')")]
-    Usage,
-    #[error("tob_unique: {0}")]
-    Trigger(#[from] pgrx::PgTriggerError),
-    #[error("tob_unique: the column must be of a text type (text, varchar, citext): {0}")]
-    Value(#[from] pgrx::datum::TryFromDatumError),
+/// The column a `tob_unique` trigger keeps unique, checked against the table.
+struct UniqueColumn {
+    tupdesc: pg_sys::TupleDesc,
+    attnum: i32,
+    name: String,
+}
+
+impl UniqueColumn {
+    /// Raises 42703 if the table has no such column, and 09000 for a generated one: BEFORE
+    /// triggers run before generated values are computed, so it would always look NULL.
+    fn find(data: &pg_sys::TriggerData, table: &str, name: &str) -> UniqueColumn {
+        let tupdesc = unsafe { (*data.tg_relation).rd_att };
+        let cname = std::ffi::CString::new(name).unwrap_or_default();
+        let attnum = unsafe { pg_sys::SPI_fnumber(tupdesc, cname.as_ptr()) };
+        if attnum <= 0 {
+            TobError::UndefinedColumn(format!("column \"{name}\" of \"{table}\" does not exist"))
+                .raise()
+        }
+        let attribute = unsafe { &*(*tupdesc).attrs.as_ptr().add(attnum as usize - 1) };
+        if attribute.attgenerated != 0 {
+            TobError::TriggerMisuse(format!(
+                "column \"{name}\" of \"{table}\" is generated, and BEFORE triggers see no generated values"
+            ))
+            .raise()
+        }
+        UniqueColumn { tupdesc, attnum, name: name.to_owned() }
+    }
+
+    /// The value's text form in `tuple`; None for NULL or no tuple.
+    fn value(&self, tuple: pg_sys::HeapTuple) -> Option<String> {
+        if tuple.is_null() {
+            return None;
+        }
+        let text = unsafe { pg_sys::SPI_getvalue(tuple, self.tupdesc, self.attnum) };
+        if text.is_null() {
+            return None;
+        }
+        let value = unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy().into_owned();
+        unsafe { pg_sys::pfree(text.cast()) };
+        Some(value)
+    }
+
+    /// Every non-NULL value of the column in the table itself (not its children: TRUNCATE
+    /// fires their own triggers), in its text form.
+    fn values_in_table(&self, schema: &str, table: &str) -> Vec<String> {
+        let query = format!(
+            "SELECT {column}::text FROM ONLY {table} WHERE {column} IS NOT NULL",
+            column = pgrx::spi::quote_identifier(&self.name),
+            table = pgrx::spi::quote_qualified_identifier(schema, table),
+        );
+        Spi::connect(|client| {
+            let rows = client.select(&query, None, &[])?;
+            let mut values = Vec::with_capacity(rows.len());
+            for row in rows {
+                values.extend(row.get::<String>(1)?);
+            }
+            Ok::<_, pgrx::spi::Error>(values)
+        })
+        .unwrap_or_else(|e| {
+            TobError::TriggerMisuse(format!("cannot read the table before TRUNCATE: {e}")).raise()
+        })
+    }
 }
 
 extension_sql!(

@@ -1173,3 +1173,119 @@ async fn a_name_deleted_and_written_again_in_one_transaction_stays_claimed() {
         }
     }
 }
+
+/// `tob_unique` declared wrongly fails every write with a clear error rather than silently
+/// claiming nothing; any column type works (the key is the value's text form); and as a
+/// BEFORE TRUNCATE trigger it releases every value of the table when the TRUNCATE commits.
+#[tokio::test]
+async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    let other = pg.create_app_database("other").await;
+    wait_until_ready(&db).await;
+
+    // Each wrong declaration, on a table of its own: the first write says what is wrong.
+    let wrong = [
+        (
+            "BEFORE INSERT",
+            "FOR EACH ROW",
+            "tob_unique('usernames')",
+            "09000",
+            "needs two arguments",
+        ),
+        ("BEFORE INSERT", "FOR EACH ROW", "tob_unique('usernames', 'nme')", "42703", "\"nme\""),
+        (
+            "AFTER INSERT",
+            "FOR EACH ROW",
+            "tob_unique('usernames', 'name')",
+            "09000",
+            "AFTER INSERT",
+        ),
+        (
+            "BEFORE INSERT",
+            "FOR EACH STATEMENT",
+            "tob_unique('usernames', 'name')",
+            "09000",
+            "STATEMENT",
+        ),
+        (
+            "BEFORE INSERT",
+            "FOR EACH ROW",
+            "tob_unique('usernames', 'folded')",
+            "09000",
+            "generated",
+        ),
+    ];
+    for (i, (when, level, call, code, says)) in wrong.into_iter().enumerate() {
+        db.batch_execute(&format!(
+            "CREATE TABLE wrong{i} (name text, folded text GENERATED ALWAYS AS (lower(name)) STORED);
+             CREATE TRIGGER t {when} ON wrong{i} {level} EXECUTE FUNCTION {call};"
+        ))
+        .await
+        .unwrap();
+        let err = db
+            .execute(&format!("INSERT INTO wrong{i} (name) VALUES ('wrong{i}')"), &[])
+            .await
+            .unwrap_err();
+        let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+        assert_eq!(sqlstate(&err), code, "{when} {level} {call}: {err:?}");
+        assert!(message.starts_with("tob_unique: ") && message.contains(says), "{message}");
+        let rows: i64 =
+            db.query_one(&format!("SELECT count(*) FROM wrong{i}"), &[]).await.unwrap().get(0);
+        assert_eq!(rows, 0);
+        assert_eq!(owner_state(&db, &format!("wrong{i}")).await, None, "nothing claimed");
+    }
+
+    // Any column type: the key is the value's text form, the same in every database.
+    for side in [&db, &other] {
+        side.batch_execute(
+            "CREATE TABLE badges (number bigint, issued uuid);
+             CREATE TRIGGER number BEFORE INSERT OR UPDATE OR DELETE ON badges
+                 FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'number');",
+        )
+        .await
+        .unwrap();
+    }
+    db.execute("INSERT INTO badges VALUES (4711, gen_random_uuid())", &[]).await.unwrap();
+    assert!(owner_state(&other, "4711").await.is_some(), "claimed (prepared or held)");
+    let err = other
+        .execute("INSERT INTO badges VALUES (4711, gen_random_uuid())", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23505");
+    db.execute("UPDATE badges SET number = 4712 WHERE number = 4711", &[]).await.unwrap();
+    other.execute("INSERT INTO badges VALUES (4711, gen_random_uuid())", &[]).await.unwrap();
+    assert!(owner_state(&db, "4712").await.is_some());
+
+    // TRUNCATE: without a statement trigger it would leave every name claimed; with one, a
+    // rolled-back TRUNCATE keeps them and a committed one frees them all.
+    db.batch_execute(
+        "CREATE TRIGGER users_truncate BEFORE TRUNCATE ON users
+             FOR EACH STATEMENT EXECUTE FUNCTION tob_unique('usernames', 'name');",
+    )
+    .await
+    .unwrap();
+    // Its own statement: in one query string with the BEGIN below it would be rolled back too.
+    db.batch_execute("INSERT INTO users (name) VALUES ('t_ann'), ('t_bob'), ('t_cid')")
+        .await
+        .unwrap();
+    db.batch_execute("BEGIN; TRUNCATE users; ROLLBACK;").await.unwrap();
+    let claimed = |db| async move {
+        let mut claimed = Vec::new();
+        for name in ["t_ann", "t_bob", "t_cid"] {
+            claimed.push(owner_state(db, name).await.is_some());
+        }
+        claimed
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await; // the rollback settled
+    assert_eq!(claimed(&other).await, [true; 3]);
+    assert_eq!(names(&db).await.len(), 3, "{:?}", names(&db).await);
+    db.batch_execute("TRUNCATE users").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async { claimed(&other).await == [false; 3] }).await,
+        "{:?}",
+        claimed(&other).await
+    );
+    other.execute("INSERT INTO users (name) VALUES ('t_bob')", &[]).await.unwrap();
+}
