@@ -241,7 +241,7 @@ fn tob_status() -> TableIterator<
 }
 
 /// Trigger function: `tob_unique('namespace', 'column')` keeps a column's values unique across
-/// every database using the same cluster. As a `BEFORE ... FOR EACH ROW` trigger, INSERT
+/// every database using the same cluster. As a `BEFORE ... FOR EACH ROW` trigger (or AFTER), INSERT
 /// claims NEW's value, UPDATE moves the claim, DELETE releases it — each final exactly when the
 /// transaction commits; as a `BEFORE TRUNCATE ... FOR EACH STATEMENT` trigger, TRUNCATE
 /// releases every value in the table. NULLs are not claimed (as in a unique index). The key
@@ -273,13 +273,15 @@ fn tob_unique<'a>(
             }
             return Ok(None);
         }
+        // AFTER works as well as BEFORE: the claim is still made inside the statement. Not
+        // INSTEAD OF (a view: nothing of the row is written by PostgreSQL itself).
         (
-            PgTriggerWhen::Before,
+            PgTriggerWhen::Before | PgTriggerWhen::After,
             PgTriggerLevel::Row,
             PgTriggerOperation::Insert | PgTriggerOperation::Update | PgTriggerOperation::Delete,
         ) => {}
         _ => TobError::TriggerMisuse(format!(
-            "must be fired BEFORE INSERT, UPDATE or DELETE FOR EACH ROW, or BEFORE TRUNCATE FOR EACH STATEMENT; trigger \"{}\" on \"{table}\" is {when} {op} FOR EACH {level}",
+            "must be fired BEFORE (or AFTER) INSERT, UPDATE or DELETE FOR EACH ROW, or BEFORE TRUNCATE FOR EACH STATEMENT; trigger \"{}\" on \"{table}\" is {when} {op} FOR EACH {level}",
             trigger.name()?
         ))
         .raise(),

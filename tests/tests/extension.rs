@@ -1196,13 +1196,6 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
         ),
         ("BEFORE INSERT", "FOR EACH ROW", "tob_unique('usernames', 'nme')", "42703", "\"nme\""),
         (
-            "AFTER INSERT",
-            "FOR EACH ROW",
-            "tob_unique('usernames', 'name')",
-            "09000",
-            "AFTER INSERT",
-        ),
-        (
             "BEFORE INSERT",
             "FOR EACH STATEMENT",
             "tob_unique('usernames', 'name')",
@@ -1236,6 +1229,25 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
         assert_eq!(rows, 0);
         assert_eq!(owner_state(&db, &format!("wrong{i}")).await, None, "nothing claimed");
     }
+
+    // AFTER ROW works like BEFORE.
+    db.batch_execute(
+        "CREATE TABLE late (name text);
+         CREATE TRIGGER t AFTER INSERT OR UPDATE OR DELETE ON late
+             FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');
+         INSERT INTO late VALUES ('late_one');",
+    )
+    .await
+    .unwrap();
+    let err = other.execute("INSERT INTO users (name) VALUES ('late_one')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "23505");
+    db.batch_execute("DELETE FROM late").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            owner_state(&other, "late_one").await.is_none()
+        })
+        .await
+    );
 
     // Any column type: the key is the value's text form, the same in every database.
     for side in [&db, &other] {
