@@ -137,7 +137,11 @@ pub fn instance_session() -> SessionId {
     }
 }
 
-fn current_holder() -> (u64, String) {
+/// This transaction's id and holder, for a call that changes the cluster's state with it
+/// (`what`, as the error names it). Refused with 25006 in a read-only transaction (and so on
+/// a hot standby, which could not assign the id), as `nextval` is.
+fn current_holder(what: &std::ffi::CStr) -> (u64, String) {
+    unsafe { pg_sys::PreventCommandIfReadOnly(what.as_ptr()) };
     let full_xid = unsafe { pg_sys::GetTopFullTransactionId().value };
     (full_xid, backend::holder_of(full_xid))
 }
@@ -178,7 +182,7 @@ fn record_transaction(full_xid: u64, holder: &str) {
 /// Claims `key` for `owner` until this transaction ends: final at commit, released at abort.
 pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
     require_preloaded("tob_claim");
-    let (full_xid, holder) = current_holder();
+    let (full_xid, holder) = current_holder(c"tob_claim()");
     let claim_key = claim_key(namespace, key);
     // Outside a transaction block the statement's transaction commits as soon as the statement
     // ends: claim prepared at once and save the Prepare round trip at commit. Safe because a
@@ -289,7 +293,7 @@ fn wait_for_new_session(old: SessionId) {
 /// `pg_terminate_backend`, then the same DELETE again from a new connection).
 pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
     require_preloaded("tob_release inside a transaction");
-    let (full_xid, holder) = current_holder();
+    let (full_xid, holder) = current_holder(c"tob_release()");
     let claim_key = claim_key(namespace, key);
     // The reconciler decides a scheduled release by the transaction's fate, as it does a
     // prepared claim (a release from an earlier start whose id was reused is dropped).
@@ -334,7 +338,7 @@ pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
 /// as committed, dropped if it aborts or its savepoint is rolled back.
 pub fn append_on_commit(topic: Option<&str>, payload: &[u8]) {
     require_preloaded("tob_append_on_commit");
-    let (full_xid, holder) = current_holder();
+    let (full_xid, holder) = current_holder(c"tob_append_on_commit()");
     record_transaction(full_xid, &holder);
     let limit = Limits::default().staged_bytes_max;
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };

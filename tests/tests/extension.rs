@@ -736,7 +736,8 @@ async fn leader_killed_during_claim_storm_loses_nothing() {
     }
 }
 
-/// Nothing is granted to PUBLIC; the tob_user role grants use.
+/// Nothing is granted to PUBLIC; the tob_user role grants use. Read-only transactions do not
+/// claim.
 #[tokio::test]
 async fn privileges_need_the_tob_user_role() {
     let cluster = Sequencers::start();
@@ -755,6 +756,25 @@ async fn privileges_need_the_tob_user_role() {
     assert!(listed.is_empty(), "none declared in this test");
     let err = user.query_one("SELECT tob_create_namespace('x')", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&err), "42501");
+
+    // A read-only transaction (and so a hot standby) may not claim, release or append on
+    // commit: 25006, as for nextval. Plain appends and reads do not touch the database.
+    wait_until_ready(&admin).await;
+    for call in [
+        "SELECT tob_claim('usernames', 'read_only')",
+        "SELECT tob_release('usernames', 'read_only')",
+        "SELECT tob_append_on_commit('t', 'read_only')",
+    ] {
+        admin.batch_execute("BEGIN READ ONLY").await.unwrap();
+        let err = admin.batch_execute(call).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "25006", "{call}: {err:?}");
+        admin.batch_execute("ROLLBACK").await.unwrap();
+    }
+    assert_eq!(owner_state(&admin, "read_only").await, None);
+    admin
+        .batch_execute("BEGIN READ ONLY; SELECT tob_append('t', 'x'), tob_sync(); COMMIT")
+        .await
+        .unwrap();
 }
 
 /// A DELETE whose transaction ended but whose end the background worker has not yet told the
