@@ -184,6 +184,10 @@ fn run(cli: &Cli) -> Result<ExitCode, ClientError> {
                     ),
                 }
             }
+            // Every node listed, reachable or not; but none reachable is "unavailable" (3).
+            if statuses.iter().all(Result::is_err) {
+                return Ok(ExitCode::from(3));
+            }
         }
         Cmd::Append { topic, payload } => {
             let seq = c.append(Some(topic), payload.as_bytes())?;

@@ -211,6 +211,7 @@ fn no_cluster_is_a_usage_error_and_a_dead_one_is_unavailable() {
         .unwrap();
     let text = status.stdout_text();
     assert!(text.starts_with(&format!("127.0.0.1:{port}  unreachable: ")), "{text}");
+    assert_eq!(status.status.code(), Some(3), "no node reachable: unavailable");
 }
 
 /// `tob cluster up` killed with SIGKILL takes its nodes with it (they get SIGTERM).
