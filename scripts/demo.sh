@@ -55,6 +55,8 @@ CREATE EXTENSION tob;
 CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT NULL);
 CREATE TRIGGER users_name_unique BEFORE INSERT OR UPDATE OR DELETE ON users
     FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');
+CREATE TRIGGER users_name_truncate BEFORE TRUNCATE ON users
+    FOR EACH STATEMENT EXECUTE FUNCTION tob_unique('usernames', 'name');
 SQL
     echo "   $s: PostgreSQL on port $(cat "$work/$s/port"), database app, trigger tob_unique('usernames', 'name')"
 done
