@@ -35,7 +35,6 @@ pub extern "C-unwind" fn _PG_init() {
 const KEY_BYTES_MAX: usize = 1024;
 const NAME_BYTES_MAX: usize = 256;
 
-/// Checks an argument the way the cluster would, so bad input fails before any network call.
 /// A message's payload: not NULL (empty is fine), within the cluster's limit on one request.
 fn checked_payload(payload: Option<&str>) -> &str {
     let Some(payload) = payload else {
@@ -52,6 +51,7 @@ fn checked_payload(payload: Option<&str>) -> &str {
     payload
 }
 
+/// Checks an argument the way the cluster would, so bad input fails before any network call.
 fn checked<'a>(what: &str, value: Option<&'a str>, max: usize) -> &'a str {
     let Some(value) = value else {
         TobError::BadArgument(format!("{what} must not be NULL")).raise()
@@ -262,9 +262,10 @@ fn tob_unique<'a>(
     let namespace = checked("namespace", Some(namespace), NAME_BYTES_MAX);
     let data = trigger.trigger_data();
     let table = trigger.table_name()?;
-    let column = UniqueColumn::find(data, &table, column);
-    let owner = backend::default_owner();
     let (when, level, op) = (trigger.when()?, trigger.level(), trigger.op()?);
+    let before_row = matches!((&when, &level), (PgTriggerWhen::Before, PgTriggerLevel::Row));
+    let column = UniqueColumn::find(data, &table, column, before_row);
+    let owner = backend::default_owner();
     match (&when, &level, &op) {
         (PgTriggerWhen::Before, PgTriggerLevel::Statement, PgTriggerOperation::Truncate) => {
             let schema = trigger.table_schema()?;
@@ -313,9 +314,9 @@ struct UniqueColumn {
 }
 
 impl UniqueColumn {
-    /// Raises 42703 if the table has no such column, and 09000 for a generated one: BEFORE
-    /// triggers run before generated values are computed, so it would always look NULL.
-    fn find(data: &pg_sys::TriggerData, table: &str, name: &str) -> UniqueColumn {
+    /// Raises 42703 if the table has no such column, and 09000 for a generated one in a BEFORE
+    /// ROW trigger: those run before generated values are computed, so it would look NULL.
+    fn find(data: &pg_sys::TriggerData, table: &str, name: &str, before_row: bool) -> UniqueColumn {
         let tupdesc = unsafe { (*data.tg_relation).rd_att };
         let cname = std::ffi::CString::new(name).unwrap_or_default();
         let attnum = unsafe { pg_sys::SPI_fnumber(tupdesc, cname.as_ptr()) };
@@ -324,9 +325,9 @@ impl UniqueColumn {
                 .raise()
         }
         let attribute = unsafe { &*(*tupdesc).attrs.as_ptr().add(attnum as usize - 1) };
-        if attribute.attgenerated != 0 {
+        if before_row && attribute.attgenerated != 0 {
             TobError::TriggerMisuse(format!(
-                "column \"{name}\" of \"{table}\" is generated, and BEFORE triggers see no generated values"
+                "column \"{name}\" of \"{table}\" is generated, and BEFORE ROW triggers see no generated values: declare the trigger AFTER"
             ))
             .raise()
         }

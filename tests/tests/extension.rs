@@ -1269,6 +1269,22 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
         .await
     );
 
+    // Case-insensitive names: an AFTER trigger on a generated lower-cased column (AFTER
+    // triggers see generated values; BEFORE ones are refused above).
+    for side in [&db, &other] {
+        side.batch_execute(
+            "CREATE TABLE handles (name text, folded text GENERATED ALWAYS AS (lower(name)) STORED);
+             CREATE TRIGGER t AFTER INSERT OR UPDATE OR DELETE ON handles
+                 FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'folded');",
+        )
+        .await
+        .unwrap();
+    }
+    db.execute("INSERT INTO handles (name) VALUES ('Zed')", &[]).await.unwrap();
+    let err = other.execute("INSERT INTO handles (name) VALUES ('zED')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "23505");
+    assert!(owner_state(&other, "zed").await.is_some());
+
     // Any column type: the key is the value's text form, the same in every database.
     for side in [&db, &other] {
         side.batch_execute(
