@@ -1285,6 +1285,24 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
     assert_eq!(sqlstate(&err), "23505");
     assert!(owner_state(&other, "zed").await.is_some());
 
+    // In replica mode (a restore with triggers off, a logical replication subscriber) the
+    // trigger does not fire: nothing is claimed.
+    db.batch_execute(
+        "SET session_replication_role = replica;
+         INSERT INTO users (name) VALUES ('restored_row');
+         RESET session_replication_role;",
+    )
+    .await
+    .unwrap();
+    assert_eq!(owner_state(&db, "restored_row").await, None);
+    db.batch_execute(
+        "SET session_replication_role = replica;
+         DELETE FROM users WHERE name = 'restored_row';
+         RESET session_replication_role;",
+    )
+    .await
+    .unwrap();
+
     // Any column type: the key is the value's text form, the same in every database.
     for side in [&db, &other] {
         side.batch_execute(
