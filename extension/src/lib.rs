@@ -269,7 +269,11 @@ fn tob_unique<'a>(
     match (&when, &level, &op) {
         (PgTriggerWhen::Before, PgTriggerLevel::Statement, PgTriggerOperation::Truncate) => {
             let schema = trigger.table_schema()?;
-            for value in column.values_in_table(&schema, &table) {
+            // A partitioned table keeps its rows in its partitions, whose own TRUNCATE
+            // triggers (statement triggers are not cloned to partitions) do not fire.
+            let partitioned = unsafe { (*(*data.tg_relation).rd_rel).relkind }
+                == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
+            for value in column.values_in_table(&schema, &table, partitioned) {
                 xact::release(namespace, &value, &owner);
             }
             return Ok(None);
@@ -348,11 +352,13 @@ impl UniqueColumn {
         Some(value)
     }
 
-    /// Every non-NULL value of the column in the table itself (not its children: TRUNCATE
-    /// fires their own triggers), in its text form.
-    fn values_in_table(&self, schema: &str, table: &str) -> Vec<String> {
+    /// Every non-NULL value of the column in the table itself, in its text form: with its
+    /// partitions' rows for a partitioned table, without inheritance children otherwise (a
+    /// TRUNCATE fires their own triggers).
+    fn values_in_table(&self, schema: &str, table: &str, partitioned: bool) -> Vec<String> {
         let query = format!(
-            "SELECT {column}::text FROM ONLY {table} WHERE {column} IS NOT NULL",
+            "SELECT {column}::text FROM {only} {table} WHERE {column} IS NOT NULL",
+            only = if partitioned { "" } else { "ONLY" },
             column = pgrx::spi::quote_identifier(&self.name),
             table = pgrx::spi::quote_qualified_identifier(schema, table),
         );

@@ -1354,4 +1354,33 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
         claimed(&other).await
     );
     other.execute("INSERT INTO users (name) VALUES ('t_bob')", &[]).await.unwrap();
+
+    // A partitioned table: the row trigger is cloned to the partitions; the TRUNCATE trigger
+    // on the parent releases the partitions' rows.
+    db.batch_execute(
+        "CREATE TABLE parted (name text) PARTITION BY HASH (name);
+         CREATE TABLE parted_0 PARTITION OF parted FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+         CREATE TABLE parted_1 PARTITION OF parted FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+         CREATE TRIGGER t BEFORE INSERT OR UPDATE OR DELETE ON parted
+             FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');
+         CREATE TRIGGER t_truncate BEFORE TRUNCATE ON parted
+             FOR EACH STATEMENT EXECUTE FUNCTION tob_unique('usernames', 'name');
+         INSERT INTO parted SELECT 'part_' || i FROM generate_series(1, 6) AS i;",
+    )
+    .await
+    .unwrap();
+    let spread: i64 = db.query_one("SELECT count(*) FROM parted_0", &[]).await.unwrap().get(0);
+    assert!(spread > 0 && spread < 6, "rows in both partitions: {spread} in the first");
+    assert!(owner_state(&other, "part_3").await.is_some());
+    db.batch_execute("TRUNCATE parted").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let mut free = true;
+            for i in 1..=6 {
+                free &= owner_state(&other, &format!("part_{i}")).await.is_none();
+            }
+            free
+        })
+        .await
+    );
 }
