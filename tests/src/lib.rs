@@ -186,6 +186,17 @@ impl Postgres {
         self.server.stop_immediate().unwrap();
     }
 
+    /// A streaming standby of this server (tob preloaded, the same settings).
+    pub fn start_standby(&self) -> Postgres {
+        let server = Server::start_standby(&scratch_dir("standby"), &self.server)
+            .unwrap_or_else(|e| panic!("starting a standby: {e}"));
+        Postgres { port: server.port, server }
+    }
+
+    pub fn promote(&self) {
+        self.server.promote().unwrap_or_else(|e| panic!("promoting: {e}\n{}", self.log()));
+    }
+
     pub fn restart_after_crash(&self) {
         self.server.restart_after_crash().unwrap();
     }

@@ -1384,3 +1384,91 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
         .await
     );
 }
+
+/// A hot standby with tob preloaded leaves the primary's claims alone (its transactions claim
+/// nothing: 25006); promoted after the primary crashed, it finishes what the old primary left
+/// in flight — committed rows' names stay held (and its DELETEs release them: the same owner),
+/// a claim prepared for a commit the standby never saw is released — and claims anew.
+#[tokio::test]
+async fn a_standby_leaves_the_primarys_claims_alone_and_takes_over_when_promoted() {
+    let cluster = Sequencers::start();
+    let primary = Postgres::start(&cluster.addresses(), &[]);
+    let db = primary.create_app_database("app").await;
+    wait_until_ready(&db).await;
+    db.execute("INSERT INTO users (name) VALUES ('before_standby')", &[]).await.unwrap();
+    let standby = primary.start_standby();
+    let replica = standby.connect("app").await;
+    let replicated = |name: &'static str| {
+        let replica = &replica;
+        async move {
+            eventually(Duration::from_secs(15), || async {
+                replica.query("SELECT 1 FROM users WHERE name = $1", &[&name]).await.unwrap().len()
+                    == 1
+            })
+            .await
+        }
+    };
+    assert!(replicated("before_standby").await);
+    let err = replica.query_one("SELECT tob_claim('usernames', 'on_standby')", &[]).await;
+    assert_eq!(sqlstate(&err.unwrap_err()), "25006");
+
+    // A transaction on the primary stays open for seconds with the standby running: its claim
+    // must survive and its commit succeed. (The standby's holders are the primary's, under the
+    // same system identifier, and its own start would make them look cut off by a restart;
+    // its background worker, which would reconcile them, starts only once it is promoted.)
+    db.batch_execute("BEGIN; INSERT INTO users (name) VALUES ('in_flight')").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    db.batch_execute("COMMIT").await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            owner_state(&db, "in_flight").await.as_deref() == Some("held")
+        })
+        .await
+    );
+    assert!(replicated("in_flight").await);
+    assert!(!standby.log().contains("tob worker started"), "{}", standby.log());
+
+    // Failover: a claim prepared for a commit that never happens, then the primary crashes
+    // and the standby is promoted.
+    let committing = primary.connect("app").await;
+    committing.batch_execute("SET tob.test_pause_after_prepare = '60s'").await.unwrap();
+    let lost = tokio::spawn(async move {
+        committing.execute("INSERT INTO users (name) VALUES ('lost_in_failover')", &[]).await
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            owner_state(&db, "lost_in_failover").await.as_deref() == Some("prepared")
+        })
+        .await
+    );
+    primary.stop_immediate();
+    assert!(lost.await.unwrap().is_err(), "the connection died with the server");
+    standby.promote();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            standby.log().contains("tob worker started")
+        })
+        .await
+    );
+    let new_primary = standby.connect("app").await;
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            owner_state(&new_primary, "lost_in_failover").await.is_none()
+        })
+        .await,
+        "the promoted server's reconciler released it\n{}",
+        standby.log()
+    );
+    assert_eq!(owner_state(&new_primary, "before_standby").await.as_deref(), Some("held"));
+    assert_eq!(owner_state(&new_primary, "in_flight").await.as_deref(), Some("held"));
+    new_primary.execute("INSERT INTO users (name) VALUES ('after_failover')", &[]).await.unwrap();
+    new_primary.execute("DELETE FROM users WHERE name = 'in_flight'", &[]).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            owner_state(&new_primary, "in_flight").await.is_none()
+        })
+        .await,
+        "the same owner: its DELETE released the name"
+    );
+    assert!(owner_state(&new_primary, "after_failover").await.is_some());
+}

@@ -89,6 +89,39 @@ impl Server {
         Ok(server)
     }
 
+    /// Creates and starts a streaming standby of `primary` in `dir` (which it owns and
+    /// removes): a base backup with `-R`, its own port and socket directory; the rest of the
+    /// configuration (tob's settings, `cluster_name`) is the primary's, copied with the data.
+    pub fn start_standby(dir: &Path, primary: &Server) -> io::Result<Server> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let mut chown = Command::new("chown");
+        chown.arg("postgres:postgres").arg(dir);
+        run(chown, "chown")?;
+        let port = crate::ports::bind_fresh()?.local_addr()?.port();
+        let server = Server { dir: dir.to_path_buf(), port, name: primary.name.clone() };
+        let mut backup = as_postgres("pg_basebackup");
+        // A fast checkpoint: the default spreads it over minutes.
+        let options = ["-R", "-X", "stream", "-c", "fast", "-U", "postgres"];
+        backup.arg("-D").arg(server.data()).args(options);
+        backup.arg("-h").arg(&primary.dir).arg("-p").arg(primary.port.to_string());
+        run(backup, "pg_basebackup")?;
+        let conf_path = server.data().join("postgresql.conf");
+        let mut conf = std::fs::read_to_string(&conf_path)?;
+        // Later lines win over the primary's.
+        conf.push_str(&format!("port = {port}\nunix_socket_directories = '{}'\n", dir.display()));
+        std::fs::write(&conf_path, conf)?;
+        server.pg_ctl_start()?;
+        Ok(server)
+    }
+
+    /// `pg_ctl promote`: a standby becomes a primary (waits until it accepts writes).
+    pub fn promote(&self) -> io::Result<()> {
+        let mut promote = as_postgres("pg_ctl");
+        promote.arg("-D").arg(self.data()).args(["-w", "promote"]);
+        run(promote, "pg_ctl promote")
+    }
+
     /// The data directory.
     pub fn data(&self) -> PathBuf {
         self.dir.join("data")
