@@ -233,8 +233,8 @@ async fn insert_waits_for(
 }
 
 /// A waiting claimer gives up after tob.claim_wait_timeout with 55P03; statement_timeout
-/// and pg_cancel_backend interrupt a wait with 57014; two transactions waiting for each
-/// other's names both give up with 55P03.
+/// and pg_cancel_backend interrupt a wait with 57014; of two transactions waiting for each
+/// other's names, the first to give up fails with 55P03 and the other gets on.
 #[tokio::test]
 async fn waits_end_on_timeouts_and_cancel() {
     let cluster = Sequencers::start();
@@ -274,12 +274,14 @@ async fn waits_end_on_timeouts_and_cancel() {
     holder.batch_execute("ROLLBACK").await.unwrap();
 
     // Two transactions that each wait for the other's name: a deadlock PostgreSQL cannot see
-    // (the waits are on the cluster, as between two servers). Both give up after
-    // tob.claim_wait_timeout with 55P03 and, rolled back, leave both names free.
+    // (the waits are on the cluster, as between two servers). The one with the shorter
+    // tob.claim_wait_timeout gives up with 55P03; its failed statement aborts its transaction
+    // at once (PostgreSQL aborts on the error, before the ROLLBACK), which releases its name,
+    // and the other gets it without waiting out its own timeout.
     let mut sides = Vec::new();
-    for mine in ["deadlock_a", "deadlock_b"] {
+    for (mine, timeout) in [("deadlock_a", "1s"), ("deadlock_b", "20s")] {
         let side = pg.connect("app").await;
-        side.batch_execute("SET tob.claim_wait_timeout = '1s'").await.unwrap();
+        side.batch_execute(&format!("SET tob.claim_wait_timeout = '{timeout}'")).await.unwrap();
         side.batch_execute("BEGIN").await.unwrap();
         side.execute("INSERT INTO users (name) VALUES ($1)", &[&mine]).await.unwrap();
         sides.push(side);
@@ -291,31 +293,30 @@ async fn waits_end_on_timeouts_and_cancel() {
         .map(|(side, theirs)| {
             tokio::spawn(async move {
                 let result = side.execute("INSERT INTO users (name) VALUES ($1)", &[&theirs]).await;
-                (side, result)
+                (side, result, started.elapsed())
             })
         })
         .collect();
-    let mut sides = Vec::new();
+    let mut outcomes = Vec::new();
     for wait in waits {
-        // Neither rolls back before both gave up: a rollback frees its name for the other.
-        let (side, result) = wait.await.unwrap();
-        let err = result.unwrap_err();
-        assert_eq!(sqlstate(&err), "55P03", "{err:?}");
-        sides.push(side);
+        outcomes.push(wait.await.unwrap());
     }
-    let waited = started.elapsed();
-    assert!(waited >= Duration::from_secs(1) && waited < Duration::from_secs(8), "{waited:?}");
-    for side in sides {
-        side.batch_execute("ROLLBACK").await.unwrap();
-    }
+    let (gave_up, a_result, a_waited) = &outcomes[0];
+    let (got_it, b_result, b_waited) = &outcomes[1];
+    assert_eq!(sqlstate(a_result.as_ref().unwrap_err()), "55P03", "{a_result:?}");
+    assert!(*a_waited >= Duration::from_secs(1), "{a_waited:?}");
+    assert!(b_result.is_ok(), "{b_result:?}");
+    assert!(*b_waited < Duration::from_secs(10), "not its own timeout: {b_waited:?}");
+    gave_up.batch_execute("ROLLBACK").await.unwrap();
+    got_it.batch_execute("COMMIT").await.unwrap();
+    let rows: i64 = holder
+        .query_one("SELECT count(*) FROM users WHERE name LIKE 'deadlock_%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2, "the second transaction has both names");
     for name in ["deadlock_a", "deadlock_b"] {
-        assert!(
-            eventually(Duration::from_secs(10), || async {
-                owner_state(&holder, name).await.is_none()
-            })
-            .await,
-            "{name} is free again"
-        );
+        assert!(owner_state(&holder, name).await.is_some(), "{name} held");
     }
 }
 
