@@ -40,15 +40,7 @@ fn checked_payload(payload: Option<&str>) -> &str {
     let Some(payload) = payload else {
         TobError::BadArgument("payload must not be NULL".into()).raise()
     };
-    let max = tob_proto::Limits::default().payload_bytes_max;
-    if payload.len() > max {
-        TobError::TooLong(format!(
-            "payload is {} bytes long; at most {max} are allowed",
-            payload.len()
-        ))
-        .raise()
-    }
-    payload
+    within("payload", payload, tob_proto::Limits::default().payload_bytes_max)
 }
 
 /// Checks an argument the way the cluster would, so bad input fails before any network call.
@@ -59,6 +51,11 @@ fn checked<'a>(what: &str, value: Option<&'a str>, max: usize) -> &'a str {
     if value.is_empty() {
         TobError::BadArgument(format!("{what} must not be empty")).raise()
     }
+    within(what, value, max)
+}
+
+/// `value` if it is at most `max` bytes long; 22001 naming `what` otherwise.
+fn within<'a>(what: &str, value: &'a str, max: usize) -> &'a str {
     if value.len() > max {
         TobError::TooLong(format!(
             "{what} is {} bytes long; at most {max} are allowed",

@@ -54,16 +54,22 @@ pub struct Server {
 }
 
 impl Server {
-    /// Creates and starts a server in `dir` (which it owns and removes) named `name` (may be
-    /// empty) with `extra` lines appended to postgresql.conf.
-    pub fn start(dir: &Path, name: &str, cluster: &str, extra: &[&str]) -> io::Result<Server> {
+    /// An empty `dir` owned by the `postgres` user and a free port, for a server not yet made.
+    fn prepare(dir: &Path, name: &str) -> io::Result<Server> {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir)?;
         let mut chown = Command::new("chown");
         chown.arg("postgres:postgres").arg(dir);
         run(chown, "chown")?;
         let port = crate::ports::bind_fresh()?.local_addr()?.port();
-        let server = Server { dir: dir.to_path_buf(), port, name: name.to_owned() };
+        Ok(Server { dir: dir.to_path_buf(), port, name: name.to_owned() })
+    }
+
+    /// Creates and starts a server in `dir` (which it owns and removes) named `name` (may be
+    /// empty) with `extra` lines appended to postgresql.conf.
+    pub fn start(dir: &Path, name: &str, cluster: &str, extra: &[&str]) -> io::Result<Server> {
+        let server = Server::prepare(dir, name)?;
+        let port = server.port;
         let data = server.data();
         let mut initdb = as_postgres("initdb");
         initdb.arg("-D").arg(&data).args(["-A", "trust", "-U", "postgres", "--no-sync"]);
@@ -93,13 +99,8 @@ impl Server {
     /// removes): a base backup with `-R`, its own port and socket directory; the rest of the
     /// configuration (tob's settings, `cluster_name`) is the primary's, copied with the data.
     pub fn start_standby(dir: &Path, primary: &Server) -> io::Result<Server> {
-        let _ = std::fs::remove_dir_all(dir);
-        std::fs::create_dir_all(dir)?;
-        let mut chown = Command::new("chown");
-        chown.arg("postgres:postgres").arg(dir);
-        run(chown, "chown")?;
-        let port = crate::ports::bind_fresh()?.local_addr()?.port();
-        let server = Server { dir: dir.to_path_buf(), port, name: primary.name.clone() };
+        let server = Server::prepare(dir, &primary.name)?;
+        let port = server.port;
         let mut backup = as_postgres("pg_basebackup");
         // A fast checkpoint: the default spreads it over minutes.
         let options = ["-R", "-X", "stream", "-c", "fast", "-U", "postgres"];
