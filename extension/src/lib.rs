@@ -258,10 +258,11 @@ fn tob_unique<'a>(
     };
     let namespace = checked("namespace", Some(namespace), NAME_BYTES_MAX);
     let data = trigger.trigger_data();
-    let table = trigger.table_name()?;
+    // Only errors and TRUNCATE need it: not looked up for every row.
+    let table = || trigger.table_name().unwrap_or_else(|_| "?".into());
     let (when, level, op) = (trigger.when()?, trigger.level(), trigger.op()?);
     let before_row = matches!((&when, &level), (PgTriggerWhen::Before, PgTriggerLevel::Row));
-    let column = UniqueColumn::find(data, &table, column, before_row);
+    let column = UniqueColumn::find(data, table, column, before_row);
     let owner = backend::default_owner();
     match (&when, &level, &op) {
         (PgTriggerWhen::Before, PgTriggerLevel::Statement, PgTriggerOperation::Truncate) => {
@@ -270,7 +271,7 @@ fn tob_unique<'a>(
             // triggers (statement triggers are not cloned to partitions) do not fire.
             let partitioned = unsafe { (*(*data.tg_relation).rd_rel).relkind }
                 == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
-            for value in column.values_in_table(&schema, &table, partitioned) {
+            for value in column.values_in_table(&schema, &table(), partitioned) {
                 xact::release(namespace, &value, &owner);
             }
             return Ok(None);
@@ -283,8 +284,9 @@ fn tob_unique<'a>(
             PgTriggerOperation::Insert | PgTriggerOperation::Update | PgTriggerOperation::Delete,
         ) => {}
         _ => TobError::TriggerMisuse(format!(
-            "must be fired BEFORE (or AFTER) INSERT, UPDATE or DELETE FOR EACH ROW, or BEFORE TRUNCATE FOR EACH STATEMENT; trigger \"{}\" on \"{table}\" is {when} {op} FOR EACH {level}",
-            trigger.name()?
+            "must be fired BEFORE (or AFTER) INSERT, UPDATE or DELETE FOR EACH ROW, or BEFORE TRUNCATE FOR EACH STATEMENT; trigger \"{}\" on \"{}\" is {when} {op} FOR EACH {level}",
+            trigger.name()?,
+            table()
         ))
         .raise(),
     }
@@ -317,16 +319,23 @@ struct UniqueColumn {
 impl UniqueColumn {
     /// Raises 42703 if the table has no such column, and 09000 for a generated one in a BEFORE
     /// ROW trigger: those run before generated values are computed, so it would look NULL.
-    fn find(data: &pg_sys::TriggerData, table: &str, name: &str, before_row: bool) -> UniqueColumn {
+    fn find(
+        data: &pg_sys::TriggerData,
+        table: impl Fn() -> String,
+        name: &str,
+        before_row: bool,
+    ) -> UniqueColumn {
         let tupdesc = unsafe { (*data.tg_relation).rd_att };
         let cname = std::ffi::CString::new(name).unwrap_or_default();
         let attnum = unsafe { pg_sys::SPI_fnumber(tupdesc, cname.as_ptr()) };
         if attnum <= 0 {
+            let table = table();
             TobError::UndefinedColumn(format!("column \"{name}\" of \"{table}\" does not exist"))
                 .raise()
         }
         let attribute = unsafe { &*(*tupdesc).attrs.as_ptr().add(attnum as usize - 1) };
         if before_row && attribute.attgenerated != 0 {
+            let table = table();
             TobError::TriggerMisuse(format!(
                 "column \"{name}\" of \"{table}\" is generated, and BEFORE ROW triggers see no generated values: declare the trigger AFTER"
             ))
