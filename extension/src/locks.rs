@@ -21,6 +21,10 @@ thread_local! {
 }
 
 pub fn lock(resource: &str) -> FencingToken {
+    // A lock belongs to the server's session with the cluster, which tob's background worker
+    // holds, and the worker runs only on a primary: refused at once on a hot standby (25006)
+    // instead of waiting out the timeouts for a session that never comes.
+    unsafe { pg_sys::PreventCommandDuringRecovery(c"tob_lock()".as_ptr()) };
     let holder = backend::backend_holder();
     let mut waiting = backend::Waiting::new();
     loop {

@@ -1412,6 +1412,10 @@ async fn a_standby_leaves_the_primarys_claims_alone_and_takes_over_when_promoted
     assert!(replicated("before_standby").await);
     let err = replica.query_one("SELECT tob_claim('usernames', 'on_standby')", &[]).await;
     assert_eq!(sqlstate(&err.unwrap_err()), "25006");
+    let started = Instant::now();
+    let err = replica.query_one("SELECT tob_lock('on_standby')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "25006", "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(1), "at once, not after the timeouts");
 
     // A transaction on the primary stays open for seconds with the standby running: its claim
     // must survive and its commit succeed. (The standby's holders are the primary's, under the
