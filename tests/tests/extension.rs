@@ -43,6 +43,14 @@ async fn owner_state(db: &tob_e2e::Client, key: &str) -> Option<String> {
     rows.first().map(|r| r.get(0))
 }
 
+/// Whether `key`'s claim state in `usernames` becomes `expected` (None: free) within `secs`.
+async fn state_becomes(db: &tob_e2e::Client, key: &str, expected: Option<&str>, secs: u64) -> bool {
+    eventually(Duration::from_secs(secs), || async {
+        owner_state(db, key).await.as_deref() == expected
+    })
+    .await
+}
+
 /// Two servers, two databases each racing to insert the same usernames through the trigger:
 /// every name ends up in exactly one database, and its claim is held.
 #[tokio::test]
@@ -87,10 +95,7 @@ async fn concurrent_inserts_across_databases_keep_each_name_once() {
     assert_eq!(total, 40);
     // Claims become held once the worker settles the committed transactions.
     for name in ["user0", "user17", "user39"] {
-        let held = eventually(Duration::from_secs(10), || async {
-            owner_state(&a, name).await.as_deref() == Some("held")
-        })
-        .await;
+        let held = state_becomes(&a, name, Some("held"), 10).await;
         assert!(held, "{name} held");
     }
 }
@@ -129,12 +134,7 @@ async fn rollback_savepoint_and_delete_release() {
 
     // An aborted DELETE keeps the claim; a committed one releases it.
     db.batch_execute("BEGIN; DELETE FROM users WHERE name = 'kept'; ROLLBACK;").await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            owner_state(&db, "kept").await.as_deref() == Some("held")
-        })
-        .await
-    );
+    assert!(state_becomes(&db, "kept", Some("held"), 5).await);
     let err = other.execute("INSERT INTO users (name) VALUES ('kept')", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&err), "23505");
     db.execute("DELETE FROM users WHERE name = 'kept'", &[]).await.unwrap();
@@ -361,12 +361,7 @@ async fn terminated_backend_releases_its_claims() {
     victim.batch_execute("BEGIN; INSERT INTO users (name) VALUES ('orphan');").await.unwrap();
     assert_eq!(owner_state(&admin, "orphan").await.as_deref(), Some("pending"));
     admin.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            owner_state(&admin, "orphan").await.is_none()
-        })
-        .await
-    );
+    assert!(state_becomes(&admin, "orphan", None, 10).await);
     admin.execute("INSERT INTO users (name) VALUES ('orphan')", &[]).await.unwrap();
 }
 
@@ -530,10 +525,7 @@ async fn crash_between_prepare_and_commit_is_reconciled() {
     }
     for name in ["crashed", "crashed_block"] {
         assert!(
-            eventually(Duration::from_secs(10), || async {
-                owner_state(&db, name).await.as_deref() == Some("prepared")
-            })
-            .await,
+            state_becomes(&db, name, Some("prepared"), 10).await,
             "{name}: state {:?}\n{}",
             owner_state(&db, name).await,
             pg.log()
@@ -548,10 +540,7 @@ async fn crash_between_prepare_and_commit_is_reconciled() {
     let db = pg.connect("app").await;
     for name in ["crashed", "crashed_block"] {
         assert!(
-            eventually(Duration::from_secs(15), || async {
-                owner_state(&db, name).await.is_none()
-            })
-            .await,
+            state_becomes(&db, name, None, 15).await,
             "the reconciler released {name}, whose transaction never committed\n{}",
             pg.log()
         );
@@ -598,10 +587,7 @@ async fn a_claim_whose_transaction_id_is_reused_after_a_crash_is_released() {
         claiming.execute("INSERT INTO plain_users (name) VALUES ('reused')", &[]).await
     });
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            owner_state(&db, "reused").await.as_deref() == Some("prepared")
-        })
-        .await,
+        state_becomes(&db, "reused", Some("prepared"), 10).await,
         "state {:?}\n{}",
         owner_state(&db, "reused").await,
         pg.log()
@@ -630,10 +616,7 @@ async fn a_claim_whose_transaction_id_is_reused_after_a_crash_is_released() {
     // another transaction of the new start).
     assert!(handed_out[0] <= claimer, "id {claimer} was handed out again: {handed_out:?}");
     assert!(
-        eventually(Duration::from_secs(15), || async {
-            owner_state(&db, "reused").await.is_none()
-        })
-        .await,
+        state_becomes(&db, "reused", None, 15).await,
         "the claim of a transaction that never committed is released, not finalized by the id's \
          new owner: state {:?}\n{}",
         owner_state(&db, "reused").await,
@@ -645,12 +628,7 @@ async fn a_claim_whose_transaction_id_is_reused_after_a_crash_is_released() {
     let rows: i64 = db.query_one("SELECT count(*) FROM plain_users", &[]).await.unwrap().get(0);
     assert_eq!(rows, 0);
     db.execute("INSERT INTO users (name) VALUES ('reused')", &[]).await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            owner_state(&db, "reused").await.as_deref() == Some("held")
-        })
-        .await
-    );
+    assert!(state_becomes(&db, "reused", Some("held"), 10).await);
     let boots = std::fs::read_to_string(pg.data_dir().join("tob_boots")).unwrap();
     let starts: Vec<&str> = boots.lines().filter(|l| !l.starts_with('#')).collect();
     assert_eq!(starts.len(), 2, "{boots}");
@@ -818,18 +796,12 @@ async fn a_second_delete_waits_for_an_unsettled_one_and_releases() {
         if deleted {
             assert_eq!(result.unwrap(), 1);
             assert!(started.elapsed() >= Duration::from_millis(700), "it waited for the worker");
-            let released = eventually(Duration::from_secs(10), || async {
-                owner_state(&db, name).await.is_none()
-            })
-            .await;
+            let released = state_becomes(&db, name, None, 10).await;
             assert!(released, "{name}: deleted, so its claim must be released");
         } else {
             assert_eq!(sqlstate(&result.unwrap_err()), "55P03");
             assert!(names(&db).await.contains(&name.to_owned()), "the failed DELETE kept the row");
-            let held = eventually(Duration::from_secs(10), || async {
-                owner_state(&db, name).await.as_deref() == Some("held")
-            })
-            .await;
+            let held = state_becomes(&db, name, Some("held"), 10).await;
             assert!(held, "{name}: the row stays, so does its claim");
         }
     }
@@ -1032,12 +1004,7 @@ async fn messages_appended_on_commit_follow_their_transaction() {
     // records before COMMIT returns (the WAL writer does it soon after: stopped here, so that
     // the crash finds them unflushed); tob makes it flush them (found by this test).
     db.batch_execute("SELECT tob_claim('usernames', 'released_alone')").await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            owner_state(&db, "released_alone").await.as_deref() == Some("held")
-        })
-        .await
-    );
+    assert!(state_becomes(&db, "released_alone", Some("held"), 10).await);
     let wal_writer = process_of(&db, "walwriter").await;
     let signal = |name: &str| send_signal(wal_writer, name);
     // Each call once first: a backend's first call looks the function up in pg_proc, which
@@ -1085,10 +1052,7 @@ async fn messages_appended_on_commit_follow_their_transaction() {
     .await
     .unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            owner_state(&watch, "async_row").await.as_deref() == Some("held")
-        })
-        .await,
+        state_becomes(&watch, "async_row", Some("held"), 10).await,
         "settled after tob.settle_delay"
     );
     send_signal(wal_writer, "-KILL");
@@ -1118,21 +1082,13 @@ async fn messages_appended_on_commit_follow_their_transaction() {
             )
             .await
     });
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            owner_state(&db, "crash_witness").await.as_deref() == Some("prepared")
-        })
-        .await
-    );
+    assert!(state_becomes(&db, "crash_witness", Some("prepared"), 10).await);
     pg.stop_immediate();
     assert!(pending.await.unwrap().is_err(), "the connection died with the server");
     pg.restart_after_crash();
     let db = pg.connect("app").await;
     assert!(
-        eventually(Duration::from_secs(15), || async {
-            owner_state(&db, "crash_witness").await.is_none()
-        })
-        .await,
+        state_becomes(&db, "crash_witness", None, 15).await,
         "the reconciler settled the transaction as aborted\n{}",
         pg.log()
     );
@@ -1263,12 +1219,7 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
     let err = other.execute("INSERT INTO users (name) VALUES ('late_one')", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&err), "23505");
     db.batch_execute("DELETE FROM late").await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            owner_state(&other, "late_one").await.is_none()
-        })
-        .await
-    );
+    assert!(state_becomes(&other, "late_one", None, 10).await);
 
     // Case-insensitive names: an AFTER trigger on a generated lower-cased column (AFTER
     // triggers see generated values; BEFORE ones are refused above).
@@ -1424,12 +1375,7 @@ async fn a_standby_leaves_the_primarys_claims_alone_and_takes_over_when_promoted
     db.batch_execute("BEGIN; INSERT INTO users (name) VALUES ('in_flight')").await.unwrap();
     tokio::time::sleep(Duration::from_millis(3500)).await;
     db.batch_execute("COMMIT").await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            owner_state(&db, "in_flight").await.as_deref() == Some("held")
-        })
-        .await
-    );
+    assert!(state_becomes(&db, "in_flight", Some("held"), 10).await);
     assert!(replicated("in_flight").await);
     assert!(!standby.log().contains("tob worker started"), "{}", standby.log());
 
@@ -1440,12 +1386,7 @@ async fn a_standby_leaves_the_primarys_claims_alone_and_takes_over_when_promoted
     let lost = tokio::spawn(async move {
         committing.execute("INSERT INTO users (name) VALUES ('lost_in_failover')", &[]).await
     });
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            owner_state(&db, "lost_in_failover").await.as_deref() == Some("prepared")
-        })
-        .await
-    );
+    assert!(state_becomes(&db, "lost_in_failover", Some("prepared"), 10).await);
     primary.stop_immediate();
     assert!(lost.await.unwrap().is_err(), "the connection died with the server");
     standby.promote();
@@ -1457,10 +1398,7 @@ async fn a_standby_leaves_the_primarys_claims_alone_and_takes_over_when_promoted
     );
     let new_primary = standby.connect("app").await;
     assert!(
-        eventually(Duration::from_secs(15), || async {
-            owner_state(&new_primary, "lost_in_failover").await.is_none()
-        })
-        .await,
+        state_becomes(&new_primary, "lost_in_failover", None, 15).await,
         "the promoted server's reconciler released it\n{}",
         standby.log()
     );
@@ -1469,10 +1407,7 @@ async fn a_standby_leaves_the_primarys_claims_alone_and_takes_over_when_promoted
     new_primary.execute("INSERT INTO users (name) VALUES ('after_failover')", &[]).await.unwrap();
     new_primary.execute("DELETE FROM users WHERE name = 'in_flight'", &[]).await.unwrap();
     assert!(
-        eventually(Duration::from_secs(10), || async {
-            owner_state(&new_primary, "in_flight").await.is_none()
-        })
-        .await,
+        state_becomes(&new_primary, "in_flight", None, 10).await,
         "the same owner: its DELETE released the name"
     );
     assert!(owner_state(&new_primary, "after_failover").await.is_some());
