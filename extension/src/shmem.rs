@@ -46,6 +46,10 @@ static SESSION: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"tob_session") };
 static WORKER_LATCH: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"tob_worker_latch") };
 /// This start's number in the boot registry (`$PGDATA/tob_boots`); 0 until recorded.
 static BOOT: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"tob_boot") };
+/// The queue's length, kept beside it (written under its lock) so that the worker's check
+/// every round takes no lock: a worker stopped or descheduled while holding the queue's lock
+/// would hold up every committing backend.
+static QUEUED: PgAtomic<AtomicUsize> = unsafe { PgAtomic::new(c"tob_settle_queued") };
 /// Set when a queue entry had to be dropped: the worker then reconciles at once.
 static OVERFLOWED: PgAtomic<AtomicBool> = unsafe { PgAtomic::new(c"tob_queue_overflowed") };
 
@@ -57,6 +61,7 @@ pub fn init() {
     pg_shmem_init!(SESSION);
     pg_shmem_init!(WORKER_LATCH);
     pg_shmem_init!(OVERFLOWED);
+    pg_shmem_init!(QUEUED);
     pg_shmem_init!(BOOT);
     unsafe { ATTACHED = true };
 }
@@ -104,6 +109,7 @@ pub fn push_settle(entry: SettleEntry) {
             let at = queue.len;
             queue.entries[at] = entry;
             queue.len += 1;
+            QUEUED.get().store(queue.len, Ordering::Release);
             queue.len == 1 || queue.len.is_multiple_of(SETTLE_BATCH_MAX)
         } else {
             OVERFLOWED.get().store(true, Ordering::Release);
@@ -117,14 +123,18 @@ pub fn push_settle(entry: SettleEntry) {
 
 /// How many settled transactions wait in the queue.
 pub fn queued_settles() -> usize {
-    QUEUE.share().len
+    QUEUED.get().load(Ordering::Acquire)
 }
 
 /// Takes everything queued.
 pub fn drain_settles() -> Vec<SettleEntry> {
+    if queued_settles() == 0 {
+        return Vec::new();
+    }
     let mut queue = QUEUE.exclusive();
     let taken = queue.entries[..queue.len].to_vec();
     queue.len = 0;
+    QUEUED.get().store(0, Ordering::Release);
     taken
 }
 
