@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # SQL-level benchmark (a program that prints figures, not a test): pgbench inserting fresh
-# names through the tob_unique trigger, beside the same insert against a local unique index,
-# at 1, 16 and 64 clients. A 3-node cluster and PostgreSQL 15, fsync on everywhere.
+# names through the tob_unique trigger, beside the same insert against a local unique index
+# and, as a reference, against a local unique index behind a trigger that only waits 1 ms
+# (sql/bench/wait_trigger/: what one more wait per insert costs with no cluster at all), at 1,
+# 16 and 64 clients. A 3-node cluster and PostgreSQL 15, fsync on everywhere.
 # Usage: scripts/bench-sql.sh [seconds per run, default 10]
-# BENCH_CLIENTS="1 16 64" and BENCH_WORKLOADS="local_unique tob_unique" choose the rows.
-# BENCH_ROUNDS=N (default 1) runs every row N times, the workloads' order reversed every other
-# round (this machine's phases move single runs by tens of percent), then prints each
-# workload's median and, with both workloads, the ratio of tob_unique to local_unique per round.
+# BENCH_CLIENTS="1 16 64" and BENCH_WORKLOADS="local_unique wait_trigger tob_unique" choose
+# the rows. BENCH_ROUNDS=N (default 1) runs every row N times, the workloads' order reversed
+# every other round (this machine's phases move single runs by tens of percent), then prints
+# each workload's median and the ratio of each workload to local_unique per round.
 # BENCH_CPU=1 also prints, for every run, the CPU each part used per transaction (from /proc
 # over the middle half of the run): backends, nodes, pgbench, the background worker.
 set -euo pipefail
@@ -18,6 +20,12 @@ work=$(mktemp -d /tmp/tob-bench-XXXXXX)
 chmod 755 "$work"
 . scripts/lib/local.sh
 trap stop_local EXIT
+workloads=${BENCH_WORKLOADS:-local_unique wait_trigger tob_unique}
+# The reference trigger is built into the work directory and loaded from there: never
+# installed into PostgreSQL's own directories.
+cp -r sql/bench/wait_trigger "$work/wait_trigger"
+make -s -C "$work/wait_trigger" with_llvm=no > "$work/wait_trigger/build.log" 2>&1 \
+    || { cat "$work/wait_trigger/build.log"; exit 1; }
 start_cluster
 start_postgres "max_connections = 200"
 psql -d postgres -c "CREATE DATABASE bench"
@@ -27,6 +35,13 @@ CREATE TABLE users_local (id bigserial PRIMARY KEY, name text NOT NULL UNIQUE);
 CREATE TABLE users_tob (id bigserial PRIMARY KEY, name text NOT NULL);
 CREATE TRIGGER users_tob_unique BEFORE INSERT OR UPDATE OR DELETE ON users_tob
     FOR EACH ROW EXECUTE FUNCTION tob_unique('bench_usernames', 'name');
+CREATE TABLE users_wait (id bigserial PRIMARY KEY, name text NOT NULL UNIQUE);
+SQL
+psql -d bench <<SQL
+CREATE FUNCTION wait_trigger() RETURNS trigger LANGUAGE c
+    AS '$work/wait_trigger/wait_trigger.so', 'wait_trigger';
+CREATE TRIGGER users_wait_1ms BEFORE INSERT ON users_wait
+    FOR EACH ROW EXECUTE FUNCTION wait_trigger('1000');
 SQL
 until psql -d bench -tAc "SELECT tob_sync()" > /dev/null 2>&1; do sleep 0.2; done
 psql -d bench -tAc "SELECT tob_create_namespace('bench_usernames')" > /dev/null
@@ -41,7 +56,6 @@ for line in sys.stdin:
     curl -s "http://$metrics/metrics" 2>/dev/null | awk '/^tob_fsync_latency_seconds_sum /{s=$2} /^tob_fsync_latency_seconds_count /{c=$2} END{if(c>0) printf "%.0f", s/c*1e6; else print "?"}'
 }
 rounds=${BENCH_ROUNDS:-1}
-workloads=${BENCH_WORKLOADS:-local_unique tob_unique}
 results=$work/results
 printf '%-22s %8s %10s %14s\n' workload clients tps "latency_ms"
 for clients in ${BENCH_CLIENTS:-1 16 64}; do
@@ -90,10 +104,12 @@ for clients, by_workload in sorted(runs.items()):
     medians = {w: statistics.median(r.values()) for w, r in by_workload.items()}
     line = f"{clients} clients, medians over {max(len(r) for r in by_workload.values())} rounds: "
     line += ", ".join(f"{w} {m:,.0f} TPS" for w, m in medians.items())
-    local, tob = by_workload.get("local_unique"), by_workload.get("tob_unique")
-    if local and tob:
-        ratios = sorted(tob[r] / local[r] for r in local if r in tob and local[r] > 0)
-        line += f"; tob_unique/local_unique per round {ratios[0]:.0%}-{ratios[-1]:.0%}, median {statistics.median(ratios):.0%}"
+    local = by_workload.get("local_unique")
+    for w, other in by_workload.items():
+        if local and w != "local_unique":
+            ratios = sorted(other[r] / local[r] for r in local if r in other and local[r] > 0)
+            if ratios:
+                line += f"; {w}/local_unique per round {ratios[0]:.0%}-{ratios[-1]:.0%}, median {statistics.median(ratios):.0%}"
     print(line)
 PY
 fi
