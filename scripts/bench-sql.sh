@@ -33,7 +33,7 @@ psql -d bench <<'SQL'
 CREATE EXTENSION tob;
 CREATE TABLE users_local (id bigserial PRIMARY KEY, name text NOT NULL UNIQUE);
 CREATE TABLE users_tob (id bigserial PRIMARY KEY, name text NOT NULL);
-CREATE TRIGGER users_tob_unique BEFORE INSERT OR UPDATE OR DELETE ON users_tob
+CREATE TRIGGER users_tob_unique AFTER INSERT OR UPDATE OR DELETE ON users_tob
     FOR EACH ROW EXECUTE FUNCTION tob_unique('bench_usernames', 'name');
 CREATE TABLE users_wait (id bigserial PRIMARY KEY, name text NOT NULL UNIQUE);
 SQL

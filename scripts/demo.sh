@@ -53,7 +53,7 @@ CONF
     psql "$s" -d app <<'SQL'
 CREATE EXTENSION tob;
 CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT NULL);
-CREATE TRIGGER users_name_unique BEFORE INSERT OR UPDATE OR DELETE ON users
+CREATE TRIGGER users_name_unique AFTER INSERT OR UPDATE OR DELETE ON users
     FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');
 CREATE TRIGGER users_name_truncate BEFORE TRUNCATE ON users
     FOR EACH STATEMENT EXECUTE FUNCTION tob_unique('usernames', 'name');

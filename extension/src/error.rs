@@ -177,7 +177,7 @@ impl TobError {
                 if namespace.is_empty() { "..." } else { namespace }
             )),
             TobError::TriggerMisuse(_) => Some(
-                "CREATE TRIGGER ... BEFORE INSERT OR UPDATE OR DELETE ... FOR EACH ROW EXECUTE FUNCTION tob_unique('namespace', 'column'); and for TRUNCATE: BEFORE TRUNCATE ... FOR EACH STATEMENT with the same arguments.".into(),
+                "CREATE TRIGGER ... AFTER INSERT OR UPDATE OR DELETE ... FOR EACH ROW EXECUTE FUNCTION tob_unique('namespace', 'column'); and for TRUNCATE: BEFORE TRUNCATE ... FOR EACH STATEMENT with the same arguments.".into(),
             ),
             _ => None,
         }

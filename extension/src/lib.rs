@@ -238,11 +238,17 @@ fn tob_status() -> TableIterator<
 }
 
 /// Trigger function: `tob_unique('namespace', 'column')` keeps a column's values unique across
-/// every database using the same cluster. As a `BEFORE ... FOR EACH ROW` trigger (or AFTER), INSERT
-/// claims NEW's value, UPDATE moves the claim, DELETE releases it — each final exactly when the
+/// every database using the same cluster. As an `AFTER ... FOR EACH ROW` trigger, INSERT claims
+/// NEW's value, UPDATE moves the claim, DELETE releases it — each final exactly when the
 /// transaction commits; as a `BEFORE TRUNCATE ... FOR EACH STATEMENT` trigger, TRUNCATE
 /// releases every value in the table. NULLs are not claimed (as in a unique index). The key
 /// is the value's text form (its type's output function), so any column type works.
+///
+/// Only AFTER row triggers see what was written. A BEFORE one sees a row that may still not be
+/// written, or not as seen: `INSERT ... ON CONFLICT` fires it for the proposed row and then
+/// skips that row or updates another (the name stayed claimed with no row), and a later BEFORE
+/// trigger may skip the row or change the column (a skipped DELETE released a name whose row
+/// stays, so another database could take it too). So BEFORE row triggers are refused.
 #[pg_trigger]
 fn tob_unique<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
@@ -261,8 +267,7 @@ fn tob_unique<'a>(
     // Only errors and TRUNCATE need it: not looked up for every row.
     let table = || trigger.table_name().unwrap_or_else(|_| "?".into());
     let (when, level, op) = (trigger.when()?, trigger.level(), trigger.op()?);
-    let before_row = matches!((&when, &level), (PgTriggerWhen::Before, PgTriggerLevel::Row));
-    let column = UniqueColumn::find(data, table, column, before_row);
+    let column = UniqueColumn::find(data, table, column);
     let owner = backend::default_owner();
     match (&when, &level, &op) {
         (PgTriggerWhen::Before, PgTriggerLevel::Statement, PgTriggerOperation::Truncate) => {
@@ -276,15 +281,22 @@ fn tob_unique<'a>(
             }
             return Ok(None);
         }
-        // AFTER works as well as BEFORE: the claim is still made inside the statement. Not
-        // INSTEAD OF (a view: nothing of the row is written by PostgreSQL itself).
+        // Fired at the end of the statement, for the rows it wrote, as they were written; the
+        // claim is still made inside the statement. Not INSTEAD OF (a view: PostgreSQL itself
+        // writes nothing of the row).
         (
-            PgTriggerWhen::Before | PgTriggerWhen::After,
+            PgTriggerWhen::After,
             PgTriggerLevel::Row,
             PgTriggerOperation::Insert | PgTriggerOperation::Update | PgTriggerOperation::Delete,
         ) => {}
+        (PgTriggerWhen::Before, PgTriggerLevel::Row, _) => TobError::TriggerMisuse(format!(
+            "trigger \"{}\" on \"{}\" is BEFORE {op} FOR EACH ROW; declare it AFTER: a BEFORE row trigger also sees rows that are then not written as it saw them (INSERT ... ON CONFLICT, or another BEFORE trigger skipping or changing the row), and would claim or release names for them",
+            trigger.name()?,
+            table()
+        ))
+        .raise(),
         _ => TobError::TriggerMisuse(format!(
-            "must be fired BEFORE (or AFTER) INSERT, UPDATE or DELETE FOR EACH ROW, or BEFORE TRUNCATE FOR EACH STATEMENT; trigger \"{}\" on \"{}\" is {when} {op} FOR EACH {level}",
+            "must be fired AFTER INSERT, UPDATE or DELETE FOR EACH ROW, or BEFORE TRUNCATE FOR EACH STATEMENT; trigger \"{}\" on \"{}\" is {when} {op} FOR EACH {level}",
             trigger.name()?,
             table()
         ))
@@ -317,14 +329,8 @@ struct UniqueColumn {
 }
 
 impl UniqueColumn {
-    /// Raises 42703 if the table has no such column, and 09000 for a generated one in a BEFORE
-    /// ROW trigger: those run before generated values are computed, so it would look NULL.
-    fn find(
-        data: &pg_sys::TriggerData,
-        table: impl Fn() -> String,
-        name: &str,
-        before_row: bool,
-    ) -> UniqueColumn {
+    /// Raises 42703 if the table has no such column.
+    fn find(data: &pg_sys::TriggerData, table: impl Fn() -> String, name: &str) -> UniqueColumn {
         let tupdesc = unsafe { (*data.tg_relation).rd_att };
         let cname = std::ffi::CString::new(name).unwrap_or_default();
         let attnum = unsafe { pg_sys::SPI_fnumber(tupdesc, cname.as_ptr()) };
@@ -332,14 +338,6 @@ impl UniqueColumn {
             let table = table();
             TobError::UndefinedColumn(format!("column \"{name}\" of \"{table}\" does not exist"))
                 .raise()
-        }
-        let attribute = unsafe { &*(*tupdesc).attrs.as_ptr().add(attnum as usize - 1) };
-        if before_row && attribute.attgenerated != 0 {
-            let table = table();
-            TobError::TriggerMisuse(format!(
-                "column \"{name}\" of \"{table}\" is generated, and BEFORE ROW triggers see no generated values: declare the trigger AFTER"
-            ))
-            .raise()
         }
         UniqueColumn { tupdesc, attnum, name: name.to_owned() }
     }

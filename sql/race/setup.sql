@@ -2,7 +2,7 @@
 -- shard through tob_unique, no local unique index.
 CREATE EXTENSION tob;
 CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT NULL);
-CREATE TRIGGER users_unique BEFORE INSERT OR UPDATE OR DELETE ON users
+CREATE TRIGGER users_unique AFTER INSERT OR UPDATE OR DELETE ON users
     FOR EACH ROW EXECUTE FUNCTION tob_unique('race_users', 'name');
 -- pgbench stops a client at its first error; a name taken elsewhere is an expected outcome
 -- of the race, so it is counted instead.

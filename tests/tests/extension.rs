@@ -428,7 +428,7 @@ async fn cluster_down_is_a_clear_error() {
     wait_until_ready(&db).await;
     db.batch_execute(
         "CREATE TABLE typo (name text NOT NULL);
-         CREATE TRIGGER typo_unique BEFORE INSERT OR DELETE ON typo
+         CREATE TRIGGER typo_unique AFTER INSERT OR DELETE ON typo
              FOR EACH ROW EXECUTE FUNCTION tob_unique('usrenames', 'name');",
     )
     .await
@@ -560,7 +560,7 @@ async fn crash_between_prepare_and_commit_is_reconciled() {
     db.execute("INSERT INTO users (name) VALUES ('crashed')", &[]).await.unwrap();
 }
 
-/// A claim prepared at once (a plain INSERT) whose transaction had written nothing to the WAL
+/// A claim prepared at once (outside a transaction block) whose transaction had written nothing to the WAL
 /// when PostgreSQL crashed: after the restart its transaction id is handed out again, and the
 /// new transaction with that id commits. The reconciler must still see the claim's own
 /// transaction as aborted (its start is over and the id lies past where the next start
@@ -571,20 +571,13 @@ async fn a_claim_whose_transaction_id_is_reused_after_a_crash_is_released() {
     let pg = Postgres::start(&cluster.addresses(), &[]);
     let db = pg.create_app_database("app").await;
     wait_until_ready(&db).await;
-    // No serial column: a sequence's WAL record (one per 32 values) would carry the claimer's
-    // id to the disk, and then the id is not handed out again.
-    db.batch_execute(
-        "CREATE TABLE plain_users (name text NOT NULL);
-         CREATE TRIGGER plain_users_unique BEFORE INSERT OR UPDATE OR DELETE ON plain_users
-             FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');",
-    )
-    .await
-    .unwrap();
-
+    // tob_claim itself, not an INSERT through the trigger: a row (and a serial column's
+    // sequence) would carry the claimer's id to the WAL, which the WAL writer flushes within
+    // 200 ms, and then the id is not handed out again.
     let claiming = pg.connect("app").await;
     claiming.batch_execute("SET tob.test_pause_after_claim = '60s'").await.unwrap();
     let pending = tokio::spawn(async move {
-        claiming.execute("INSERT INTO plain_users (name) VALUES ('reused')", &[]).await
+        claiming.execute("SELECT tob_claim('usernames', 'reused')", &[]).await
     });
     assert!(
         state_becomes(&db, "reused", Some("prepared"), 10).await,
@@ -596,7 +589,7 @@ async fn a_claim_whose_transaction_id_is_reused_after_a_crash_is_released() {
     let claimer: i64 = db
         .query_one(
             "SELECT backend_xid::text::bigint FROM pg_stat_activity
-             WHERE query LIKE 'INSERT INTO plain_users%' AND backend_xid IS NOT NULL",
+             WHERE query LIKE 'SELECT tob_claim%' AND backend_xid IS NOT NULL",
             &[],
         )
         .await
@@ -625,8 +618,6 @@ async fn a_claim_whose_transaction_id_is_reused_after_a_crash_is_released() {
     // Several reconciler rounds later it is still free, and the name can be taken.
     tokio::time::sleep(Duration::from_millis(2_500)).await;
     assert_eq!(owner_state(&db, "reused").await, None);
-    let rows: i64 = db.query_one("SELECT count(*) FROM plain_users", &[]).await.unwrap().get(0);
-    assert_eq!(rows, 0);
     db.execute("INSERT INTO users (name) VALUES ('reused')", &[]).await.unwrap();
     assert!(state_becomes(&db, "reused", Some("held"), 10).await);
     let boots = std::fs::read_to_string(pg.data_dir().join("tob_boots")).unwrap();
@@ -1164,16 +1155,10 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
 
     // Each wrong declaration, on a table of its own: the first write says what is wrong.
     let wrong = [
+        ("AFTER INSERT", "FOR EACH ROW", "tob_unique('usernames')", "09000", "needs two arguments"),
+        ("AFTER INSERT", "FOR EACH ROW", "tob_unique('usernames', 'nme')", "42703", "\"nme\""),
         (
-            "BEFORE INSERT",
-            "FOR EACH ROW",
-            "tob_unique('usernames')",
-            "09000",
-            "needs two arguments",
-        ),
-        ("BEFORE INSERT", "FOR EACH ROW", "tob_unique('usernames', 'nme')", "42703", "\"nme\""),
-        (
-            "BEFORE INSERT",
+            "AFTER INSERT",
             "FOR EACH STATEMENT",
             "tob_unique('usernames', 'name')",
             "09000",
@@ -1182,9 +1167,9 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
         (
             "BEFORE INSERT",
             "FOR EACH ROW",
-            "tob_unique('usernames', 'folded')",
+            "tob_unique('usernames', 'name')",
             "09000",
-            "generated",
+            "declare it AFTER",
         ),
     ];
     for (i, (when, level, call, code, says)) in wrong.into_iter().enumerate() {
@@ -1207,22 +1192,61 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
         assert_eq!(owner_state(&db, &format!("wrong{i}")).await, None, "nothing claimed");
     }
 
-    // AFTER ROW works like BEFORE.
+    // What is claimed is what was written. A BEFORE ROW trigger (refused above) saw rows that
+    // were then not written as it saw them, and claimed or released names for them:
+    // - INSERT ... ON CONFLICT DO NOTHING: the skipped row's name stayed claimed, no row;
+    // - ON CONFLICT DO UPDATE: the proposed row's name stayed claimed, the updated row's
+    //   name was not moved;
+    // - a later BEFORE trigger skipping a DELETE: the name was released, the row stayed, and
+    //   another database could take the name too;
+    // - a later BEFORE trigger changing the column: the name claimed was not the one stored.
     db.batch_execute(
-        "CREATE TABLE late (name text);
-         CREATE TRIGGER t AFTER INSERT OR UPDATE OR DELETE ON late
+        "CREATE TABLE accounts (id int PRIMARY KEY, name text);
+         CREATE TRIGGER accounts_unique AFTER INSERT OR UPDATE OR DELETE ON accounts
              FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');
-         INSERT INTO late VALUES ('late_one');",
+         -- Fires after nothing: BEFORE triggers run in name order, AFTER ones after all.
+         CREATE FUNCTION keep_frozen() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF TG_OP = 'DELETE' THEN
+                 RETURN CASE WHEN OLD.name LIKE 'frozen%' THEN NULL ELSE OLD END;
+             END IF;
+             NEW.name := replace(NEW.name, 'draft_', 'final_');
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER zz_keep_frozen BEFORE INSERT OR DELETE ON accounts
+             FOR EACH ROW EXECUTE FUNCTION keep_frozen();
+         INSERT INTO accounts VALUES (1, 'acc_one'), (2, 'frozen_two');
+         INSERT INTO accounts VALUES (1, 'acc_skipped') ON CONFLICT DO NOTHING;
+         INSERT INTO accounts VALUES (1, 'acc_proposed')
+             ON CONFLICT (id) DO UPDATE SET name = 'acc_moved';
+         DELETE FROM accounts WHERE id = 2;
+         INSERT INTO accounts VALUES (3, 'draft_three');",
     )
     .await
     .unwrap();
-    let err = other.execute("INSERT INTO users (name) VALUES ('late_one')", &[]).await.unwrap_err();
-    assert_eq!(sqlstate(&err), "23505");
-    db.batch_execute("DELETE FROM late").await.unwrap();
-    assert!(state_becomes(&other, "late_one", None, 10).await);
+    let stored: Vec<String> = db
+        .query("SELECT name FROM accounts ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stored, ["acc_moved", "frozen_two", "final_three"]);
+    for name in ["acc_moved", "frozen_two", "final_three"] {
+        assert!(state_becomes(&other, name, Some("held"), 10).await, "{name}: row stored");
+        let err = other.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await;
+        assert_eq!(sqlstate(&err.unwrap_err()), "23505", "{name}");
+    }
+    for name in ["acc_one", "acc_skipped", "acc_proposed", "draft_three"] {
+        assert!(state_becomes(&other, name, None, 10).await, "{name}: no row, nothing held");
+    }
+    db.batch_execute("DROP TRIGGER zz_keep_frozen ON accounts; DELETE FROM accounts")
+        .await
+        .unwrap();
+    assert!(state_becomes(&other, "frozen_two", None, 10).await);
 
-    // Case-insensitive names: an AFTER trigger on a generated lower-cased column (AFTER
-    // triggers see generated values; BEFORE ones are refused above).
+    // Case-insensitive names: a trigger on a generated lower-cased column (AFTER triggers see
+    // generated values).
     for side in [&db, &other] {
         side.batch_execute(
             "CREATE TABLE handles (name text, folded text GENERATED ALWAYS AS (lower(name)) STORED);
@@ -1259,7 +1283,7 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
     for side in [&db, &other] {
         side.batch_execute(
             "CREATE TABLE badges (number bigint, issued uuid);
-             CREATE TRIGGER number BEFORE INSERT OR UPDATE OR DELETE ON badges
+             CREATE TRIGGER number AFTER INSERT OR UPDATE OR DELETE ON badges
                  FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'number');",
         )
         .await
@@ -1313,7 +1337,7 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
         "CREATE TABLE parted (name text) PARTITION BY HASH (name);
          CREATE TABLE parted_0 PARTITION OF parted FOR VALUES WITH (MODULUS 2, REMAINDER 0);
          CREATE TABLE parted_1 PARTITION OF parted FOR VALUES WITH (MODULUS 2, REMAINDER 1);
-         CREATE TRIGGER t BEFORE INSERT OR UPDATE OR DELETE ON parted
+         CREATE TRIGGER t AFTER INSERT OR UPDATE OR DELETE ON parted
              FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');
          CREATE TRIGGER t_truncate BEFORE TRUNCATE ON parted
              FOR EACH STATEMENT EXECUTE FUNCTION tob_unique('usernames', 'name');

@@ -16,7 +16,7 @@ const TOB_CONTROL: &str = "/usr/share/postgresql/15/extension/tob.control";
 /// unique index).
 pub const APP_SCHEMA: &str = "CREATE EXTENSION tob;
      CREATE TABLE users (id bigserial PRIMARY KEY, name text NOT NULL);
-     CREATE TRIGGER users_name_unique BEFORE INSERT OR UPDATE OR DELETE ON users
+     CREATE TRIGGER users_name_unique AFTER INSERT OR UPDATE OR DELETE ON users
          FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');";
 
 /// Whether `CREATE EXTENSION tob` can work in Debian's PostgreSQL 15.
