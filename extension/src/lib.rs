@@ -326,6 +326,67 @@ struct UniqueColumn {
     tupdesc: pg_sys::TupleDesc,
     attnum: i32,
     name: String,
+    /// Whether the type's text form may depend on session settings (see
+    /// [`with_fixed_output_settings`]); false for the common types whose form never does.
+    settings_dependent: bool,
+}
+
+/// Types whose output function ignores every setting: their text form is the same in every
+/// session, so their keys need no fixed settings (which cost a few microseconds per row).
+const SETTINGS_FREE_TYPES: [pg_sys::Oid; 12] = [
+    pg_sys::TEXTOID,
+    pg_sys::VARCHAROID,
+    pg_sys::BPCHAROID,
+    pg_sys::NAMEOID,
+    pg_sys::CHAROID,
+    pg_sys::INT2OID,
+    pg_sys::INT4OID,
+    pg_sys::INT8OID,
+    pg_sys::NUMERICOID,
+    pg_sys::UUIDOID,
+    pg_sys::BOOLOID,
+    pg_sys::OIDOID,
+];
+
+/// Runs `f` with the settings that shape output functions' text fixed, and restores the
+/// session's afterwards (also on error: PostgreSQL unwinds the nesting level at the abort).
+///
+/// A key is a value's text form, and for many types that form depends on the session: the
+/// same `timestamptz` reads `2026-01-01 00:00:00+00` under `TimeZone = UTC` and `2026-01-01
+/// 09:00:00+09` in Tokyo; `DateStyle`, `IntervalStyle`, `extra_float_digits`, `bytea_output`
+/// and `lc_monetary` do the like for dates, intervals, floats, bytea and money, and
+/// `search_path` for `regclass` and friends. Taken from the session, one value had two keys:
+/// two databases (or two sessions of one) could both insert it, and a DELETE under other
+/// settings released nothing, leaving the name claimed for good. These are the settings
+/// postgres_fdw fixes to send values to another server, plus the time zone.
+fn with_fixed_output_settings<T>(f: impl FnOnce() -> T) -> T {
+    const FIXED: [(&std::ffi::CStr, &std::ffi::CStr); 7] = [
+        (c"DateStyle", c"ISO, YMD"),
+        (c"IntervalStyle", c"postgres"),
+        (c"TimeZone", c"UTC"),
+        (c"extra_float_digits", c"1"),
+        (c"bytea_output", c"hex"),
+        (c"lc_monetary", c"C"),
+        (c"search_path", c"pg_catalog"),
+    ];
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    for (name, value) in FIXED {
+        unsafe {
+            pg_sys::set_config_option(
+                name.as_ptr(),
+                value.as_ptr(),
+                pg_sys::GucContext::PGC_USERSET,
+                pg_sys::GucSource::PGC_S_SESSION,
+                pg_sys::GucAction::GUC_ACTION_SAVE,
+                true,
+                0,
+                false,
+            )
+        };
+    }
+    let result = f();
+    unsafe { pg_sys::AtEOXact_GUC(true, level) };
+    result
 }
 
 impl UniqueColumn {
@@ -339,7 +400,10 @@ impl UniqueColumn {
             TobError::UndefinedColumn(format!("column \"{name}\" of \"{table}\" does not exist"))
                 .raise()
         }
-        UniqueColumn { tupdesc, attnum, name: name.to_owned() }
+        let attribute = unsafe { &*(*tupdesc).attrs.as_ptr().add(attnum as usize - 1) };
+        let base_type = unsafe { pg_sys::getBaseType(attribute.atttypid) };
+        let settings_dependent = !SETTINGS_FREE_TYPES.contains(&base_type);
+        UniqueColumn { tupdesc, attnum, name: name.to_owned(), settings_dependent }
     }
 
     /// The value's text form in `tuple`; None for NULL or no tuple.
@@ -347,7 +411,9 @@ impl UniqueColumn {
         if tuple.is_null() {
             return None;
         }
-        let text = unsafe { pg_sys::SPI_getvalue(tuple, self.tupdesc, self.attnum) };
+        let output = || unsafe { pg_sys::SPI_getvalue(tuple, self.tupdesc, self.attnum) };
+        let text =
+            if self.settings_dependent { with_fixed_output_settings(output) } else { output() };
         if text.is_null() {
             return None;
         }
@@ -366,13 +432,16 @@ impl UniqueColumn {
             column = pgrx::spi::quote_identifier(&self.name),
             table = pgrx::spi::quote_qualified_identifier(schema, table),
         );
-        Spi::connect(|client| {
-            let rows = client.select(&query, None, &[])?;
-            let mut values = Vec::with_capacity(rows.len());
-            for row in rows {
-                values.extend(row.get::<String>(1)?);
-            }
-            Ok::<_, pgrx::spi::Error>(values)
+        // The cast to text calls the same output function as `value`, so under the same settings.
+        with_fixed_output_settings(|| {
+            Spi::connect(|client| {
+                let rows = client.select(&query, None, &[])?;
+                let mut values = Vec::with_capacity(rows.len());
+                for row in rows {
+                    values.extend(row.get::<String>(1)?);
+                }
+                Ok::<_, pgrx::spi::Error>(values)
+            })
         })
         .unwrap_or_else(|e| {
             TobError::TriggerMisuse(format!("cannot read the table before TRUNCATE: {e}")).raise()

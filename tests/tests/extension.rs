@@ -1300,6 +1300,42 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
     other.execute("INSERT INTO badges VALUES (4711, gen_random_uuid())", &[]).await.unwrap();
     assert!(owner_state(&db, "4712").await.is_some());
 
+    // A type whose text form depends on session settings: the key is taken under fixed ones
+    // (ISO dates, UTC, ...). Under the session's, the same instant had two keys in Tokyo and
+    // in UTC (both inserts succeeded), and a DELETE under another DateStyle released nothing.
+    for side in [&db, &other] {
+        side.batch_execute(
+            "CREATE TABLE meetings (at timestamptz, length interval);
+             CREATE TRIGGER at AFTER INSERT OR UPDATE OR DELETE ON meetings
+                 FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'at');",
+        )
+        .await
+        .unwrap();
+    }
+    db.batch_execute(
+        "SET TimeZone = 'America/New_York'; SET DateStyle = 'SQL, DMY';
+         INSERT INTO meetings VALUES ('2026-01-01 00:00:00+00', '1 hour');",
+    )
+    .await
+    .unwrap();
+    assert!(owner_state(&other, "2026-01-01 00:00:00+00").await.is_some(), "the fixed form");
+    let err = other
+        .batch_execute(
+            "SET TimeZone = 'Asia/Tokyo';
+             INSERT INTO meetings VALUES ('2026-01-01 09:00:00+09', '2 hours');",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23505", "{err:?}");
+    let shown: String = db.query_one("SELECT at::text FROM meetings", &[]).await.unwrap().get(0);
+    assert_eq!(shown, "31/12/2025 19:00:00 EST", "the session's own settings are back");
+    db.batch_execute(
+        "SET DateStyle = 'German'; SET TimeZone = 'Europe/Berlin'; DELETE FROM meetings",
+    )
+    .await
+    .unwrap();
+    assert!(state_becomes(&other, "2026-01-01 00:00:00+00", None, 10).await, "released");
+
     // TRUNCATE: without a statement trigger it would leave every name claimed; with one, a
     // rolled-back TRUNCATE keeps them and a committed one frees them all.
     db.batch_execute(
