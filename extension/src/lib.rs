@@ -147,12 +147,29 @@ fn tob_read(
     if from_seq < 1 || max < 0 {
         TobError::BadArgument("from_seq must be at least 1 and max not negative".into()).raise()
     }
-    let topic = topic.map(|t| checked("topic", Some(t), NAME_BYTES_MAX));
-    let messages = with_client(|c| Ok(c.read_messages(Seq(from_seq as u64), max as u32, topic)?));
+    let topic = topic.map(|t| checked("topic", Some(t), NAME_BYTES_MAX).to_owned());
+    // Page by page, as the rows are taken (a LIMIT stops it): a node answers at most 10,000
+    // messages or about 4 MiB of payloads per call, so one call is not the whole read, and the
+    // whole read need not fit in the backend's memory.
+    let mut reading = tob_client::Reading::new(Seq(from_seq as u64), max as u32);
+    let mut page = Vec::new().into_iter();
+    let rows = std::iter::from_fn(move || {
+        loop {
+            if let Some(m) = page.next() {
+                return Some(m);
+            }
+            if reading.done {
+                return None;
+            }
+            let (records, complete) = with_client(|c| {
+                Ok(c.read_messages_page(reading.from, reading.max, topic.as_deref())?)
+            });
+            reading.advance(&records, complete);
+            page = records.into_iter();
+        }
+    });
     TableIterator::new(
-        messages
-            .into_iter()
-            .map(|m| (m.seq.0 as i64, m.topic, String::from_utf8_lossy(&m.payload).into_owned())),
+        rows.map(|m| (m.seq.0 as i64, m.topic, String::from_utf8_lossy(&m.payload).into_owned())),
     )
 }
 

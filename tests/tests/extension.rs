@@ -487,6 +487,43 @@ async fn reads_from_two_databases_agree_on_the_order() {
     let n1: i64 = a.query_one("SELECT tob_next('orders')", &[]).await.unwrap().get(0);
     let n2: i64 = b.query_one("SELECT tob_next('orders')", &[]).await.unwrap().get(0);
     assert_eq!(n2, n1 + 1, "a gap-free global counter");
+
+    // More than one reply holds (about 4 MiB of payloads): tob_read still returns every
+    // message asked for, page after page — it used to stop after the first page, 4 of 12,
+    // as if the log ended there — and a LIMIT takes only what it needs.
+    let big_from: i64 = a
+        .query_one(
+            "SELECT min(tob_append('big', repeat('x', 1000000))) FROM generate_series(1, 12)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    for db in [&a, &b] {
+        let row = db
+            .query_one(
+                "SELECT count(*), min(seq), max(seq), sum(length(payload))
+                 FROM tob_read($1, 100, 'big')",
+                &[&big_from],
+            )
+            .await
+            .unwrap();
+        let (count, first, last, bytes): (i64, i64, i64, i64) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        assert_eq!((count, first, last, bytes), (12, big_from, big_from + 11, 12_000_000));
+    }
+    let limited: i64 = a
+        .query_one("SELECT count(*) FROM (SELECT * FROM tob_read($1, 100) LIMIT 5) r", &[&big_from])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(limited, 5);
+    let capped: i64 = a
+        .query_one("SELECT count(*) FROM tob_read($1, 7, 'big')", &[&big_from])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(capped, 7);
 }
 
 /// PostgreSQL stopped with `-m immediate` after the claims were prepared and before the

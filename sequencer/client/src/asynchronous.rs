@@ -198,15 +198,29 @@ impl AsyncClient {
         shape::owner(self.call(Call::Owner { key, consistency }).await?)
     }
 
+    /// Up to `max` messages from `from` on (optionally of one topic), read page by page: fewer
+    /// than `max` only when there were no more when the last page was read.
     pub async fn read_messages(
         &self,
         from: Seq,
         max: u32,
         topic: Option<&str>,
     ) -> Result<Vec<MessageRecord>, ClientError> {
-        shape::messages(
-            self.call(Call::ReadMessages { from, max, topic: topic.map(str::to_owned) }).await?,
-        )
+        let mut messages = Vec::new();
+        let mut reading = shape::Reading::new(from, max);
+        while !reading.done {
+            let (page, complete) = shape::messages_page(
+                self.call(Call::ReadMessagesPage {
+                    from: reading.from,
+                    max: reading.max,
+                    topic: topic.map(str::to_owned),
+                })
+                .await?,
+            )?;
+            reading.advance(&page, complete);
+            messages.extend(page);
+        }
+        Ok(messages)
     }
 
     pub async fn sync(&self) -> Result<u64, ClientError> {

@@ -11,6 +11,7 @@ mod asynchronous;
 mod shape;
 #[cfg(feature = "async")]
 pub use asynchronous::AsyncClient;
+pub use shape::Reading;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -299,13 +300,35 @@ impl Client {
         shape::namespaces(self.call(Call::Namespaces)?)
     }
 
+    /// Up to `max` messages from `from` on (optionally of one topic): all of them, read page
+    /// by page (each page after its own ReadIndex) — fewer than `max` only when there were no
+    /// more when the last page was read.
     pub fn read_messages(
         &mut self,
         from: Seq,
         max: u32,
         topic: Option<&str>,
     ) -> Result<Vec<MessageRecord>, ClientError> {
-        shape::messages(self.call(Call::ReadMessages {
+        let mut messages = Vec::new();
+        let mut reading = shape::Reading::new(from, max);
+        while !reading.done {
+            let (page, complete) = self.read_messages_page(reading.from, reading.max, topic)?;
+            reading.advance(&page, complete);
+            messages.extend(page);
+        }
+        Ok(messages)
+    }
+
+    /// One page of [`Client::read_messages`]: at most `max` messages (and at most 10,000, and
+    /// about half a frame of payloads, but at least one if any), and whether no further
+    /// message of the read existed.
+    pub fn read_messages_page(
+        &mut self,
+        from: Seq,
+        max: u32,
+        topic: Option<&str>,
+    ) -> Result<(Vec<MessageRecord>, bool), ClientError> {
+        shape::messages_page(self.call(Call::ReadMessagesPage {
             from,
             max,
             topic: topic.map(str::to_owned),

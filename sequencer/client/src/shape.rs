@@ -72,10 +72,37 @@ pub fn owner(reply: Reply) -> Result<Option<OwnerInfo>, ClientError> {
     }
 }
 
-pub fn messages(reply: Reply) -> Result<Vec<MessageRecord>, ClientError> {
+/// A page of messages and whether the read was complete (see `Call::ReadMessagesPage`).
+pub fn messages_page(reply: Reply) -> Result<(Vec<MessageRecord>, bool), ClientError> {
     match reply {
-        Reply::Messages(messages) => Ok(messages),
+        Reply::MessagesPage { records, complete } => Ok((records, complete)),
         other => Err(unexpected(other)),
+    }
+}
+
+/// Where a read of up to `max` messages from `from` stands after one more page: for callers
+/// that take the pages one at a time ([`crate::Client::read_messages_page`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Reading {
+    pub from: Seq,
+    pub max: u32,
+    pub done: bool,
+}
+
+impl Reading {
+    pub fn new(from: Seq, max: u32) -> Reading {
+        Reading { from, max, done: max == 0 }
+    }
+
+    /// Takes in a page: the read goes on after its last message, for what is left of `max`,
+    /// unless the node said nothing more matched (or the page was empty).
+    pub fn advance(&mut self, page: &[MessageRecord], complete: bool) {
+        self.max -= (page.len() as u32).min(self.max);
+        match page.last() {
+            Some(last) => self.from = Seq(last.seq.0 + 1),
+            None => self.done = true,
+        }
+        self.done |= complete || self.max == 0;
     }
 }
 
@@ -99,4 +126,33 @@ pub fn unexpected(reply: Reply) -> ClientError {
 
 pub fn unexpected_outcome(outcome: Outcome) -> ClientError {
     ClientError::Protocol(format!("unexpected outcome {outcome:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(seqs: std::ops::RangeInclusive<u64>) -> Vec<MessageRecord> {
+        seqs.map(|s| MessageRecord { seq: Seq(s), topic: None, payload: Vec::new() }).collect()
+    }
+
+    #[test]
+    fn a_reading_goes_on_after_each_page_until_max_the_end_or_nothing() {
+        let mut reading = Reading::new(Seq(5), 10);
+        reading.advance(&page(5..=8), false);
+        assert_eq!((reading.from, reading.max, reading.done), (Seq(9), 6, false));
+        // Gaps (another topic's messages) are skipped: on after the last one given.
+        reading.advance(&page(20..=21), false);
+        assert_eq!((reading.from, reading.max, reading.done), (Seq(22), 4, false));
+        reading.advance(&page(22..=25), false);
+        assert!(reading.done, "max reached");
+
+        let mut reading = Reading::new(Seq(1), 10);
+        reading.advance(&page(1..=3), true);
+        assert!(reading.done, "the node said nothing more matched");
+        let mut reading = Reading::new(Seq(1), 10);
+        reading.advance(&[], false);
+        assert!(reading.done, "an empty page ends it, whatever it says");
+        assert!(Reading::new(Seq(1), 0).done, "nothing asked for");
+    }
 }

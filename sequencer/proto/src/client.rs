@@ -50,6 +50,12 @@ pub enum Call {
     InFlightHolders { prefix: String, after: Option<String>, max: u32 },
     /// The declared namespaces in order, at most [`NAMESPACES_LISTED_MAX`], after a ReadIndex.
     Namespaces,
+    /// As [`Call::ReadMessages`], answered by [`Reply::MessagesPage`], which says whether the
+    /// node stopped short: a page holds at most 10,000 messages and about half a frame of
+    /// payloads, so fewer than `max` messages does not by itself mean there are no more.
+    /// (Added after `ReadMessages`, whose callers read on until an empty reply; a node older
+    /// than this call refuses it as malformed.)
+    ReadMessagesPage { from: Seq, max: u32, topic: Option<String> },
 }
 
 /// Most namespaces one `Namespaces` call lists (about 2.5 MiB of names at most).
@@ -96,6 +102,13 @@ pub enum Reply {
         leader: Option<String>,
     },
     Namespaces(Vec<String>),
+    /// The answer to [`Call::ReadMessagesPage`]: `complete` when no further message of the
+    /// read (from `from` on, of the topic) existed when it was made beyond `records` — false
+    /// when the node stopped at `max`, at its page limit or at the frame budget.
+    MessagesPage {
+        records: Vec<MessageRecord>,
+        complete: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -70,9 +70,20 @@ struct Waiter {
 
 enum ReadRequest {
     Owner(tob_proto::ClaimKey),
-    Messages { from: tob_proto::Seq, max: u32, topic: Option<String> },
+    /// `paged`: answered with `MessagesPage` (saying whether the read stopped short) rather
+    /// than the older `Messages`.
+    Messages {
+        from: tob_proto::Seq,
+        max: u32,
+        topic: Option<String>,
+        paged: bool,
+    },
     Sync,
-    Holders { prefix: String, after: Option<String>, max: u32 },
+    Holders {
+        prefix: String,
+        after: Option<String>,
+        max: u32,
+    },
     Namespaces,
 }
 
@@ -437,16 +448,19 @@ impl NodeActor {
                     let max = (max as usize).min(READ_MESSAGES_MAX);
                     Reply::Holders(self.machine.in_flight_holders(&prefix, after.as_deref(), max))
                 }
-                ReadRequest::Messages { from, max, topic } => {
+                ReadRequest::Messages { from, max, topic, paged } => {
                     let max = (max as usize).min(READ_MESSAGES_MAX);
-                    match self.machine.messages(from, max, topic.as_deref()) {
+                    // One more than asked for, to know whether any further message exists.
+                    match self.machine.messages(from, max + 1, topic.as_deref()) {
                         Ok(messages) => {
+                            let found = messages.len();
                             // Keep the reply well inside one frame (at least one message); the
                             // caller reads on from the last seq it got.
                             let budget = self.config.max_frame_bytes / 2;
                             let mut bytes = 0;
-                            let records = messages
+                            let records: Vec<MessageRecord> = messages
                                 .into_iter()
+                                .take(max)
                                 .enumerate()
                                 .take_while(|(i, m)| {
                                     bytes += m.payload.len() + 64;
@@ -458,7 +472,12 @@ impl NodeActor {
                                     payload: m.payload,
                                 })
                                 .collect();
-                            Reply::Messages(records)
+                            if paged {
+                                let complete = records.len() == found;
+                                Reply::MessagesPage { records, complete }
+                            } else {
+                                Reply::Messages(records)
+                            }
                         }
                         Err(code) => {
                             Reply::Error { code, message: code.name().into(), leader: None }
@@ -693,6 +712,7 @@ impl Handler<ClientCall> for NodeActor {
             },
             Call::Owner { .. }
             | Call::ReadMessages { .. }
+            | Call::ReadMessagesPage { .. }
             | Call::InFlightHolders { .. }
             | Call::Namespaces => "read",
             Call::Sync => "sync",
@@ -752,7 +772,10 @@ impl Handler<ClientCall> for NodeActor {
                 (mode, ReadRequest::Owner(key))
             }
             Call::ReadMessages { from, max, topic } => {
-                (ReadMode::Index, ReadRequest::Messages { from, max, topic })
+                (ReadMode::Index, ReadRequest::Messages { from, max, topic, paged: false })
+            }
+            Call::ReadMessagesPage { from, max, topic } => {
+                (ReadMode::Index, ReadRequest::Messages { from, max, topic, paged: true })
             }
             Call::Sync => (ReadMode::Index, ReadRequest::Sync),
             Call::Namespaces => (ReadMode::Index, ReadRequest::Namespaces),

@@ -763,6 +763,53 @@ fn snapshots_compact_the_log_and_bring_a_lagging_node_back() {
 }
 
 #[test]
+fn a_read_larger_than_a_reply_comes_in_pages_and_whole() {
+    // Replies hold about half a frame of payloads: with 4 KiB frames, about 2 KiB.
+    let cluster = Cluster::start_with(1, "pages", &["--max-frame-bytes", "4096"]);
+    cluster.leader(Duration::from_secs(10));
+    let mut client = cluster.client();
+    let mut appended = Vec::new();
+    for i in 0..36u32 {
+        let topic = if i % 6 == 5 { "other" } else { "t" };
+        let payload = format!("{i:03}-{}", "x".repeat(196));
+        appended.push((client.append(Some(topic), payload.as_bytes()).unwrap(), topic, payload));
+    }
+    let first = appended[0].0;
+
+    // One page stops short of what was asked for, and says so.
+    let (page, complete) = client.read_messages_page(first, 100, None).unwrap();
+    assert!(!page.is_empty() && page.len() < 36, "{} messages in a page", page.len());
+    assert!(!complete, "more messages follow the page");
+    // The whole read gathers every page, in order; so does one of a topic.
+    let all = client.read_messages(first, 100, None).unwrap();
+    let seqs: Vec<Seq> = all.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, appended.iter().map(|(seq, ..)| *seq).collect::<Vec<_>>());
+    assert!(all.iter().zip(&appended).all(|(m, (_, _, p))| m.payload == p.as_bytes()));
+    let of_t = client.read_messages(first, 100, Some("t")).unwrap();
+    assert_eq!(of_t.len(), 30);
+    assert!(of_t.iter().all(|m| m.topic.as_deref() == Some("t")));
+    // At most `max`, even across pages.
+    assert_eq!(client.read_messages(first, 17, None).unwrap().len(), 17);
+    // The end of the log: complete, also when the page is exactly what was left.
+    let last = appended[35].0;
+    let (page, complete) = client.read_messages_page(Seq(last.0 - 1), 100, None).unwrap();
+    assert_eq!((page.len(), complete), (2, true));
+    let (page, complete) = client.read_messages_page(Seq(last.0 - 1), 2, None).unwrap();
+    assert_eq!((page.len(), complete), (2, true));
+    let (page, complete) = client.read_messages_page(Seq(last.0 - 2), 2, None).unwrap();
+    assert_eq!((page.len(), complete), (2, false), "one more exists after these two");
+    let (page, complete) = client.read_messages_page(Seq(last.0 + 1), 100, None).unwrap();
+    assert_eq!((page.len(), complete), (0, true));
+    // The older call is still answered, with a page's messages and no word on the rest.
+    let reply =
+        client.call(tob_proto::Call::ReadMessages { from: first, max: 100, topic: None }).unwrap();
+    match reply {
+        tob_proto::Reply::Messages(records) => assert!(records.len() < 36 && records.len() > 1),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn a_connection_with_too_many_requests_in_flight_is_told_overloaded_and_loses_nothing() {
     let cluster = Cluster::start_with(1, "overload", &["--max-requests-in-flight", "4"]);
     cluster.leader(Duration::from_secs(10));
