@@ -448,14 +448,25 @@ fn prepare_for_commit(two_phase: bool) {
 }
 
 /// Prepares `keys` of `holder`; a lost one aborts the transaction (40001).
+///
+/// In batches of at most the cluster's batch limit (10,000 keys): sent whole, a transaction
+/// with more claims could never commit (22001 at COMMIT, after all its claims were made).
+/// Batches need not be atomic together: if a later one finds a claim lost, the transaction
+/// aborts, and its abort releases the claims an earlier batch prepared, as it would pending
+/// ones.
 fn prepare(holder: &str, keys: Vec<ClaimKey>) {
-    match with_client(|c| Ok(c.prepare(holder, keys)?)) {
-        Outcome::Prepared => {}
-        Outcome::Lost { keys } => TobError::ClaimLost {
-            keys: keys.iter().map(|k| format!("\"{}\" in \"{}\"", k.key, k.namespace)).collect(),
+    for batch in keys.chunks(Limits::default().batch_keys_max) {
+        match with_client(|c| Ok(c.prepare(holder, batch.to_vec())?)) {
+            Outcome::Prepared => {}
+            Outcome::Lost { keys } => TobError::ClaimLost {
+                keys: keys
+                    .iter()
+                    .map(|k| format!("\"{}\" in \"{}\"", k.key, k.namespace))
+                    .collect(),
+            }
+            .raise(),
+            other => TobError::from_outcome(other).raise(),
         }
-        .raise(),
-        other => TobError::from_outcome(other).raise(),
     }
 }
 

@@ -526,6 +526,35 @@ async fn reads_from_two_databases_agree_on_the_order() {
     assert_eq!(capped, 7);
 }
 
+/// A transaction with more claims than the cluster takes in one batch (10,000 keys) commits:
+/// its claims are prepared in batches. (Sent whole, its COMMIT failed with 22001 after every
+/// claim had been made.) Deleting the rows in one transaction releases them all.
+#[tokio::test]
+async fn a_transaction_with_more_claims_than_one_batch_commits() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    let other = pg.create_app_database("other").await;
+    wait_until_ready(&db).await;
+    db.batch_execute(
+        "BEGIN;
+         INSERT INTO users (name) SELECT 'many' || i FROM generate_series(1, 10050) AS i;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    for name in ["many1", "many5000", "many10050"] {
+        assert!(state_becomes(&other, name, Some("held"), 10).await, "{name}");
+    }
+    let err = other.execute("INSERT INTO users (name) VALUES ('many10001')", &[]).await;
+    assert_eq!(sqlstate(&err.unwrap_err()), "23505");
+    db.batch_execute("BEGIN; DELETE FROM users WHERE name LIKE 'many%'; COMMIT;").await.unwrap();
+    for name in ["many1", "many10050"] {
+        assert!(state_becomes(&other, name, None, 10).await, "{name}");
+    }
+    other.execute("INSERT INTO users (name) VALUES ('many10001')", &[]).await.unwrap();
+}
+
 /// PostgreSQL stopped with `-m immediate` after the claims were prepared and before the
 /// commit record: after the restart the reconciler sees the transaction aborted and releases
 /// the claim. A PREPAREd transaction's claims survive the crash and follow COMMIT PREPARED or
