@@ -40,13 +40,21 @@ enum Cmd {
     /// Role, term, positions and process of every node.
     Status,
     /// Append a message; prints its seq.
-    Append { topic: String, payload: String },
+    Append {
+        /// Messages are read back by topic (`tob read --topic`).
+        topic: String,
+        /// The message, as given (at most 1 MiB).
+        payload: String,
+    },
     /// Read messages from a seq on.
     Read {
-        #[arg(long, default_value_t = 1)]
+        /// The first seq to read (seqs start at 1).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         from: u64,
+        /// At most this many messages (read page by page).
         #[arg(long, default_value_t = 100)]
         max: u32,
+        /// Only messages of this topic.
         #[arg(long)]
         topic: Option<String>,
         /// Keep printing new messages as they commit.

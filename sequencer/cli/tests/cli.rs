@@ -189,6 +189,10 @@ fn commands_print_results_and_use_the_documented_exit_codes() {
     let long = "k".repeat(5000);
     assert_eq!(c.tob(&["claim", "users", &long, "u1"]).status.code(), Some(2));
     assert_eq!(c.tob(&["owner", "users", "x", "--consistency", "eventual"]).status.code(), Some(2));
+    // Seqs start at 1: seq 0 is a usage error (it was answered "compacted", exit 4).
+    let zero = c.tob(&["read", "--from", "0"]);
+    assert_eq!(zero.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("'--from <FROM>'"));
 }
 
 #[test]
