@@ -1313,15 +1313,13 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
 
     // Case-insensitive names: a trigger on a generated lower-cased column (AFTER triggers see
     // generated values).
-    for side in [&db, &other] {
-        side.batch_execute(
-            "CREATE TABLE handles (name text, folded text GENERATED ALWAYS AS (lower(name)) STORED);
-             CREATE TRIGGER t AFTER INSERT OR UPDATE OR DELETE ON handles
-                 FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'folded');",
-        )
-        .await
-        .unwrap();
-    }
+    in_both(
+        [&db, &other],
+        "CREATE TABLE handles (name text, folded text GENERATED ALWAYS AS (lower(name)) STORED);
+         CREATE TRIGGER t AFTER INSERT OR UPDATE OR DELETE ON handles
+             FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'folded');",
+    )
+    .await;
     db.execute("INSERT INTO handles (name) VALUES ('Zed')", &[]).await.unwrap();
     let err = other.execute("INSERT INTO handles (name) VALUES ('zED')", &[]).await.unwrap_err();
     assert_eq!(sqlstate(&err), "23505");
@@ -1346,15 +1344,13 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
     .unwrap();
 
     // Any column type: the key is the value's text form, the same in every database.
-    for side in [&db, &other] {
-        side.batch_execute(
-            "CREATE TABLE badges (number bigint, issued uuid);
-             CREATE TRIGGER number AFTER INSERT OR UPDATE OR DELETE ON badges
-                 FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'number');",
-        )
-        .await
-        .unwrap();
-    }
+    in_both(
+        [&db, &other],
+        "CREATE TABLE badges (number bigint, issued uuid);
+         CREATE TRIGGER number AFTER INSERT OR UPDATE OR DELETE ON badges
+             FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'number');",
+    )
+    .await;
     db.execute("INSERT INTO badges VALUES (4711, gen_random_uuid())", &[]).await.unwrap();
     assert!(owner_state(&other, "4711").await.is_some(), "claimed (prepared or held)");
     let err = other
@@ -1369,15 +1365,13 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
     // A type whose text form depends on session settings: the key is taken under fixed ones
     // (ISO dates, UTC, ...). Under the session's, the same instant had two keys in Tokyo and
     // in UTC (both inserts succeeded), and a DELETE under another DateStyle released nothing.
-    for side in [&db, &other] {
-        side.batch_execute(
-            "CREATE TABLE meetings (at timestamptz, length interval);
-             CREATE TRIGGER at AFTER INSERT OR UPDATE OR DELETE ON meetings
-                 FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'at');",
-        )
-        .await
-        .unwrap();
-    }
+    in_both(
+        [&db, &other],
+        "CREATE TABLE meetings (at timestamptz, length interval);
+         CREATE TRIGGER at AFTER INSERT OR UPDATE OR DELETE ON meetings
+             FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'at');",
+    )
+    .await;
     db.batch_execute(
         "SET TimeZone = 'America/New_York'; SET DateStyle = 'SQL, DMY';
          INSERT INTO meetings VALUES ('2026-01-01 00:00:00+00', '1 hour');",
@@ -1461,6 +1455,13 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
         })
         .await
     );
+}
+
+/// Runs the same statements in each database (a table and its trigger in both, say).
+async fn in_both(dbs: [&tob_e2e::Client; 2], sql: &str) {
+    for db in dbs {
+        db.batch_execute(sql).await.unwrap();
+    }
 }
 
 /// A hot standby with tob preloaded leaves the primary's claims alone (its transactions claim
