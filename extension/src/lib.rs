@@ -374,8 +374,9 @@ const SETTINGS_FREE_TYPES: [pg_sys::Oid; 12] = [
 /// and `lc_monetary` do the like for dates, intervals, floats, bytea and money, and
 /// `search_path` for `regclass` and friends. Taken from the session, one value had two keys:
 /// two databases (or two sessions of one) could both insert it, and a DELETE under other
-/// settings released nothing, leaving the name claimed for good. These are the settings
-/// postgres_fdw fixes to send values to another server, plus the time zone.
+/// settings released nothing, leaving the name claimed for good. (postgres_fdw fixes
+/// `DateStyle`, `IntervalStyle`, `extra_float_digits` and `search_path` for the same reason,
+/// to send values to another server.)
 fn with_fixed_output_settings<T>(f: impl FnOnce() -> T) -> T {
     const FIXED: [(&std::ffi::CStr, &std::ffi::CStr); 7] = [
         (c"DateStyle", c"ISO, YMD"),

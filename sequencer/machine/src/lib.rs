@@ -75,6 +75,18 @@ pub struct StoredMessage {
     pub payload: Vec<u8>,
 }
 
+/// What [`Machine::messages_page`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessagesPage {
+    pub messages: Vec<StoredMessage>,
+    /// No further message of the read existed: the page is all of it.
+    pub complete: bool,
+}
+
+/// What a message is counted as beyond its payload when pages are cut to a byte budget (its
+/// seq, topic and framing in a reply).
+pub const MESSAGE_OVERHEAD_BYTES: usize = 64;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct ClaimRecord {
     owner: String,
@@ -640,19 +652,43 @@ impl Machine {
         max: usize,
         topic: Option<&str>,
     ) -> Result<Vec<StoredMessage>, ErrorCode> {
+        Ok(self.messages_page(from, max, topic, usize::MAX)?.messages)
+    }
+
+    /// Up to `max` messages from `from` on (optionally of one topic), and no more than fit in
+    /// `budget` bytes (each counted as its payload plus [`MESSAGE_OVERHEAD_BYTES`]; at least
+    /// one), and whether the page is the whole read: no further message of it exists now.
+    ///
+    /// Only the messages taken are copied: a node used to copy up to `max` before cutting the
+    /// page to a frame's size, which for 10,000 messages of 1 MiB is 10 GB.
+    pub fn messages_page(
+        &self,
+        from: Seq,
+        max: usize,
+        topic: Option<&str>,
+        budget: usize,
+    ) -> Result<MessagesPage, ErrorCode> {
         let first = self.state.messages.front().map(|m| m.seq.0).unwrap_or(self.state.last_seq + 1);
         if from.0 < first && from.0 <= self.state.last_seq {
             return Err(ErrorCode::Compacted);
         }
         let skip = (from.0.saturating_sub(first) as usize).min(self.state.messages.len());
-        Ok(self
+        let mut page = MessagesPage { messages: Vec::new(), complete: true };
+        let mut bytes = 0usize;
+        let matching = self
             .state
             .messages
             .range(skip..)
-            .filter(|m| topic.is_none_or(|t| m.topic.as_deref() == Some(t)))
-            .take(max)
-            .cloned()
-            .collect())
+            .filter(|m| topic.is_none_or(|t| m.topic.as_deref() == Some(t)));
+        for message in matching {
+            bytes = bytes.saturating_add(message.payload.len() + MESSAGE_OVERHEAD_BYTES);
+            if page.messages.len() == max || (!page.messages.is_empty() && bytes > budget) {
+                page.complete = false;
+                break;
+            }
+            page.messages.push(message.clone());
+        }
+        Ok(page)
     }
 
     /// Holders starting with `prefix` that have claims or staged messages in flight, in

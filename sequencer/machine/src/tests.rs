@@ -215,6 +215,33 @@ fn appends_get_dense_sequence_numbers_and_can_be_read_by_topic() {
 }
 
 #[test]
+fn a_page_of_messages_stops_at_max_or_its_byte_budget_and_says_whether_more_exist() {
+    let mut d = Driver::new();
+    // Payloads of 100 bytes: each counts 164 against the budget.
+    for i in 0..10u8 {
+        let topic = if i % 2 == 0 { "even" } else { "odd" };
+        d.run(Command::Append { topic: Some(topic.into()), payload: vec![i; 100] });
+    }
+    let seqs = |page: &crate::MessagesPage| page.messages.iter().map(|m| m.seq.0).collect();
+    let page = d.machine.messages_page(Seq(1), 100, None, usize::MAX).unwrap();
+    assert_eq!((seqs(&page), page.complete), ((1..=10).collect::<Vec<_>>(), true));
+    let page = d.machine.messages_page(Seq(1), 4, None, usize::MAX).unwrap();
+    assert_eq!((seqs(&page), page.complete), (vec![1, 2, 3, 4], false), "stopped at max");
+    let page = d.machine.messages_page(Seq(7), 4, None, usize::MAX).unwrap();
+    assert_eq!((seqs(&page), page.complete), (vec![7, 8, 9, 10], true), "exactly the rest");
+    let page = d.machine.messages_page(Seq(1), 100, None, 3 * 164).unwrap();
+    assert_eq!((seqs(&page), page.complete), (vec![1, 2, 3], false), "stopped at the budget");
+    let page = d.machine.messages_page(Seq(1), 100, None, 10).unwrap();
+    assert_eq!((seqs(&page), page.complete), (vec![1], false), "at least one message");
+    let page = d.machine.messages_page(Seq(4), 100, Some("even"), 2 * 164).unwrap();
+    assert_eq!((seqs(&page), page.complete), (vec![5, 7], false));
+    let page = d.machine.messages_page(Seq(8), 100, Some("even"), 2 * 164).unwrap();
+    assert_eq!((seqs(&page), page.complete), (vec![9], true));
+    let page = d.machine.messages_page(Seq(11), 100, None, usize::MAX).unwrap();
+    assert_eq!((seqs(&page), page.complete), (vec![], true));
+}
+
+#[test]
 fn trimmed_messages_are_reported_compacted() {
     let config = MachineConfig { messages_retained_max: 2, ..MachineConfig::default() };
     let mut machine = Machine::new(config);

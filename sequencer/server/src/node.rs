@@ -342,28 +342,21 @@ impl NodeActor {
             if sub.next > last {
                 return true;
             }
-            let reply = match machine.messages(sub.next, READ_MESSAGES_MAX, sub.topic.as_deref()) {
-                Ok(messages) => {
-                    sub.next = tob_proto::Seq(last.0 + 1);
-                    let mut bytes = 0;
-                    let mut records = Vec::new();
-                    for m in messages {
-                        bytes += m.payload.len() + 64;
-                        if !records.is_empty() && bytes > budget {
-                            // The rest goes with the next push.
-                            sub.next = m.seq;
-                            break;
-                        }
-                        records.push(MessageRecord {
-                            seq: m.seq,
-                            topic: m.topic,
-                            payload: m.payload,
-                        });
-                    }
-                    if records.is_empty() {
+            let page =
+                machine.messages_page(sub.next, READ_MESSAGES_MAX, sub.topic.as_deref(), budget);
+            let reply = match page {
+                Ok(page) => {
+                    // The rest, if the page stopped short, goes with the next push. (It used to
+                    // go on after `last` even when the page had stopped at 10,000 messages:
+                    // a subscriber more than 10,000 small messages behind skipped the rest.)
+                    sub.next = match (page.complete, page.messages.last()) {
+                        (false, Some(taken)) => tob_proto::Seq(taken.seq.0 + 1),
+                        _ => tob_proto::Seq(last.0 + 1),
+                    };
+                    if page.messages.is_empty() {
                         return true;
                     }
-                    Reply::Messages(records)
+                    Reply::Messages(page.messages.into_iter().map(record).collect())
                 }
                 Err(code) => Reply::Error { code, message: code.name().into(), leader: None },
             };
@@ -450,31 +443,14 @@ impl NodeActor {
                 }
                 ReadRequest::Messages { from, max, topic, paged } => {
                     let max = (max as usize).min(READ_MESSAGES_MAX);
-                    // One more than asked for, to know whether any further message exists.
-                    match self.machine.messages(from, max + 1, topic.as_deref()) {
-                        Ok(messages) => {
-                            let found = messages.len();
-                            // Keep the reply well inside one frame (at least one message); the
-                            // caller reads on from the last seq it got.
-                            let budget = self.config.max_frame_bytes / 2;
-                            let mut bytes = 0;
-                            let records: Vec<MessageRecord> = messages
-                                .into_iter()
-                                .take(max)
-                                .enumerate()
-                                .take_while(|(i, m)| {
-                                    bytes += m.payload.len() + 64;
-                                    *i == 0 || bytes <= budget
-                                })
-                                .map(|(_, m)| MessageRecord {
-                                    seq: m.seq,
-                                    topic: m.topic,
-                                    payload: m.payload,
-                                })
-                                .collect();
+                    // Keep the reply well inside one frame (at least one message); the caller
+                    // reads on from the last seq it got.
+                    let budget = self.config.max_frame_bytes / 2;
+                    match self.machine.messages_page(from, max, topic.as_deref(), budget) {
+                        Ok(page) => {
+                            let records = page.messages.into_iter().map(record).collect();
                             if paged {
-                                let complete = records.len() == found;
-                                Reply::MessagesPage { records, complete }
+                                Reply::MessagesPage { records, complete: page.complete }
                             } else {
                                 Reply::Messages(records)
                             }
@@ -797,6 +773,11 @@ impl NodeActor {
     fn machine_limits(&self) -> tob_proto::Limits {
         tob_proto::Limits::default()
     }
+}
+
+/// A stored message as a reply carries it.
+fn record(message: tob_machine::StoredMessage) -> MessageRecord {
+    MessageRecord { seq: message.seq, topic: message.topic, payload: message.payload }
 }
 
 /// Election timeouts must differ between nodes and runs; the core stays deterministic given it.

@@ -516,6 +516,42 @@ fn a_follow_stream_survives_a_leader_change_without_gap_or_duplicate() {
 }
 
 #[test]
+fn a_follow_stream_far_behind_gets_every_message() {
+    // More messages behind than one push carries (10,000), small enough that the push is not
+    // cut by its byte budget: the stream used to go on after the last applied message and
+    // skip everything past the first 10,000.
+    let cluster = Cluster::start(1, "far_behind");
+    cluster.leader(Duration::from_secs(10));
+    let total = 10_050u64;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = tob_client::AsyncClient::new(ClientConfig::new(cluster.addresses(), CLUSTER_ID));
+    runtime.block_on(async {
+        let tasks: Vec<_> = (0..total)
+            .map(|i| {
+                let client = client.clone();
+                tokio::spawn(async move { client.append(None, &i.to_le_bytes()).await.unwrap() })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let addresses = cluster.addresses();
+    std::thread::spawn(move || {
+        let mut client = Client::new(ClientConfig::new(addresses, CLUSTER_ID));
+        let mut seen = Vec::new();
+        let _ = client.follow(Seq(1), None, |m| {
+            seen.push(m.seq.0);
+            m.seq.0 < total
+        });
+        let _ = tx.send(seen);
+    });
+    let seen = rx.recv_timeout(Duration::from_secs(20)).expect("the stream reached the end");
+    assert!(seen == (1..=total).collect::<Vec<_>>(), "{} messages, not 1..={total}", seen.len());
+}
+
+#[test]
 fn a_paused_leader_is_replaced_and_rejoins_as_follower() {
     let cluster = Cluster::start(3, "pause");
     cluster.leader(Duration::from_secs(10));
