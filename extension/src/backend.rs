@@ -22,6 +22,22 @@ thread_local! {
     static CLIENT: RefCell<Option<(String, i32, Client)>> = const { RefCell::new(None) };
 }
 
+/// A session-bound command's outcome, with the cluster's "unknown session" kept as an outcome
+/// rather than an error, so the caller can wait for the new session the background worker
+/// opens. (The client reports an `Outcome::Error` as an error: the callers' arms for it never
+/// ran, and a claim or lock after the instance session expired failed with XX000.)
+pub fn session_outcome(
+    result: Result<tob_proto::Outcome, tob_client::ClientError>,
+) -> Result<tob_proto::Outcome, tob_client::ClientError> {
+    match result {
+        Err(tob_client::ClientError::Refused {
+            code: code @ tob_proto::ErrorCode::UnknownSession,
+            ..
+        }) => Ok(tob_proto::Outcome::Error { code }),
+        other => other,
+    }
+}
+
 /// Runs `f` with this backend's client, configured from the current settings.
 pub fn with_client<T>(f: impl FnOnce(&mut Client) -> Result<T, TobError>) -> T {
     let Some(cluster) = guc::cluster() else {

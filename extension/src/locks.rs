@@ -4,7 +4,6 @@
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use pgrx::prelude::*;
 use tob_proto::{ClaimKind, Command, ErrorCode, FencingToken, Outcome};
@@ -30,14 +29,14 @@ pub fn lock(resource: &str) -> FencingToken {
     loop {
         let session = xact::instance_session();
         let outcome = with_client(|c| {
-            Ok(c.claim_with(
+            Ok(backend::session_outcome(c.claim_with(
                 LOCK_NAMESPACE,
                 resource,
                 &holder,
                 &holder,
                 ClaimKind::Ephemeral,
                 Some(session),
-            )?)
+            ))?)
         });
         match outcome {
             Outcome::Claimed { token } => {
@@ -52,7 +51,7 @@ pub fn lock(resource: &str) -> FencingToken {
             }
             // The instance session expired: the worker opens a new one.
             Outcome::Error { code: ErrorCode::UnknownSession } => {
-                backend::sleep(Duration::from_millis(10))
+                xact::wait_for_new_session(session)
             }
             other => TobError::from_outcome(other).raise(),
         }

@@ -201,7 +201,7 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
     loop {
         let session = if prepared { None } else { Some(instance_session()) };
         let outcome = with_client(|c| {
-            c.claim_with(namespace, key, owner, &holder, kind, session)
+            backend::session_outcome(c.claim_with(namespace, key, owner, &holder, kind, session))
                 .map_err(|e| TobError::from(e).in_namespace(namespace))
         });
         match outcome {
@@ -270,7 +270,9 @@ fn claim_again(full_xid: u64, holder: &str, key: &ClaimKey, owner: &str) -> Opti
     current.filter(|c| c.owner == owner).map(|c| c.token)
 }
 
-fn wait_for_new_session(old: SessionId) {
+/// Waits for the background worker to open a new instance session after `old` expired; 08006
+/// if none opens within the connect and request timeouts.
+pub fn wait_for_new_session(old: SessionId) {
     let deadline = Instant::now() + guc::connect_timeout() + guc::request_timeout();
     while shmem::session() == old.0 {
         if Instant::now() >= deadline {

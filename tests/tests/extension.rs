@@ -929,6 +929,113 @@ async fn payloads_of(db: &tob_e2e::Client, topic: &str) -> Vec<String> {
     }
 }
 
+/// The reconciler, like the worker's queue, flushes the WAL before it settles a transaction it
+/// found committed, so a `synchronous_commit = off` transaction's claim is never held after a
+/// crash lost its commit. Made deterministic by overflowing the settle queue (8,192 entries)
+/// while the worker is stopped: the worker then drops the queue and leaves all settling to the
+/// reconciler, and nothing else flushes the WAL (the WAL writer is stopped too).
+#[tokio::test]
+async fn the_reconciler_flushes_a_commit_before_settling_it() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    wait_until_ready(&db).await;
+    let worker = process_of(&db, "tob").await;
+    let wal_writer = process_of(&db, "walwriter").await;
+    send_signal(worker, "-STOP");
+    let mut fillers = Vec::new();
+    for connection in 0..8 {
+        let filler = pg.connect("app").await;
+        fillers.push(tokio::spawn(async move {
+            for i in 0..1030 {
+                let key = format!("filler_{connection}_{i}");
+                filler.execute("SELECT tob_claim('usernames', $1)", &[&key]).await.unwrap();
+            }
+        }));
+    }
+    for filler in fillers {
+        filler.await.unwrap();
+    }
+    send_signal(wal_writer, "-STOP");
+    // Two statements, not one string: a query string of several statements is one transaction
+    // block, whose claim would need the instance session, which may have expired meanwhile.
+    db.batch_execute("SET synchronous_commit = off").await.unwrap();
+    db.batch_execute("INSERT INTO users (name) VALUES ('reconciled_async')").await.unwrap();
+    send_signal(worker, "-CONT");
+    let watch = pg.connect("app").await;
+    assert!(
+        state_becomes(&watch, "reconciled_async", Some("held"), 30).await,
+        "settled by the reconciler\n{}",
+        pg.log()
+    );
+    send_signal(wal_writer, "-KILL");
+    pg.stop_immediate();
+    pg.restart_after_crash();
+    let db = pg.connect("app").await;
+    let rows: i64 = db
+        .query_one("SELECT count(*) FROM users WHERE name = 'reconciled_async'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        (rows, owner_state(&db, "reconciled_async").await),
+        (1, Some("held".to_owned())),
+        "the settled transaction survived the crash with its row"
+    );
+}
+
+/// A claim or a lock made after the instance session expired (the background worker stalled
+/// past `tob.session_ttl`) waits for the worker's new session and then goes through; it used
+/// to fail at once with XX000 `unknown_session`. If no new session comes within the connect
+/// and request timeouts: 08006.
+#[tokio::test]
+async fn a_claim_after_the_instance_session_expired_waits_for_a_new_one() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &["tob.session_ttl = '1s'"]);
+    let db = pg.create_app_database("app").await;
+    wait_until_ready(&db).await;
+    db.batch_execute("BEGIN; SELECT tob_claim('usernames', 'before_expiry'); COMMIT;")
+        .await
+        .unwrap();
+    let worker = process_of(&db, "tob").await;
+    send_signal(worker, "-STOP");
+    tokio::time::sleep(Duration::from_millis(2500)).await; // past the TTL: the session expired
+    let claiming = pg.connect("app").await;
+    let claim = tokio::spawn(async move {
+        claiming
+            .batch_execute("BEGIN; SELECT tob_claim('usernames', 'after_expiry'); COMMIT;")
+            .await
+    });
+    let locking = pg.connect("app").await;
+    let lock = tokio::spawn(async move {
+        locking.query_one("SELECT tob_lock('after_expiry')", &[]).await.map(|r| r.get::<_, i64>(0))
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!claim.is_finished() && !lock.is_finished(), "both wait for a new session");
+    send_signal(worker, "-CONT");
+    claim.await.unwrap().expect("the claim went through with the new session");
+    assert!(lock.await.unwrap().expect("so did the lock") > 0);
+    assert!(state_becomes(&db, "after_expiry", Some("held"), 10).await);
+    assert_eq!(owner_state(&db, "before_expiry").await.as_deref(), Some("held"));
+
+    // No new session at all: 08006 after the connect and request timeouts.
+    send_signal(worker, "-STOP");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let started = Instant::now();
+    let err = db
+        .batch_execute(
+            "SET tob.connect_timeout = '1s'; SET tob.request_timeout = '1s';
+             BEGIN; SELECT tob_claim('usernames', 'never_session'); COMMIT;",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "08006", "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    send_signal(worker, "-CONT");
+    db.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(owner_state(&db, "never_session").await, None);
+}
+
 /// `tob_append_on_commit`: a committed transaction's messages enter the total order together
 /// and in order, after the commit and never before; a rolled-back transaction's or savepoint's
 /// never; a PREPAREd transaction's follow COMMIT/ROLLBACK PREPARED; a transaction cut off by a
