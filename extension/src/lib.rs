@@ -139,11 +139,14 @@ fn tob_append_on_commit(topic: Option<&str>, payload: Option<&str>) {
 /// Messages from `from_seq` on, in the total order (optionally of one topic).
 #[pg_extern(volatile, parallel_unsafe)]
 fn tob_read(
-    from_seq: i64,
-    max: default!(i32, 100),
+    from_seq: Option<i64>,
+    max: default!(Option<i32>, 100),
     topic: default!(Option<&str>, "NULL"),
 ) -> TableIterator<'static, (name!(seq, i64), name!(topic, Option<String>), name!(payload, String))>
 {
+    let (Some(from_seq), Some(max)) = (from_seq, max) else {
+        TobError::BadArgument("from_seq and max must not be NULL".into()).raise()
+    };
     if from_seq < 1 || max < 0 {
         TobError::BadArgument("from_seq must be at least 1 and max not negative".into()).raise()
     }

@@ -415,6 +415,10 @@ async fn cluster_down_is_a_clear_error() {
             ("SELECT tob_claim('ns', repeat('x', 2000))", "22001"),
             ("SELECT tob_append('t', repeat('x', 1048577))", "22001"),
             ("SELECT tob_next('')", "22023"),
+            // NULL bounds: 22023, not pgrx's XX000 "argument 0 must not be null".
+            ("SELECT * FROM tob_read(NULL)", "22023"),
+            ("SELECT * FROM tob_read(1, NULL)", "22023"),
+            ("SELECT * FROM tob_read(0)", "22023"),
         ],
     )
     .await;
