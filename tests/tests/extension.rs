@@ -972,15 +972,7 @@ async fn the_reconciler_flushes_a_commit_before_settling_it() {
         "settled by the reconciler\n{}",
         pg.log()
     );
-    send_signal(wal_writer, "-KILL");
-    pg.stop_immediate();
-    pg.restart_after_crash();
-    let db = pg.connect("app").await;
-    let rows: i64 = db
-        .query_one("SELECT count(*) FROM users WHERE name = 'reconciled_async'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let (db, rows) = crash_and_count_rows(&pg, wal_writer, "reconciled_async").await;
     assert_eq!(
         (rows, owner_state(&db, "reconciled_async").await),
         (1, Some("held".to_owned())),
@@ -1223,15 +1215,7 @@ async fn messages_appended_on_commit_follow_their_transaction() {
         state_becomes(&watch, "async_row", Some("held"), 10).await,
         "settled after tob.settle_delay"
     );
-    send_signal(wal_writer, "-KILL");
-    pg.stop_immediate();
-    pg.restart_after_crash();
-    let db = pg.connect("app").await;
-    let rows: i64 = db
-        .query_one("SELECT count(*) FROM users WHERE name = 'async_row'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let (db, rows) = crash_and_count_rows(&pg, wal_writer, "async_row").await;
     assert_eq!(
         (rows, owner_state(&db, "async_row").await, payloads_of(&db, "crash").await),
         (1, Some("held".to_owned()), vec!["committed".to_owned(), "async".to_owned()]),
@@ -1566,6 +1550,23 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
         })
         .await
     );
+}
+
+/// Crashes the server whose WAL writer is stopped (killed first, so nothing more reaches the
+/// disk), restarts it, and returns a new connection to `app` with how many of its `users` rows
+/// hold `name`.
+async fn crash_and_count_rows(
+    pg: &Postgres,
+    wal_writer: i32,
+    name: &str,
+) -> (tob_e2e::Client, i64) {
+    send_signal(wal_writer, "-KILL");
+    pg.stop_immediate();
+    pg.restart_after_crash();
+    let db = pg.connect("app").await;
+    let sql = "SELECT count(*) FROM users WHERE name = $1";
+    let rows = db.query_one(sql, &[&name]).await.unwrap().get(0);
+    (db, rows)
 }
 
 /// Runs the same statements in each database (a table and its trigger in both, say).
