@@ -11,6 +11,10 @@
 # each workload's median and the ratio of each workload to local_unique per round.
 # BENCH_CPU=1 also prints, for every run, the CPU each part used per transaction (from /proc
 # over the middle half of the run): backends, nodes, pgbench, the background worker.
+# Two knobs for finding a floor, never for the figures in README's targets: BENCH_NODES=N runs
+# an N-node cluster (default 3), and BENCH_UNSAFE_NO_FSYNC=1 starts the nodes without fsync
+# (acknowledged claims would be lost on power failure; PostgreSQL keeps fsync on). A run with
+# either says so at its start and on its summary lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-10}
@@ -26,7 +30,15 @@ workloads=${BENCH_WORKLOADS:-local_unique wait_trigger tob_unique}
 cp -r sql/bench/wait_trigger "$work/wait_trigger"
 make -s -C "$work/wait_trigger" with_llvm=no > "$work/wait_trigger/build.log" 2>&1 \
     || { cat "$work/wait_trigger/build.log"; exit 1; }
+cluster_nodes=${BENCH_NODES:-3}
+label="$cluster_nodes-node cluster, fsync on"
+if [ -n "${BENCH_UNSAFE_NO_FSYNC:-}" ]; then
+    export TOB_UNSAFE_NO_FSYNC=true
+    label="$cluster_nodes-node cluster WITHOUT fsync (benchmark floor only, not durable)"
+fi
+echo "# $label; PostgreSQL fsync on"
 start_cluster
+unset TOB_UNSAFE_NO_FSYNC
 start_postgres "max_connections = 200"
 psql -d postgres -c "CREATE DATABASE bench"
 psql -d bench <<'SQL'
@@ -94,7 +106,7 @@ PY
 done
 echo "leader fsync mean over the run: $(fsync_mean) us"
 if [ "$rounds" -gt 1 ]; then
-    python3 - "$results" <<'PY'
+    python3 - "$results" "$label" <<'PY'
 import statistics, sys
 runs = {}
 for line in open(sys.argv[1]):
@@ -102,7 +114,7 @@ for line in open(sys.argv[1]):
     runs.setdefault(int(clients), {}).setdefault(workload, {})[int(rnd)] = float(tps)
 for clients, by_workload in sorted(runs.items()):
     medians = {w: statistics.median(r.values()) for w, r in by_workload.items()}
-    line = f"{clients} clients, medians over {max(len(r) for r in by_workload.values())} rounds: "
+    line = f"[{sys.argv[2]}] {clients} clients, medians over {max(len(r) for r in by_workload.values())} rounds: "
     line += ", ".join(f"{w} {m:,.0f} TPS" for w, m in medians.items())
     local = by_workload.get("local_unique")
     for w, other in by_workload.items():

@@ -9,6 +9,8 @@ use tob_proto::{ErrorCode, OwnerInfo};
 pub enum TobError {
     /// The key is held (or pending/prepared in another transaction that then committed).
     Taken { namespace: String, key: String, current: OwnerInfo },
+    /// Another row written by this transaction has the key (a `tob_unique` claim).
+    TakenInTransaction { namespace: String, key: String },
     /// `tob.claim_wait = nowait`, or the wait outlasted `tob.claim_wait_timeout`.
     /// `releasing`: another transaction's release of the key was waited for, not its claim.
     WouldWait { namespace: String, key: String, current: OwnerInfo, waited: bool, releasing: bool },
@@ -86,7 +88,9 @@ impl TobError {
     pub fn sqlstate(&self) -> PgSqlErrorCode {
         use PgSqlErrorCode::*;
         match self {
-            TobError::Taken { .. } => ERRCODE_UNIQUE_VIOLATION,
+            TobError::Taken { .. } | TobError::TakenInTransaction { .. } => {
+                ERRCODE_UNIQUE_VIOLATION
+            }
             TobError::WouldWait { .. } => ERRCODE_LOCK_NOT_AVAILABLE,
             TobError::ClaimLost { .. } => ERRCODE_T_R_SERIALIZATION_FAILURE,
             TobError::Unreachable(_) => ERRCODE_CONNECTION_FAILURE,
@@ -108,7 +112,8 @@ impl TobError {
 
     fn message(&self) -> String {
         match self {
-            TobError::Taken { namespace, key, .. } => {
+            TobError::Taken { namespace, key, .. }
+            | TobError::TakenInTransaction { namespace, key } => {
                 format!("tob: \"{key}\" is already claimed in namespace \"{namespace}\"")
             }
             TobError::WouldWait { namespace, key, waited: false, releasing: true, .. } => {
@@ -156,6 +161,9 @@ impl TobError {
                 current.token.0,
                 current.state.as_str()
             )),
+            TobError::TakenInTransaction { .. } => {
+                Some("Another row written by this transaction has the same value.".into())
+            }
             TobError::ClaimLost { .. } => Some(
                 "This instance's session with the cluster expired before commit, so the pending claims were released.".into(),
             ),

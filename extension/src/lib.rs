@@ -85,7 +85,7 @@ fn tob_claim(
     let namespace = checked("namespace", namespace, NAME_BYTES_MAX);
     let key = checked("key", key, KEY_BYTES_MAX);
     let owner = owner_or_default(owner);
-    xact::claim(namespace, key, &owner).0 as i64
+    xact::claim(namespace, key, &owner, false).0 as i64
 }
 
 /// Releases `owner`'s claim on `key` when the current transaction commits. Returns false if
@@ -332,7 +332,7 @@ fn tob_unique<'a>(
     let old_value = column.value(old_tuple);
     if new_value != old_value {
         if let Some(value) = &new_value {
-            xact::claim(namespace, checked("key", Some(value), KEY_BYTES_MAX), &owner);
+            xact::claim(namespace, checked("key", Some(value), KEY_BYTES_MAX), &owner, true);
         }
         if let Some(value) = &old_value {
             xact::release(namespace, value, &owner);

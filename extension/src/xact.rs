@@ -42,6 +42,9 @@ struct Op {
     kind: OpKind,
     /// Claimed prepared at once (outside a transaction block): no `Prepare` needed.
     prepared: bool,
+    /// A claim (or a withdrawn release) for a row a `tob_unique` trigger saw written, rather
+    /// than a `tob_claim` call: another row of this transaction may not have the same key.
+    for_row: bool,
     /// The (sub)transaction that did it; moves to the parent when a savepoint is released.
     subxact: pg_sys::SubTransactionId,
 }
@@ -70,12 +73,38 @@ struct Txn {
     /// of them wants scheduled, or None (withdrawn). What `ops` say, kept for a lookup per
     /// claim instead of a scan (a bulk INSERT claims many keys in one transaction).
     releases: BTreeMap<ClaimKey, Option<String>>,
+    /// Keys a row written by this transaction has, as the live ops say: a `tob_unique` claim
+    /// of one of them is a second row with the value, refused as a unique index refuses it.
+    /// The cluster cannot tell: it grants a holder's claim again (`tob_claim` twice returns
+    /// the same token), so two rows with one value in one transaction both got in.
+    rows: BTreeSet<ClaimKey>,
+}
+
+impl Op {
+    /// What this op says about a row of this transaction having its key: Some(true) for a
+    /// row's claim, Some(false) for a release (the row deleted, or `tob_release`).
+    fn row_effect(&self) -> Option<bool> {
+        match self.kind {
+            OpKind::Claimed | OpKind::Kept => self.for_row.then_some(true),
+            OpKind::Releasing => Some(false),
+        }
+    }
 }
 
 impl Txn {
     /// Whether a release of `key` should be scheduled at this point, and for which owner.
     fn release_wanted(&self, key: &ClaimKey) -> Option<String> {
         self.releases.get(key).cloned().flatten()
+    }
+
+    /// Recomputes `rows` for `key` from the live ops (after a savepoint's were undone).
+    fn recompute_row(&mut self, key: &ClaimKey) {
+        let last = self.ops.iter().rev().filter(|op| op.key == *key).find_map(Op::row_effect);
+        if last == Some(true) {
+            self.rows.insert(key.clone());
+        } else {
+            self.rows.remove(key);
+        }
     }
 
     /// Recomputes `releases` for `key` from the live ops (after a savepoint's were undone).
@@ -156,6 +185,11 @@ fn record(full_xid: u64, holder: &str, op: Op) {
             OpKind::Kept => drop(txn.releases.insert(op.key.clone(), None)),
             OpKind::Claimed => {}
         }
+        match op.row_effect() {
+            Some(true) => drop(txn.rows.insert(op.key.clone())),
+            Some(false) => drop(txn.rows.remove(&op.key)),
+            None => {}
+        }
         txn.ops.push(op);
     });
 }
@@ -175,15 +209,22 @@ fn record_transaction(full_xid: u64, holder: &str) {
             outgoing_bytes: 0,
             releases_owed: Vec::new(),
             releases: BTreeMap::new(),
+            rows: BTreeSet::new(),
         });
     });
 }
 
 /// Claims `key` for `owner` until this transaction ends: final at commit, released at abort.
-pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
+/// `for_row`: the claim is for a row a `tob_unique` trigger saw written, refused with 23505 if
+/// another row of this transaction has the key (a `tob_claim` of a key this transaction
+/// holds returns its token again).
+pub fn claim(namespace: &str, key: &str, owner: &str, for_row: bool) -> FencingToken {
     require_preloaded("tob_claim");
     let (full_xid, holder) = current_holder(c"tob_claim()");
     let claim_key = claim_key(namespace, key);
+    if for_row && has_row(full_xid, &claim_key) {
+        TobError::TakenInTransaction { namespace: namespace.into(), key: key.into() }.raise()
+    }
     // Outside a transaction block the statement's transaction commits as soon as the statement
     // ends: claim prepared at once and save the Prepare round trip at commit. Safe because a
     // prepared claim's fate is the transaction's (settled from the commit log, or aborted if
@@ -194,7 +235,7 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
     if prepared {
         record_transaction(full_xid, &holder);
     }
-    if let Some(token) = claim_again(full_xid, &holder, &claim_key, owner) {
+    if let Some(token) = claim_again(full_xid, &holder, &claim_key, owner, for_row) {
         return token;
     }
     let mut waiting = backend::Waiting::new();
@@ -212,6 +253,7 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
                     owner: owner.into(),
                     kind: OpKind::Claimed,
                     prepared,
+                    for_row,
                     subxact,
                 };
                 record(full_xid, &holder, op);
@@ -245,7 +287,13 @@ pub fn claim(namespace: &str, key: &str, owner: &str) -> FencingToken {
 /// Claims a key again whose release this transaction scheduled for the same owner (a row
 /// deleted, then written again, as a unique index allows): withdraws the release instead, and
 /// returns the claim's token. None if this transaction has no such release scheduled.
-fn claim_again(full_xid: u64, holder: &str, key: &ClaimKey, owner: &str) -> Option<FencingToken> {
+fn claim_again(
+    full_xid: u64,
+    holder: &str,
+    key: &ClaimKey,
+    owner: &str,
+    for_row: bool,
+) -> Option<FencingToken> {
     let scheduled = TXN.with(|cell| {
         let slot = cell.borrow();
         let txn = slot.as_ref().filter(|t| t.full_xid == full_xid)?;
@@ -258,8 +306,14 @@ fn claim_again(full_xid: u64, holder: &str, key: &ClaimKey, owner: &str) -> Opti
     // back, undoing this op schedules the release again — whether or not the withdrawal got
     // through — instead of leaving the name held for a row that is gone.
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    let op =
-        Op { key: key.clone(), owner: owner.into(), kind: OpKind::Kept, prepared: false, subxact };
+    let op = Op {
+        key: key.clone(),
+        owner: owner.into(),
+        kind: OpKind::Kept,
+        prepared: false,
+        for_row,
+        subxact,
+    };
     record(full_xid, holder, op);
     with_client(|c| Ok(c.keep_on_commit(key.clone(), holder)?));
     let current = with_client(|c| {
@@ -268,6 +322,13 @@ fn claim_again(full_xid: u64, holder: &str, key: &ClaimKey, owner: &str) -> Opti
     // Gone only if it was this transaction's own pending claim and the instance session
     // expired: claim anew (the commit then fails with 40001 for the lost one).
     current.filter(|c| c.owner == owner).map(|c| c.token)
+}
+
+/// Whether a row written by this transaction has `key` (see [`Txn::rows`]).
+fn has_row(full_xid: u64, key: &ClaimKey) -> bool {
+    TXN.with(|cell| {
+        cell.borrow().as_ref().is_some_and(|t| t.full_xid == full_xid && t.rows.contains(key))
+    })
 }
 
 /// Waits for the background worker to open a new instance session after `old` expired; 08006
@@ -314,6 +375,7 @@ pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
                     owner: owner.into(),
                     kind: OpKind::Releasing,
                     prepared: false,
+                    for_row: false,
                     subxact,
                 };
                 record(full_xid, &holder, op);
@@ -561,6 +623,10 @@ fn undo_subtransaction(subxact: pg_sys::SubTransactionId) {
         let (undone, kept): (Vec<Op>, Vec<Op>) =
             std::mem::take(&mut txn.ops).into_iter().partition(|op| op.subxact == subxact);
         txn.ops = kept;
+        let rows_touched: BTreeSet<ClaimKey> = undone.iter().map(|op| op.key.clone()).collect();
+        for key in &rows_touched {
+            txn.recompute_row(key);
+        }
         let schedules: Vec<(ClaimKey, Option<String>)> = before
             .into_iter()
             .filter_map(|(key, was)| {

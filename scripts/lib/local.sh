@@ -17,11 +17,12 @@ for p in range($base, $base + 9): s = socket.socket(); s.bind(('127.0.0.1', p));
 }
 
 # Starts `tob cluster up` under $work/cluster on nine consecutive free loopback ports; sets
-# cluster_pid and cluster (the client addresses).
+# cluster_pid and cluster (the client addresses). cluster_nodes (default 3) sets the size.
 start_cluster() {
     local base
     base=$(free_base_port)
-    ./target/release/tob cluster up --dir "$work/cluster" --base-port "$base" > "$work/up.txt" 2> "$work/cluster.log" &
+    ./target/release/tob cluster up --dir "$work/cluster" --base-port "$base" --nodes "${cluster_nodes:-3}" \
+        > "$work/up.txt" 2> "$work/cluster.log" &
     cluster_pid=$!
     sleep 1.5
     cluster=$(sed -n 's/^TOB_CLUSTER=//p' "$work/up.txt")

@@ -1303,6 +1303,83 @@ async fn a_name_deleted_and_written_again_in_one_transaction_stays_claimed() {
     }
 }
 
+/// One transaction cannot write a name twice, as a unique index refuses it: two rows of one
+/// INSERT, two INSERTs, an UPDATE giving two rows one name, a second table sharing the
+/// namespace, a savepoint's row. The cluster grants a holder's claim again (so `tob_claim`
+/// twice returns one token), and before the fix all of these wrote the name twice.
+#[tokio::test]
+async fn one_transaction_cannot_write_a_name_twice() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    let other = pg.create_app_database("other").await;
+    wait_until_ready(&db).await;
+    db.batch_execute(
+        "CREATE TABLE admins (id bigserial PRIMARY KEY, name text NOT NULL);
+         CREATE TRIGGER admins_unique AFTER INSERT OR UPDATE OR DELETE ON admins
+             FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');
+         INSERT INTO users (name) VALUES ('cy'), ('dee');",
+    )
+    .await
+    .unwrap();
+    for sql in [
+        // Outside a transaction block (claims prepared at once) and inside one.
+        "INSERT INTO users (name) VALUES ('ann'), ('ann')",
+        "BEGIN; INSERT INTO users (name) VALUES ('bob'); INSERT INTO users (name) VALUES ('bob');",
+        "UPDATE users SET name = 'eve' WHERE name IN ('cy', 'dee')",
+        "BEGIN; INSERT INTO users (name) VALUES ('fay'); SAVEPOINT s;
+         INSERT INTO users (name) VALUES ('fay');",
+        "BEGIN; INSERT INTO users (name) VALUES ('gus'); INSERT INTO admins (name) VALUES ('gus');",
+        // Deleted in a savepoint that is rolled back: the row is there again.
+        "BEGIN; INSERT INTO users (name) VALUES ('kim'); SAVEPOINT s;
+         DELETE FROM users WHERE name = 'kim'; ROLLBACK TO s; INSERT INTO users (name) VALUES ('kim');",
+    ] {
+        let err = db.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&err), "23505", "{sql}: {err:?}");
+        let detail = err.as_db_error().and_then(|e| e.detail()).unwrap_or_default().to_owned();
+        assert!(detail.contains("this transaction"), "{sql}: {detail}");
+        db.batch_execute("ROLLBACK").await.unwrap();
+    }
+    for sql in [
+        // Deleted and written again, the second time inside a savepoint rolled back.
+        "BEGIN; INSERT INTO users (name) VALUES ('hal'); SAVEPOINT s;
+         DELETE FROM users WHERE name = 'hal'; INSERT INTO users (name) VALUES ('hal');
+         ROLLBACK TO s; COMMIT;",
+        // Claimed by tob_claim first: the row's claim is that claim.
+        "BEGIN; SELECT tob_claim('usernames', 'ivy'); INSERT INTO users (name) VALUES ('ivy');
+         COMMIT;",
+        // Written in a savepoint that is rolled back, then written again.
+        "BEGIN; SAVEPOINT s; INSERT INTO users (name) VALUES ('jo'); ROLLBACK TO s;
+         INSERT INTO users (name) VALUES ('jo'); COMMIT;",
+        // Moved to another name and back, then the first name's old value written anew.
+        "BEGIN; UPDATE users SET name = 'lu' WHERE name = 'cy'; UPDATE users SET name = 'cy'
+         WHERE name = 'lu'; INSERT INTO users (name) VALUES ('lu'); COMMIT;",
+    ] {
+        db.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+    let rows = names(&db).await;
+    assert_eq!(rows, ["cy", "dee", "hal", "ivy", "jo", "lu"]);
+    let admins = db.query("SELECT name FROM admins", &[]).await.unwrap();
+    assert!(admins.is_empty());
+    for name in ["ann", "bob", "cy", "dee", "eve", "fay", "gus", "hal", "ivy", "jo", "kim", "lu"] {
+        let there = rows.iter().any(|r| r == name);
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                let state = owner_state(&db, name).await;
+                if there { state.as_deref() == Some("held") } else { state.is_none() }
+            })
+            .await,
+            "{name}: row {there}, claim {:?}",
+            owner_state(&db, name).await
+        );
+        let taken = other.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await;
+        match taken {
+            Err(e) => assert!(there && sqlstate(&e) == "23505", "{name}: {e:?}"),
+            Ok(_) => assert!(!there, "{name} is in both databases"),
+        }
+    }
+}
+
 /// `tob_unique` declared wrongly fails every write with a clear error rather than silently
 /// claiming nothing; any column type works (the key is the value's text form); and as a
 /// BEFORE TRUNCATE trigger it releases every value of the table when the TRUNCATE commits.
