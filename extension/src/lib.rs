@@ -85,7 +85,7 @@ fn tob_claim(
     let namespace = checked("namespace", namespace, NAME_BYTES_MAX);
     let key = checked("key", key, KEY_BYTES_MAX);
     let owner = owner_or_default(owner);
-    xact::claim(namespace, key, &owner, false).0 as i64
+    xact::claim(namespace, key, &owner, None).0 as i64
 }
 
 /// Releases `owner`'s claim on `key` when the current transaction commits. Returns false if
@@ -332,13 +332,25 @@ fn tob_unique<'a>(
     let old_value = column.value(old_tuple);
     if new_value != old_value {
         if let Some(value) = &new_value {
-            xact::claim(namespace, checked("key", Some(value), KEY_BYTES_MAX), &owner, true);
+            let key = checked("key", Some(value), KEY_BYTES_MAX);
+            xact::claim(namespace, key, &owner, Some(row_id(data, new_tuple)));
         }
         if let Some(value) = &old_value {
             xact::release(namespace, value, &owner);
         }
     }
     Ok(trigger.new().or(trigger.old()))
+}
+
+/// The row version a trigger fires for: its table and `ctid`.
+fn row_id(data: &pg_sys::TriggerData, tuple: pg_sys::HeapTuple) -> xact::RowId {
+    // SAFETY: a row trigger's relation and tuple are valid for the call.
+    let (relation, place) = unsafe { ((*data.tg_relation).rd_id, (*tuple).t_self) };
+    xact::RowId {
+        relation: relation.to_u32(),
+        block: (u32::from(place.ip_blkid.bi_hi) << 16) | u32::from(place.ip_blkid.bi_lo),
+        offset: place.ip_posid,
+    }
 }
 
 /// The column a `tob_unique` trigger keeps unique, checked against the table.

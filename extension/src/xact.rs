@@ -35,6 +35,16 @@ enum OpKind {
     Kept,
 }
 
+/// A row version written by this transaction: its table and its place in it (`ctid`). Two
+/// triggers firing for one row (declared twice, or on a partition and its parent) name the
+/// same one; within a transaction no other row can take the place of one it still has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowId {
+    pub relation: u32,
+    pub block: u32,
+    pub offset: u16,
+}
+
 #[derive(Debug)]
 struct Op {
     key: ClaimKey,
@@ -42,9 +52,9 @@ struct Op {
     kind: OpKind,
     /// Claimed prepared at once (outside a transaction block): no `Prepare` needed.
     prepared: bool,
-    /// A claim (or a withdrawn release) for a row a `tob_unique` trigger saw written, rather
-    /// than a `tob_claim` call: another row of this transaction may not have the same key.
-    for_row: bool,
+    /// The row a `tob_unique` trigger claimed the key for (or withdrew its release for), or
+    /// None for a `tob_claim` call: another row of this transaction may not have the key.
+    row: Option<RowId>,
     /// The (sub)transaction that did it; moves to the parent when a savepoint is released.
     subxact: pg_sys::SubTransactionId,
 }
@@ -73,20 +83,21 @@ struct Txn {
     /// of them wants scheduled, or None (withdrawn). What `ops` say, kept for a lookup per
     /// claim instead of a scan (a bulk INSERT claims many keys in one transaction).
     releases: BTreeMap<ClaimKey, Option<String>>,
-    /// Keys a row written by this transaction has, as the live ops say: a `tob_unique` claim
-    /// of one of them is a second row with the value, refused as a unique index refuses it.
-    /// The cluster cannot tell: it grants a holder's claim again (`tob_claim` twice returns
-    /// the same token), so two rows with one value in one transaction both got in.
-    rows: BTreeSet<ClaimKey>,
+    /// Keys a row written by this transaction has, and which row, as the live ops say: a
+    /// `tob_unique` claim of one of them for another row is a second row with the value,
+    /// refused as a unique index refuses it. The cluster cannot tell: it grants a holder's
+    /// claim again (`tob_claim` twice returns the same token), so two rows with one value in
+    /// one transaction both got in.
+    rows: BTreeMap<ClaimKey, RowId>,
 }
 
 impl Op {
-    /// What this op says about a row of this transaction having its key: Some(true) for a
-    /// row's claim, Some(false) for a release (the row deleted, or `tob_release`).
-    fn row_effect(&self) -> Option<bool> {
+    /// What this op says about a row of this transaction having its key: Some(Some(row)) for
+    /// a row's claim, Some(None) for a release (the row deleted, or `tob_release`).
+    fn row_effect(&self) -> Option<Option<RowId>> {
         match self.kind {
-            OpKind::Claimed | OpKind::Kept => self.for_row.then_some(true),
-            OpKind::Releasing => Some(false),
+            OpKind::Claimed | OpKind::Kept => self.row.map(Some),
+            OpKind::Releasing => Some(None),
         }
     }
 }
@@ -100,10 +111,9 @@ impl Txn {
     /// Recomputes `rows` for `key` from the live ops (after a savepoint's were undone).
     fn recompute_row(&mut self, key: &ClaimKey) {
         let last = self.ops.iter().rev().filter(|op| op.key == *key).find_map(Op::row_effect);
-        if last == Some(true) {
-            self.rows.insert(key.clone());
-        } else {
-            self.rows.remove(key);
+        match last.flatten() {
+            Some(row) => drop(self.rows.insert(key.clone(), row)),
+            None => drop(self.rows.remove(key)),
         }
     }
 
@@ -186,8 +196,8 @@ fn record(full_xid: u64, holder: &str, op: Op) {
             OpKind::Claimed => {}
         }
         match op.row_effect() {
-            Some(true) => drop(txn.rows.insert(op.key.clone())),
-            Some(false) => drop(txn.rows.remove(&op.key)),
+            Some(Some(row)) => drop(txn.rows.insert(op.key.clone(), row)),
+            Some(None) => drop(txn.rows.remove(&op.key)),
             None => {}
         }
         txn.ops.push(op);
@@ -209,20 +219,20 @@ fn record_transaction(full_xid: u64, holder: &str) {
             outgoing_bytes: 0,
             releases_owed: Vec::new(),
             releases: BTreeMap::new(),
-            rows: BTreeSet::new(),
+            rows: BTreeMap::new(),
         });
     });
 }
 
 /// Claims `key` for `owner` until this transaction ends: final at commit, released at abort.
-/// `for_row`: the claim is for a row a `tob_unique` trigger saw written, refused with 23505 if
-/// another row of this transaction has the key (a `tob_claim` of a key this transaction
-/// holds returns its token again).
-pub fn claim(namespace: &str, key: &str, owner: &str, for_row: bool) -> FencingToken {
+/// `row`: the row a `tob_unique` trigger claims it for, refused with 23505 if another row of
+/// this transaction has the key (a `tob_claim` of a key this transaction holds returns its
+/// token again).
+pub fn claim(namespace: &str, key: &str, owner: &str, row: Option<RowId>) -> FencingToken {
     require_preloaded("tob_claim");
     let (full_xid, holder) = current_holder(c"tob_claim()");
     let claim_key = claim_key(namespace, key);
-    if for_row && has_row(full_xid, &claim_key) {
+    if row.is_some_and(|row| another_row_has(full_xid, &claim_key, row)) {
         TobError::TakenInTransaction { namespace: namespace.into(), key: key.into() }.raise()
     }
     // Outside a transaction block the statement's transaction commits as soon as the statement
@@ -235,7 +245,7 @@ pub fn claim(namespace: &str, key: &str, owner: &str, for_row: bool) -> FencingT
     if prepared {
         record_transaction(full_xid, &holder);
     }
-    if let Some(token) = claim_again(full_xid, &holder, &claim_key, owner, for_row) {
+    if let Some(token) = claim_again(full_xid, &holder, &claim_key, owner, row) {
         return token;
     }
     let mut waiting = backend::Waiting::new();
@@ -253,7 +263,7 @@ pub fn claim(namespace: &str, key: &str, owner: &str, for_row: bool) -> FencingT
                     owner: owner.into(),
                     kind: OpKind::Claimed,
                     prepared,
-                    for_row,
+                    row,
                     subxact,
                 };
                 record(full_xid, &holder, op);
@@ -292,7 +302,7 @@ fn claim_again(
     holder: &str,
     key: &ClaimKey,
     owner: &str,
-    for_row: bool,
+    row: Option<RowId>,
 ) -> Option<FencingToken> {
     let scheduled = TXN.with(|cell| {
         let slot = cell.borrow();
@@ -311,7 +321,7 @@ fn claim_again(
         owner: owner.into(),
         kind: OpKind::Kept,
         prepared: false,
-        for_row,
+        row,
         subxact,
     };
     record(full_xid, holder, op);
@@ -324,10 +334,12 @@ fn claim_again(
     current.filter(|c| c.owner == owner).map(|c| c.token)
 }
 
-/// Whether a row written by this transaction has `key` (see [`Txn::rows`]).
-fn has_row(full_xid: u64, key: &ClaimKey) -> bool {
+/// Whether a row written by this transaction other than `row` has `key` (see [`Txn::rows`]).
+fn another_row_has(full_xid: u64, key: &ClaimKey, row: RowId) -> bool {
     TXN.with(|cell| {
-        cell.borrow().as_ref().is_some_and(|t| t.full_xid == full_xid && t.rows.contains(key))
+        let slot = cell.borrow();
+        let txn = slot.as_ref().filter(|t| t.full_xid == full_xid);
+        txn.and_then(|t| t.rows.get(key)).is_some_and(|r| *r != row)
     })
 }
 
@@ -375,7 +387,7 @@ pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
                     owner: owner.into(),
                     kind: OpKind::Releasing,
                     prepared: false,
-                    for_row: false,
+                    row: None,
                     subxact,
                 };
                 record(full_xid, &holder, op);
