@@ -110,6 +110,8 @@ fn tob_owner(
 ) -> TableIterator<'static, (name!(owner, String), name!(token, i64), name!(state, String))> {
     let namespace = checked("namespace", namespace, NAME_BYTES_MAX);
     let key = checked("key", key, KEY_BYTES_MAX);
+    // A trigger of the same statement may have claimed it for a row (sent at its end).
+    xact::send_row_claims();
     let consistency = guc::read_consistency();
     let current = with_client(|c| {
         c.owner(namespace, key, consistency).map_err(|e| TobError::from(e).in_namespace(namespace))
@@ -333,7 +335,7 @@ fn tob_unique<'a>(
     if new_value != old_value {
         if let Some(value) = &new_value {
             let key = checked("key", Some(value), KEY_BYTES_MAX);
-            xact::claim(namespace, key, &owner, Some(row_id(data, new_tuple)));
+            xact::claim_row(namespace, key, &owner, row_id(data, new_tuple));
         }
         if let Some(value) = &old_value {
             xact::release(namespace, value, &owner);

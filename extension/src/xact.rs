@@ -145,7 +145,67 @@ pub fn register_callbacks() {
     unsafe {
         pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
         pg_sys::RegisterSubXactCallback(Some(subxact_callback), std::ptr::null_mut());
+        PREVIOUS_EXECUTOR_FINISH = pg_sys::ExecutorFinish_hook;
+        pg_sys::ExecutorFinish_hook = Some(executor_finish);
+        PREVIOUS_PROCESS_UTILITY = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
     }
+}
+
+static mut PREVIOUS_EXECUTOR_FINISH: pg_sys::ExecutorFinish_hook_type = None;
+static mut PREVIOUS_PROCESS_UTILITY: pg_sys::ProcessUtility_hook_type = None;
+
+/// The end of a query, after its AFTER triggers fired: their row claims are sent.
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_finish(query_desc: *mut pg_sys::QueryDesc) {
+    unsafe {
+        match PREVIOUS_EXECUTOR_FINISH {
+            Some(previous) => previous(query_desc),
+            None => pg_sys::standard_ExecutorFinish(query_desc),
+        }
+    }
+    send_row_claims();
+}
+
+/// The end of a utility statement (COPY fires its AFTER triggers without the executor's
+/// finish): row claims held back are sent.
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    statement: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    environment: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    completion: *mut pg_sys::QueryCompletion,
+) {
+    unsafe {
+        match PREVIOUS_PROCESS_UTILITY {
+            Some(previous) => previous(
+                statement,
+                query,
+                read_only_tree,
+                context,
+                params,
+                environment,
+                dest,
+                completion,
+            ),
+            None => pg_sys::standard_ProcessUtility(
+                statement,
+                query,
+                read_only_tree,
+                context,
+                params,
+                environment,
+                dest,
+                completion,
+            ),
+        }
+    }
+    send_row_claims();
 }
 
 fn require_preloaded(what: &str) {
@@ -224,11 +284,167 @@ fn record_transaction(full_xid: u64, holder: &str) {
     });
 }
 
+/// A `tob_unique` claim held back until the end of its statement.
+struct RowClaim {
+    namespace: String,
+    key: String,
+    owner: String,
+    row: RowId,
+    subxact: pg_sys::SubTransactionId,
+}
+
+thread_local! {
+    static ROW_CLAIMS: RefCell<Vec<RowClaim>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Most row claims held back: a statement writing more sends them this many at a time.
+const ROW_CLAIMS_HELD_MAX: usize = 1_000;
+
+/// Claims `key` for a row a `tob_unique` trigger saw written: held back until the end of the
+/// statement (or until [`ROW_CLAIMS_HELD_MAX`] are waiting), then sent with the statement's
+/// other rows' claims all in flight at once — one round trip for a multi-row INSERT or a
+/// COPY instead of one per row. Errors (23505, 55P03, …) come at the end of the statement.
+pub fn claim_row(namespace: &str, key: &str, owner: &str, row: RowId) {
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let full = ROW_CLAIMS.with(|cell| {
+        let mut held = cell.borrow_mut();
+        let claim = RowClaim {
+            namespace: namespace.into(),
+            key: key.into(),
+            owner: owner.into(),
+            row,
+            subxact,
+        };
+        held.push(claim);
+        held.len() >= ROW_CLAIMS_HELD_MAX
+    });
+    if full {
+        send_row_claims();
+    }
+}
+
+/// Sends the row claims held back, in the order they were made. Runs at the end of every
+/// statement, and before anything else that claims or releases, reads an owner or commits,
+/// so nothing sees the cluster without them or out of order.
+pub fn send_row_claims() {
+    let held = ROW_CLAIMS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    match held.as_slice() {
+        [] => {}
+        // One row (the common single-row INSERT): the plain claim, no pipeline.
+        [one] => drop(claim(&one.namespace, &one.key, &one.owner, Some(one.row))),
+        _ => claim_rows(held),
+    }
+}
+
+/// Claims many rows' keys with the claims in flight together ([`tob_client::Client::pipeline`]).
+///
+/// In runs of claims that need nothing else: a key another row of this transaction has, or
+/// whose release this transaction scheduled, ends a run and is claimed on its own by
+/// [`claim`] (23505, or the withdrawal of the release). Each run's claims are recorded before
+/// they are sent, so an error or a cancel while they are in flight leaves them to the abort
+/// (a rolled-back savepoint releases them, a transaction's abort settles them released);
+/// any claim not granted at once — a key taken, pending elsewhere, an expired session — is
+/// unrecorded and claimed again on its own, which waits or raises as a single claim does.
+/// So is every claim of a run whose pipeline failed (a leader change, a lost connection):
+/// claiming again is safe, as a holder's claim granted again returns its token.
+fn claim_rows(held: Vec<RowClaim>) {
+    require_preloaded("tob_unique");
+    let (full_xid, holder) = current_holder(c"tob_unique()");
+    let prepared = !unsafe { pg_sys::IsTransactionBlock() };
+    let kind = if prepared { ClaimKind::Prepared } else { ClaimKind::Transactional };
+    record_transaction(full_xid, &holder);
+    let mut at = 0;
+    while at < held.len() {
+        let base = TXN.with(|cell| cell.borrow().as_ref().map_or(0, |t| t.ops.len()));
+        let mut run: Vec<(&RowClaim, ClaimKey)> = Vec::new();
+        while let Some(c) = held.get(at) {
+            let key = claim_key(&c.namespace, &c.key);
+            if another_row_has(full_xid, &key, c.row) || release_scheduled(full_xid, &key) {
+                break;
+            }
+            let op = Op {
+                key: key.clone(),
+                owner: c.owner.clone(),
+                kind: OpKind::Claimed,
+                prepared,
+                row: Some(c.row),
+                subxact: c.subxact,
+            };
+            record(full_xid, &holder, op);
+            run.push((c, key));
+            at += 1;
+        }
+        if !run.is_empty() {
+            let session = if prepared { None } else { Some(instance_session()) };
+            let commands = run
+                .iter()
+                .map(|(c, key)| Command::Claim {
+                    key: key.clone(),
+                    owner: c.owner.clone(),
+                    holder: holder.clone(),
+                    kind,
+                    session,
+                })
+                .collect();
+            let outcomes = with_client(|client| match client.pipeline(commands) {
+                Ok(outcomes) => Ok(Some(outcomes)),
+                Err(tob_client::ClientError::Interrupted) => Err(TobError::Cancelled),
+                Err(_) => Ok(None),
+            });
+            let again: Vec<usize> = match &outcomes {
+                Some(outcomes) => (0..run.len())
+                    .filter(|&i| !matches!(outcomes[i], Outcome::Claimed { .. }))
+                    .collect(),
+                None => (0..run.len()).collect(),
+            };
+            unrecord(base, &again);
+            for i in again {
+                let (c, _) = run[i];
+                claim(&c.namespace, &c.key, &c.owner, Some(c.row));
+            }
+        }
+        if let Some(c) = held.get(at) {
+            claim(&c.namespace, &c.key, &c.owner, Some(c.row));
+            at += 1;
+        }
+    }
+}
+
+/// Removes the ops at `base + i` for each `i` of `positions` (claims recorded before they
+/// were sent and then not granted), and what they said of rows.
+fn unrecord(base: usize, positions: &[usize]) {
+    if positions.is_empty() {
+        return;
+    }
+    TXN.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let Some(txn) = slot.as_mut() else { return };
+        let mut keys = Vec::new();
+        for &i in positions.iter().rev() {
+            keys.push(txn.ops.remove(base + i).key);
+        }
+        for key in &keys {
+            txn.recompute_row(key);
+        }
+    });
+}
+
+/// Whether this transaction has scheduled the release of `key` (see [`Txn::releases`]).
+fn release_scheduled(full_xid: u64, key: &ClaimKey) -> bool {
+    TXN.with(|cell| {
+        let slot = cell.borrow();
+        slot.as_ref()
+            .filter(|t| t.full_xid == full_xid)
+            .is_some_and(|t| t.release_wanted(key).is_some())
+    })
+}
+
 /// Claims `key` for `owner` until this transaction ends: final at commit, released at abort.
 /// `row`: the row a `tob_unique` trigger claims it for, refused with 23505 if another row of
 /// this transaction has the key (a `tob_claim` of a key this transaction holds returns its
 /// token again).
 pub fn claim(namespace: &str, key: &str, owner: &str, row: Option<RowId>) -> FencingToken {
+    send_row_claims();
     require_preloaded("tob_claim");
     let (full_xid, holder) = current_holder(c"tob_claim()");
     let claim_key = claim_key(namespace, key);
@@ -242,12 +458,30 @@ pub fn claim(namespace: &str, key: &str, owner: &str, row: Option<RowId>) -> Fen
     // does not expire with the session while the statement runs.
     let prepared = !unsafe { pg_sys::IsTransactionBlock() };
     let kind = if prepared { ClaimKind::Prepared } else { ClaimKind::Transactional };
-    if prepared {
-        record_transaction(full_xid, &holder);
-    }
+    record_transaction(full_xid, &holder);
     if let Some(token) = claim_again(full_xid, &holder, &claim_key, owner, row) {
         return token;
     }
+    // Recorded before it is sent: if the answer is lost (a cancel, a lost connection, a
+    // timeout), the claim may still have been granted, and the abort of the statement's
+    // (sub)transaction must release it. Recorded only once granted, a claim prepared at once
+    // outlived a savepoint rolled back around it (a PL/pgSQL EXCEPTION block catching the
+    // 08006) and became held when the transaction committed, with no row.
+    let base = TXN.with(|cell| cell.borrow().as_ref().map_or(0, |t| t.ops.len()));
+    let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
+    let op = Op {
+        key: claim_key.clone(),
+        owner: owner.into(),
+        kind: OpKind::Claimed,
+        prepared,
+        row,
+        subxact,
+    };
+    record(full_xid, &holder, op);
+    let refuse = |error: TobError| -> ! {
+        unrecord(base, &[0]);
+        error.raise()
+    };
     let mut waiting = backend::Waiting::new();
     loop {
         let session = if prepared { None } else { Some(instance_session()) };
@@ -257,16 +491,6 @@ pub fn claim(namespace: &str, key: &str, owner: &str, row: Option<RowId>) -> Fen
         });
         match outcome {
             Outcome::Claimed { token } => {
-                let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-                let op = Op {
-                    key: claim_key,
-                    owner: owner.into(),
-                    kind: OpKind::Claimed,
-                    prepared,
-                    row,
-                    subxact,
-                };
-                record(full_xid, &holder, op);
                 let pause = guc::TEST_PAUSE_AFTER_CLAIM_MS.get();
                 if pause > 0 {
                     backend::sleep(Duration::from_millis(pause as u64));
@@ -276,7 +500,7 @@ pub fn claim(namespace: &str, key: &str, owner: &str, row: Option<RowId>) -> Fen
             Outcome::Taken { current }
                 if current.holder == holder || current.state == ClaimState::Held =>
             {
-                TobError::Taken { namespace: namespace.into(), key: key.into(), current }.raise()
+                refuse(TobError::Taken { namespace: namespace.into(), key: key.into(), current })
             }
             // Pending or prepared in another transaction, or held and being released by one
             // (a DELETE not committed yet): wait for its fate, as a unique index does.
@@ -289,7 +513,7 @@ pub fn claim(namespace: &str, key: &str, owner: &str, row: Option<RowId>) -> Fen
                 // in this transaction are lost and will fail the commit.
                 wait_for_new_session(session.expect("only session-bound claims expire"));
             }
-            other => TobError::from_outcome(other).raise(),
+            other => refuse(TobError::from_outcome(other)),
         }
     }
 }
@@ -367,6 +591,7 @@ pub fn wait_for_new_session(old: SessionId) {
 /// stayed held for good (found by a 30-minute fault run: a DELETE cut short by
 /// `pg_terminate_backend`, then the same DELETE again from a new connection).
 pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
+    send_row_claims();
     require_preloaded("tob_release inside a transaction");
     let (full_xid, holder) = current_holder(c"tob_release()");
     let claim_key = claim_key(namespace, key);
@@ -462,6 +687,8 @@ fn stage_outgoing(holder: &str, outgoing: Vec<StagedMessage>) {
 
 /// Before commit (or PREPARE TRANSACTION): prepare every live claim; a lost one aborts.
 fn prepare_for_commit(two_phase: bool) {
+    // Row claims of deferred constraint triggers, fired just before this.
+    send_row_claims();
     let Some((holder, keys, owed, outgoing)) = TXN.with(|cell| {
         cell.borrow_mut().as_mut().map(|t| {
             let mut keys: Vec<ClaimKey> = t
@@ -559,6 +786,8 @@ unsafe extern "C-unwind" fn xact_callback(
         // so the worker's reconciler settles it from pg_xact_status.
         XACT_EVENT_PREPARE => drop(TXN.with(|cell| cell.borrow_mut().take())),
         XACT_EVENT_COMMIT | XACT_EVENT_ABORT => {
+            // Held back and never sent (an error ended the statement first): nothing to undo.
+            drop(ROW_CLAIMS.with(|cell| std::mem::take(&mut *cell.borrow_mut())));
             // Interrupts are held and an ERROR here would be fatal: only queue, never raise.
             // Queued even without recorded ops: a claim whose answer was lost may still exist.
             if let Some(txn) = TXN.with(|cell| cell.borrow_mut().take())
@@ -588,6 +817,11 @@ unsafe extern "C-unwind" fn subxact_callback(
     use pg_sys::SubXactEvent::*;
     match event {
         SUBXACT_EVENT_COMMIT_SUB => TXN.with(|cell| {
+            ROW_CLAIMS.with(|held| {
+                for claim in held.borrow_mut().iter_mut().filter(|c| c.subxact == my_subid) {
+                    claim.subxact = parent_subid;
+                }
+            });
             let mut slot = cell.borrow_mut();
             let Some(txn) = slot.as_mut() else { return };
             for subxact in txn
@@ -601,7 +835,10 @@ unsafe extern "C-unwind" fn subxact_callback(
                 }
             }
         }),
-        SUBXACT_EVENT_ABORT_SUB => undo_subtransaction(my_subid),
+        SUBXACT_EVENT_ABORT_SUB => {
+            ROW_CLAIMS.with(|held| held.borrow_mut().retain(|c| c.subxact != my_subid));
+            undo_subtransaction(my_subid)
+        }
         _ => {}
     }
 }

@@ -1391,6 +1391,75 @@ async fn one_transaction_cannot_write_a_name_twice() {
     }
 }
 
+async fn count(db: &tob_e2e::Client, sql: &str) -> i64 {
+    db.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// The rows of one statement (a multi-row INSERT, a COPY) have their claims sent together at
+/// the end of the statement, 1,000 at a time, and stay exact: a name of the statement held
+/// elsewhere fails it with 23505 and leaves none of its claims behind (also in a savepoint
+/// rolled back in a transaction that commits), and a name pending in another transaction is
+/// waited for, as for a single row.
+#[tokio::test]
+async fn the_rows_of_one_statement_are_claimed_together_and_exactly() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    let other = pg.create_app_database("other").await;
+    wait_until_ready(&db).await;
+    let names_a = "INSERT INTO users (name) SELECT 'a' || g FROM generate_series(1, 2500) g";
+    other.batch_execute("INSERT INTO users (name) VALUES ('a1700')").await.unwrap();
+    let err = db.batch_execute(names_a).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "23505", "{err:?}");
+    db.batch_execute("BEGIN; INSERT INTO users (name) VALUES ('kept'); SAVEPOINT s;")
+        .await
+        .unwrap();
+    let err = db.batch_execute(names_a).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "23505", "{err:?}");
+    db.batch_execute("ROLLBACK TO s; COMMIT").await.unwrap();
+    // Outside a transaction block (claims prepared at once), in a block that catches the error.
+    let caught =
+        format!("DO $$ BEGIN {names_a}; EXCEPTION WHEN unique_violation THEN NULL; END $$");
+    db.batch_execute(&caught).await.unwrap();
+    // None of the failed statements' names stayed claimed: the other database takes them all.
+    let rest = "INSERT INTO users (name) SELECT 'a' || g FROM generate_series(1, 2500) g
+                WHERE g <> 1700";
+    other.batch_execute(rest).await.unwrap();
+    // COPY fires its triggers outside the executor.
+    db.batch_execute("COPY users (name) FROM PROGRAM 'seq -f b%g 1 1500'").await.unwrap();
+    // A name pending in another transaction is waited for; that transaction rolls back.
+    other.batch_execute("BEGIN; INSERT INTO users (name) VALUES ('c600')").await.unwrap();
+    let waiter = pg.connect("app").await;
+    let insert = tokio::spawn(async move {
+        let sql = "INSERT INTO users (name) SELECT 'c' || g FROM generate_series(1, 1200) g";
+        waiter.batch_execute(sql).await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!insert.is_finished(), "the INSERT must wait for the pending c600");
+    other.batch_execute("ROLLBACK").await.unwrap();
+    insert.await.unwrap().unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM users").await, 1 + 1_500 + 1_200);
+    assert_eq!(count(&other, "SELECT count(*) FROM users").await, 2_500);
+    // Every row's name is held by its database, and the other database takes none of them.
+    let held = "SELECT count(*) FROM users u, tob_owner('usernames', u.name) o
+                WHERE o.state = 'held' AND o.owner LIKE '%/' || current_database()";
+    for (db, rows) in [(&db, 2_701), (&other, 2_500)] {
+        assert!(
+            eventually(Duration::from_secs(10), || async { count(db, held).await == rows }).await,
+            "{} of {rows} held",
+            count(db, held).await
+        );
+    }
+    for sql in [
+        "INSERT INTO users (name) SELECT 'b' || g FROM generate_series(1, 1500) g",
+        "INSERT INTO users (name) SELECT 'c' || g FROM generate_series(1, 1200) g",
+        "INSERT INTO users (name) VALUES ('kept')",
+    ] {
+        let err = other.batch_execute(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "23505", "{sql}: {err:?}");
+    }
+}
+
 /// `tob_unique` declared wrongly fails every write with a clear error rather than silently
 /// claiming nothing; any column type works (the key is the value's text form); and as a
 /// BEFORE TRUNCATE trigger it releases every value of the table when the TRUNCATE commits.

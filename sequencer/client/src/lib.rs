@@ -149,6 +149,102 @@ impl Client {
         shape::outcome(self.call(Call::Command(request))?)
     }
 
+    /// Runs state-machine commands through the log with all of them in flight at once on one
+    /// connection, each exactly once: their outcomes, in order (an `Outcome::Error` among
+    /// them, such as `unknown_session`, is an outcome here, not an error). The node applies
+    /// them in the order sent, as if they had been sent one after another, at about the cost
+    /// of one round trip for the lot. Any other failure fails the whole call — a node that is
+    /// not the leader (the next call goes to the one it named), a refusal, a lost connection,
+    /// a timeout, an interrupt — and some of the commands may then have been applied: pipeline
+    /// only commands that are safe to repeat (a holder's claim granted again returns its
+    /// token).
+    pub fn pipeline(&mut self, commands: Vec<Command>) -> Result<Vec<Outcome>, ClientError> {
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
+        let deadline = Instant::now() + self.config.request_timeout;
+        let first_request = RequestId(self.next_request);
+        let first_call = self.next_call;
+        let mut bytes = Vec::new();
+        for command in commands {
+            let request_id = RequestId(self.next_request);
+            self.next_request += 1;
+            let request = Request {
+                client: Some(self.client_id),
+                request_id,
+                first_incomplete: first_request,
+                command,
+            };
+            let call = ClientRequest { id: self.next_call, call: Call::Command(request) };
+            self.next_call += 1;
+            let payload = postcard::to_allocvec(&call).expect("serialising to a Vec cannot fail");
+            bytes.extend(frame::encode(FrameKind::Request, self.config.cluster_id, &payload));
+        }
+        let count = (self.next_call - first_call) as usize;
+        let node = self.target;
+        let result = self.pipeline_at(node, &bytes, first_call, count, deadline);
+        match result {
+            Ok(outcomes) => Ok(outcomes),
+            Err(e) => {
+                // Answers still on their way would be skipped by id, but a fresh connection
+                // is simpler to reason about after a pipeline cut short.
+                self.connection = None;
+                let moved_on = matches!(
+                    e,
+                    ClientError::Refused { code: ErrorCode::NotLeader, .. }
+                        | ClientError::Interrupted
+                );
+                if !moved_on {
+                    self.target = (node + 1) % self.config.nodes.len();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn pipeline_at(
+        &mut self,
+        node: usize,
+        bytes: &[u8],
+        first_call: u64,
+        count: usize,
+        deadline: Instant,
+    ) -> Result<Vec<Outcome>, ClientError> {
+        self.ensure_connection(node)?;
+        let stream = &mut self.connection.as_mut().expect("connected").stream;
+        if let Err(e) = stream.write_all(bytes) {
+            return Err(ClientError::Unavailable(format!("{}: {e}", self.config.nodes[node])));
+        }
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; count];
+        let mut answered = 0;
+        while answered < count {
+            let response = self.read_frame(deadline)?;
+            let response: ClientResponse = postcard::from_bytes(&response)
+                .map_err(|e| ClientError::Protocol(format!("undecodable response: {e}")))?;
+            let at = response.id.checked_sub(first_call).and_then(|at| usize::try_from(at).ok());
+            let Some(slot) = at.and_then(|at| outcomes.get_mut(at)) else {
+                continue; // an answer to an earlier, abandoned call on this connection
+            };
+            let outcome = match response.reply {
+                Reply::Outcome(outcome) => outcome,
+                Reply::Error { code, message, leader } => {
+                    if code == ErrorCode::NotLeader {
+                        self.target = leader
+                            .and_then(|l| self.config.nodes.iter().position(|n| *n == l))
+                            .unwrap_or((node + 1) % self.config.nodes.len());
+                    }
+                    return Err(ClientError::Refused { code, message });
+                }
+                other => return Err(shape::unexpected(other)),
+            };
+            if slot.is_none() {
+                answered += 1;
+            }
+            *slot = Some(outcome);
+        }
+        Ok(outcomes.into_iter().map(|o| o.expect("all answered")).collect())
+    }
+
     pub fn append(&mut self, topic: Option<&str>, payload: &[u8]) -> Result<Seq, ClientError> {
         shape::appended(self.command(shape::append(topic, payload))?)
     }

@@ -915,3 +915,60 @@ fn every_thread_of_a_node_asks_for_the_short_cpu_slice() {
     }
     assert!(threads >= 2, "the node's thread and its log writer");
 }
+
+/// The blocking client's `pipeline`: 1,500 claims in flight on one connection are applied in
+/// the order sent (tokens rising, the second claim of a key taken by the first), sending the
+/// same claims again grants them again with the same tokens (a repeat is safe), and a
+/// follower's `not_leader` fails the whole call and points the next one at the leader.
+#[test]
+fn the_blocking_client_pipelines_claims_in_order() {
+    let cluster = Cluster::start(3, "pipeline");
+    let leader = cluster.leader(Duration::from_secs(10));
+    assert!(cluster.client().create_namespace("users").unwrap());
+    let mut addresses = cluster.addresses();
+    addresses.rotate_left((leader + 1) % 3); // a follower first
+    let mut config = ClientConfig::new(addresses, CLUSTER_ID);
+    config.request_timeout = Duration::from_secs(10);
+    let mut client = Client::new(config);
+    let claim = |key: usize, owner: &str| tob_proto::Command::Claim {
+        key: tob_client::claim_key("users", &format!("k{key}")),
+        owner: owner.into(),
+        holder: owner.into(),
+        kind: tob_proto::ClaimKind::Held,
+        session: None,
+    };
+    let commands: Vec<_> =
+        (0..1_000).map(|k| claim(k, "first")).chain((0..500).map(|k| claim(k, "second"))).collect();
+    match client.pipeline(commands.clone()) {
+        Err(ClientError::Refused { code: ErrorCode::NotLeader, .. }) => {}
+        other => panic!("a follower must refuse the pipeline: {other:?}"),
+    }
+    let outcomes = client.pipeline(commands.clone()).unwrap();
+    assert_eq!(outcomes.len(), 1_500);
+    let tokens: Vec<u64> = outcomes[..1_000]
+        .iter()
+        .map(|o| match o {
+            Outcome::Claimed { token } => token.0,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(tokens.windows(2).all(|w| w[0] < w[1]), "applied in the order sent");
+    for (k, outcome) in outcomes[1_000..].iter().enumerate() {
+        match outcome {
+            Outcome::Taken { current } => {
+                assert_eq!((current.owner.as_str(), current.token.0), ("first", tokens[k]))
+            }
+            other => panic!("k{k} claimed twice: {other:?}"),
+        }
+    }
+    let again = client.pipeline(commands[..1_000].to_vec()).unwrap();
+    let tokens_again: Vec<u64> = again
+        .iter()
+        .map(|o| match o {
+            Outcome::Claimed { token } => token.0,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(tokens_again, tokens);
+    assert!(client.pipeline(Vec::new()).unwrap().is_empty());
+}
