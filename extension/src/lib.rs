@@ -111,7 +111,7 @@ fn tob_owner(
     let namespace = checked("namespace", namespace, NAME_BYTES_MAX);
     let key = checked("key", key, KEY_BYTES_MAX);
     // A trigger of the same statement may have claimed it for a row (sent at its end).
-    xact::send_row_claims();
+    xact::send_row_ops();
     let consistency = guc::read_consistency();
     let current = with_client(|c| {
         c.owner(namespace, key, consistency).map_err(|e| TobError::from(e).in_namespace(namespace))
@@ -299,7 +299,7 @@ fn tob_unique<'a>(
             let partitioned = unsafe { (*(*data.tg_relation).rd_rel).relkind }
                 == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char;
             for value in column.values_in_table(&schema, &table(), partitioned) {
-                xact::release(namespace, &value, &owner);
+                xact::hold_row_op(namespace, &value, &owner, None);
             }
             return Ok(None);
         }
@@ -335,10 +335,10 @@ fn tob_unique<'a>(
     if new_value != old_value {
         if let Some(value) = &new_value {
             let key = checked("key", Some(value), KEY_BYTES_MAX);
-            xact::claim_row(namespace, key, &owner, row_id(data, new_tuple));
+            xact::hold_row_op(namespace, key, &owner, Some(row_id(data, new_tuple)));
         }
         if let Some(value) = &old_value {
-            xact::release(namespace, value, &owner);
+            xact::hold_row_op(namespace, value, &owner, None);
         }
     }
     Ok(trigger.new().or(trigger.old()))

@@ -164,7 +164,7 @@ unsafe extern "C-unwind" fn executor_finish(query_desc: *mut pg_sys::QueryDesc) 
             None => pg_sys::standard_ExecutorFinish(query_desc),
         }
     }
-    send_row_claims();
+    send_row_ops();
 }
 
 /// The end of a utility statement (COPY fires its AFTER triggers without the executor's
@@ -205,7 +205,7 @@ unsafe extern "C-unwind" fn process_utility(
             ),
         }
     }
-    send_row_claims();
+    send_row_ops();
 }
 
 fn require_preloaded(what: &str) {
@@ -284,70 +284,83 @@ fn record_transaction(full_xid: u64, holder: &str) {
     });
 }
 
-/// A `tob_unique` claim held back until the end of its statement.
-struct RowClaim {
+/// What a `tob_unique` trigger holds back until the end of its statement: a row's claim, or
+/// the release of a row's old value (a DELETE, an UPDATE, a TRUNCATE).
+struct RowOp {
     namespace: String,
     key: String,
     owner: String,
-    row: RowId,
+    /// The row claimed for; None for a release.
+    claim_for: Option<RowId>,
     subxact: pg_sys::SubTransactionId,
 }
 
 thread_local! {
-    static ROW_CLAIMS: RefCell<Vec<RowClaim>> = const { RefCell::new(Vec::new()) };
+    static ROW_OPS: RefCell<Vec<RowOp>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Most row claims held back: a statement writing more sends them this many at a time.
-const ROW_CLAIMS_HELD_MAX: usize = 1_000;
+/// Most row ops held back: a statement writing more rows sends them this many at a time.
+const ROW_OPS_HELD_MAX: usize = 1_000;
 
-/// Claims `key` for a row a `tob_unique` trigger saw written: held back until the end of the
-/// statement (or until [`ROW_CLAIMS_HELD_MAX`] are waiting), then sent with the statement's
-/// other rows' claims all in flight at once — one round trip for a multi-row INSERT or a
-/// COPY instead of one per row. Errors (23505, 55P03, …) come at the end of the statement.
-pub fn claim_row(namespace: &str, key: &str, owner: &str, row: RowId) {
+/// Claims `key` for a row a `tob_unique` trigger saw written (`claim_for`), or schedules the
+/// release of a row's old value at commit (None): held back until the end of the statement
+/// (or until [`ROW_OPS_HELD_MAX`] are waiting), then sent with the statement's other rows'
+/// claims and releases all in flight at once — one round trip for a multi-row INSERT, a COPY,
+/// a DELETE or a TRUNCATE instead of one per row. Errors (23505, 55P03, …) come at the end
+/// of the statement.
+pub fn hold_row_op(namespace: &str, key: &str, owner: &str, claim_for: Option<RowId>) {
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    let full = ROW_CLAIMS.with(|cell| {
+    let full = ROW_OPS.with(|cell| {
         let mut held = cell.borrow_mut();
-        let claim = RowClaim {
+        let op = RowOp {
             namespace: namespace.into(),
             key: key.into(),
             owner: owner.into(),
-            row,
+            claim_for,
             subxact,
         };
-        held.push(claim);
-        held.len() >= ROW_CLAIMS_HELD_MAX
+        held.push(op);
+        held.len() >= ROW_OPS_HELD_MAX
     });
     if full {
-        send_row_claims();
+        send_row_ops();
     }
 }
 
-/// Sends the row claims held back, in the order they were made. Runs at the end of every
+/// Sends the row ops held back, in the order they were made. Runs at the end of every
 /// statement, and before anything else that claims or releases, reads an owner or commits,
 /// so nothing sees the cluster without them or out of order.
-pub fn send_row_claims() {
-    let held = ROW_CLAIMS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+pub fn send_row_ops() {
+    let held = ROW_OPS.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
     match held.as_slice() {
         [] => {}
-        // One row (the common single-row INSERT): the plain claim, no pipeline.
-        [one] => drop(claim(&one.namespace, &one.key, &one.owner, Some(one.row))),
-        _ => claim_rows(held),
+        // One (the common single-row statement): the plain call, no pipeline.
+        [one] => one_row_op(one),
+        _ => pipeline_row_ops(held),
     }
 }
 
-/// Claims many rows' keys with the claims in flight together ([`tob_client::Client::pipeline`]).
+/// A row op on its own, as [`claim`] or [`release`] makes it.
+fn one_row_op(op: &RowOp) {
+    match op.claim_for {
+        Some(row) => drop(claim(&op.namespace, &op.key, &op.owner, Some(row))),
+        None => drop(release(&op.namespace, &op.key, &op.owner)),
+    }
+}
+
+/// Sends many row ops with them in flight together ([`tob_client::Client::pipeline`]).
 ///
-/// In runs of claims that need nothing else: a key another row of this transaction has, or
-/// whose release this transaction scheduled, ends a run and is claimed on its own by
-/// [`claim`] (23505, or the withdrawal of the release). Each run's claims are recorded before
-/// they are sent, so an error or a cancel while they are in flight leaves them to the abort
-/// (a rolled-back savepoint releases them, a transaction's abort settles them released);
-/// any claim not granted at once — a key taken, pending elsewhere, an expired session — is
-/// unrecorded and claimed again on its own, which waits or raises as a single claim does.
-/// So is every claim of a run whose pipeline failed (a leader change, a lost connection):
-/// claiming again is safe, as a holder's claim granted again returns its token.
-fn claim_rows(held: Vec<RowClaim>) {
+/// In runs of ops that need nothing else and touch a key once: a claim of a key another row
+/// of this transaction has, or whose release this transaction scheduled, ends a run and is
+/// made on its own ([`claim`]: 23505, or the withdrawal of the release), as is a second op on
+/// a key of the run. Each run's ops are recorded before they are sent, so an error or a
+/// cancel while they are in flight leaves them to the abort (a rolled-back savepoint undoes
+/// them, a transaction's abort settles them); an op not done at once — a key taken or pending
+/// elsewhere, a release another transaction's unsettled one blocks, an expired session — is
+/// unrecorded and made again on its own, which waits or raises as a single one does. So is
+/// every op of a run whose pipeline failed (a leader change, a lost connection): making them
+/// again is safe, as a holder's claim or scheduled release repeated is granted again.
+fn pipeline_row_ops(held: Vec<RowOp>) {
     require_preloaded("tob_unique");
     let (full_xid, holder) = current_holder(c"tob_unique()");
     let prepared = !unsafe { pg_sys::IsTransactionBlock() };
@@ -356,34 +369,47 @@ fn claim_rows(held: Vec<RowClaim>) {
     let mut at = 0;
     while at < held.len() {
         let base = TXN.with(|cell| cell.borrow().as_ref().map_or(0, |t| t.ops.len()));
-        let mut run: Vec<(&RowClaim, ClaimKey)> = Vec::new();
-        while let Some(c) = held.get(at) {
-            let key = claim_key(&c.namespace, &c.key);
-            if another_row_has(full_xid, &key, c.row) || release_scheduled(full_xid, &key) {
+        let mut run: Vec<(&RowOp, ClaimKey)> = Vec::new();
+        let mut keys: BTreeSet<ClaimKey> = BTreeSet::new();
+        while let Some(row_op) = held.get(at) {
+            let key = claim_key(&row_op.namespace, &row_op.key);
+            let alone = keys.contains(&key)
+                || row_op.claim_for.is_some_and(|row| {
+                    another_row_has(full_xid, &key, row) || release_scheduled(full_xid, &key)
+                });
+            if alone {
                 break;
             }
             let op = Op {
                 key: key.clone(),
-                owner: c.owner.clone(),
-                kind: OpKind::Claimed,
-                prepared,
-                row: Some(c.row),
-                subxact: c.subxact,
+                owner: row_op.owner.clone(),
+                kind: if row_op.claim_for.is_some() { OpKind::Claimed } else { OpKind::Releasing },
+                prepared: prepared && row_op.claim_for.is_some(),
+                row: row_op.claim_for,
+                subxact: row_op.subxact,
             };
             record(full_xid, &holder, op);
-            run.push((c, key));
+            keys.insert(key.clone());
+            run.push((row_op, key));
             at += 1;
         }
         if !run.is_empty() {
             let session = if prepared { None } else { Some(instance_session()) };
             let commands = run
                 .iter()
-                .map(|(c, key)| Command::Claim {
-                    key: key.clone(),
-                    owner: c.owner.clone(),
-                    holder: holder.clone(),
-                    kind,
-                    session,
+                .map(|(row_op, key)| match row_op.claim_for {
+                    Some(_) => Command::Claim {
+                        key: key.clone(),
+                        owner: row_op.owner.clone(),
+                        holder: holder.clone(),
+                        kind,
+                        session,
+                    },
+                    None => Command::ReleaseOnCommit {
+                        key: key.clone(),
+                        owner: row_op.owner.clone(),
+                        holder: holder.clone(),
+                    },
                 })
                 .collect();
             let outcomes = with_client(|client| match client.pipeline(commands) {
@@ -393,25 +419,27 @@ fn claim_rows(held: Vec<RowClaim>) {
             });
             let again: Vec<usize> = match &outcomes {
                 Some(outcomes) => (0..run.len())
-                    .filter(|&i| !matches!(outcomes[i], Outcome::Claimed { .. }))
+                    .filter(|&i| match run[i].0.claim_for {
+                        Some(_) => !matches!(outcomes[i], Outcome::Claimed { .. }),
+                        None => outcomes[i] != Outcome::ReleaseScheduled,
+                    })
                     .collect(),
                 None => (0..run.len()).collect(),
             };
             unrecord(base, &again);
             for i in again {
-                let (c, _) = run[i];
-                claim(&c.namespace, &c.key, &c.owner, Some(c.row));
+                one_row_op(run[i].0);
             }
         }
-        if let Some(c) = held.get(at) {
-            claim(&c.namespace, &c.key, &c.owner, Some(c.row));
+        if let Some(row_op) = held.get(at) {
+            one_row_op(row_op);
             at += 1;
         }
     }
 }
 
-/// Removes the ops at `base + i` for each `i` of `positions` (claims recorded before they
-/// were sent and then not granted), and what they said of rows.
+/// Removes the ops at `base + i` for each `i` of `positions` (ops recorded before they were
+/// sent and then not done), and what they said of rows and releases.
 fn unrecord(base: usize, positions: &[usize]) {
     if positions.is_empty() {
         return;
@@ -425,6 +453,7 @@ fn unrecord(base: usize, positions: &[usize]) {
         }
         for key in &keys {
             txn.recompute_row(key);
+            txn.recompute_release(key);
         }
     });
 }
@@ -444,7 +473,7 @@ fn release_scheduled(full_xid: u64, key: &ClaimKey) -> bool {
 /// this transaction has the key (a `tob_claim` of a key this transaction holds returns its
 /// token again).
 pub fn claim(namespace: &str, key: &str, owner: &str, row: Option<RowId>) -> FencingToken {
-    send_row_claims();
+    send_row_ops();
     require_preloaded("tob_claim");
     let (full_xid, holder) = current_holder(c"tob_claim()");
     let claim_key = claim_key(namespace, key);
@@ -591,7 +620,7 @@ pub fn wait_for_new_session(old: SessionId) {
 /// stayed held for good (found by a 30-minute fault run: a DELETE cut short by
 /// `pg_terminate_backend`, then the same DELETE again from a new connection).
 pub fn release(namespace: &str, key: &str, owner: &str) -> bool {
-    send_row_claims();
+    send_row_ops();
     require_preloaded("tob_release inside a transaction");
     let (full_xid, holder) = current_holder(c"tob_release()");
     let claim_key = claim_key(namespace, key);
@@ -688,7 +717,7 @@ fn stage_outgoing(holder: &str, outgoing: Vec<StagedMessage>) {
 /// Before commit (or PREPARE TRANSACTION): prepare every live claim; a lost one aborts.
 fn prepare_for_commit(two_phase: bool) {
     // Row claims of deferred constraint triggers, fired just before this.
-    send_row_claims();
+    send_row_ops();
     let Some((holder, keys, owed, outgoing)) = TXN.with(|cell| {
         cell.borrow_mut().as_mut().map(|t| {
             let mut keys: Vec<ClaimKey> = t
@@ -787,7 +816,7 @@ unsafe extern "C-unwind" fn xact_callback(
         XACT_EVENT_PREPARE => drop(TXN.with(|cell| cell.borrow_mut().take())),
         XACT_EVENT_COMMIT | XACT_EVENT_ABORT => {
             // Held back and never sent (an error ended the statement first): nothing to undo.
-            drop(ROW_CLAIMS.with(|cell| std::mem::take(&mut *cell.borrow_mut())));
+            drop(ROW_OPS.with(|cell| std::mem::take(&mut *cell.borrow_mut())));
             // Interrupts are held and an ERROR here would be fatal: only queue, never raise.
             // Queued even without recorded ops: a claim whose answer was lost may still exist.
             if let Some(txn) = TXN.with(|cell| cell.borrow_mut().take())
@@ -817,7 +846,7 @@ unsafe extern "C-unwind" fn subxact_callback(
     use pg_sys::SubXactEvent::*;
     match event {
         SUBXACT_EVENT_COMMIT_SUB => TXN.with(|cell| {
-            ROW_CLAIMS.with(|held| {
+            ROW_OPS.with(|held| {
                 for claim in held.borrow_mut().iter_mut().filter(|c| c.subxact == my_subid) {
                     claim.subxact = parent_subid;
                 }
@@ -836,7 +865,7 @@ unsafe extern "C-unwind" fn subxact_callback(
             }
         }),
         SUBXACT_EVENT_ABORT_SUB => {
-            ROW_CLAIMS.with(|held| held.borrow_mut().retain(|c| c.subxact != my_subid));
+            ROW_OPS.with(|held| held.borrow_mut().retain(|c| c.subxact != my_subid));
             undo_subtransaction(my_subid)
         }
         _ => {}

@@ -1395,11 +1395,12 @@ async fn count(db: &tob_e2e::Client, sql: &str) -> i64 {
     db.query_one(sql, &[]).await.unwrap().get(0)
 }
 
-/// The rows of one statement (a multi-row INSERT, a COPY) have their claims sent together at
-/// the end of the statement, 1,000 at a time, and stay exact: a name of the statement held
-/// elsewhere fails it with 23505 and leaves none of its claims behind (also in a savepoint
-/// rolled back in a transaction that commits), and a name pending in another transaction is
-/// waited for, as for a single row.
+/// The rows of one statement (a multi-row INSERT, a COPY, an UPDATE, a DELETE) have their
+/// claims and releases sent together at the end of the statement, 1,000 at a time, and stay
+/// exact: a name of the statement held elsewhere fails it with 23505 and leaves none of its
+/// claims behind (also in a savepoint rolled back in a transaction that commits, and in a
+/// PL/pgSQL block that catches the error), a name pending in another transaction is waited
+/// for, as for a single row, and a rolled-back DELETE keeps its names.
 #[tokio::test]
 async fn the_rows_of_one_statement_are_claimed_together_and_exactly() {
     let cluster = Sequencers::start();
@@ -1458,6 +1459,26 @@ async fn the_rows_of_one_statement_are_claimed_together_and_exactly() {
         let err = other.batch_execute(sql).await.unwrap_err();
         assert_eq!(sqlstate(&err), "23505", "{sql}: {err:?}");
     }
+    // Releases are sent together too: an UPDATE of 1,500 rows moves their claims, a DELETE of
+    // 1,200 rolled back keeps them, committed frees them.
+    db.batch_execute("UPDATE users SET name = 'r' || name WHERE name LIKE 'b%'").await.unwrap();
+    db.batch_execute("BEGIN; DELETE FROM users WHERE name LIKE 'c%'; ROLLBACK").await.unwrap();
+    let names_c = "INSERT INTO users (name) SELECT 'c' || g FROM generate_series(1, 1200) g";
+    let err = other.batch_execute(names_c).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "23505", "{err:?}");
+    db.batch_execute("DELETE FROM users WHERE name LIKE 'c%'").await.unwrap();
+    other.batch_execute(names_c).await.unwrap();
+    other
+        .batch_execute("INSERT INTO users (name) SELECT 'b' || g FROM generate_series(1, 1500) g")
+        .await
+        .unwrap();
+    let err = other
+        .batch_execute("INSERT INTO users (name) SELECT 'rb' || g FROM generate_series(1, 1500) g")
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "23505", "{err:?}");
+    assert_eq!(count(&db, "SELECT count(*) FROM users").await, 1 + 1_500);
+    assert_eq!(count(&other, "SELECT count(*) FROM users").await, 2_500 + 1_200 + 1_500);
 }
 
 /// `tob_unique` declared wrongly fails every write with a clear error rather than silently
