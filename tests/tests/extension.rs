@@ -1027,8 +1027,17 @@ async fn a_claim_after_the_instance_session_expired_waits_for_a_new_one() {
         .unwrap_err();
     assert_eq!(sqlstate(&err), "08006", "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
-    send_signal(worker, "-CONT");
     db.batch_execute("ROLLBACK").await.unwrap();
+    // A lock, likewise. (The settings above were rolled back with the transaction block
+    // they ran in.)
+    db.batch_execute("SET tob.connect_timeout = '1s'; SET tob.request_timeout = '1s'")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = db.query_one("SELECT tob_lock('never_session')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "08006", "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?} {err:?}", started.elapsed());
+    send_signal(worker, "-CONT");
     assert_eq!(owner_state(&db, "never_session").await, None);
 }
 

@@ -49,6 +49,8 @@ fn usernames_stay_unique_and_claims_exact_under_faults() {
     let json = &json;
     assert!(count(json, "insert", "ok") > 100, "the workload got through");
     assert!(count(json, "insert", "fail") > 0, "names were contended (23505)");
+    let bulk = &json["postgres"]["bulk_statements"];
+    assert!(bulk["insert ok"].as_u64().unwrap_or(0) > 0, "bulk inserts got through: {bulk}");
     assert_eq!(faults_named(json, "terminate-backend (done)"), 1);
     assert_eq!(faults_named(json, "crash-immediate (restarted)"), 1);
     assert!(json["faults"].as_object().is_some_and(|f| !f.is_empty()), "the nemesis acted");

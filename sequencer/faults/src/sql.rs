@@ -11,6 +11,12 @@
 //!   statement also appends a message naming it with `tob_append_on_commit` if it changed a
 //!   row; checked (`outbox`) against the messages the run left in the total order: each
 //!   acknowledged change's exactly once, in commit order within a database, no other.
+//!   Beside them, one client per server inserts and deletes 2–20 names at a time, in one
+//!   statement, from a pool of 2,000 names of their own (`b0`…), whose claims and releases
+//!   `tob_unique` sends together at the end of the statement: not in the history, but checked
+//!   at the end against what that client knows of its own table (every name of an
+//!   acknowledged statement as it left it, unless a later statement of unknown outcome touched
+//!   it) and by the same checks of the tables and the claims.
 //! - `fencing`: two clients per server take `tob_lock('job')` and write to one ledger (on the
 //!   first server) guarded by `tob_fence`, while the second server's background worker is
 //!   paused past its session lease, so its backends lose locks they still believe in.
@@ -33,6 +39,8 @@ use crate::workload::Recorder;
 
 /// Names contended for by the `usernames` workload.
 pub const NAMES: u64 = 60;
+/// Names the `usernames` workload's bulk clients contend for, many in one statement.
+const BULK_NAMES: u64 = 2_000;
 /// An insert (or delete) that also appends a message naming it, if it changed a row.
 const OUTBOX_INSERT: &str = "WITH i AS (INSERT INTO users (name) VALUES ($1) RETURNING 1) \
                              SELECT tob_append_on_commit('outbox', $2) FROM i";
@@ -59,7 +67,18 @@ pub struct SqlRun {
     recorder: Arc<Recorder>,
     stop: Arc<AtomicBool>,
     clients: Vec<JoinHandle<()>>,
+    /// The bulk clients (`usernames` only): the server each wrote to, and what it knows.
+    bulk: Vec<(usize, JoinHandle<Bulk>)>,
     faults: JoinHandle<Vec<Value>>,
+}
+
+/// What a bulk client knows of its server's table at the end, and what it did.
+#[derive(Default)]
+struct Bulk {
+    /// For each of its names it touched: Some(whether the row is there), or None when a
+    /// statement of unknown outcome touched it last.
+    known: BTreeMap<String, Option<bool>>,
+    statements: BTreeMap<String, u64>,
 }
 
 /// Whether `workload` is one of this module's.
@@ -168,6 +187,20 @@ impl SqlRun {
                 }
             }));
         }
+        let mut bulk = Vec::new();
+        if workload == "usernames" {
+            for side in 0..2usize {
+                let (servers, recorder, stop) = (servers.clone(), recorder.clone(), stop.clone());
+                let process = 6 + side as u64;
+                let rng = Rng::new(seed ^ (process + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                let handle = std::thread::spawn(move || {
+                    let client =
+                        Client { process, rng, mean_think, recorder: &recorder, stop: &stop };
+                    client.bulk(&servers[side])
+                });
+                bulk.push((side, handle));
+            }
+        }
         let faults = {
             let (servers, stop) = (servers.clone(), stop.clone());
             if workload == "fencing" {
@@ -176,7 +209,7 @@ impl SqlRun {
                 std::thread::spawn(move || terminate_and_crash(&servers, duration, &stop))
             }
         };
-        Ok(SqlRun { workload: workload.to_owned(), servers, recorder, stop, clients, faults })
+        Ok(SqlRun { workload: workload.to_owned(), servers, recorder, stop, clients, bulk, faults })
     }
 
     /// Stops the clients, then checks the end state (the cluster must be healed and running).
@@ -185,6 +218,8 @@ impl SqlRun {
         for client in self.clients {
             let _ = client.join();
         }
+        let bulk: Vec<(usize, Bulk)> =
+            self.bulk.into_iter().map(|(side, h)| (side, h.join().unwrap_or_default())).collect();
         let pg_faults = self.faults.join().unwrap_or_default();
         let ops = self.recorder.snapshot().operations().map_err(io::Error::other)?;
         let mut failed: BTreeMap<String, u64> = BTreeMap::new();
@@ -225,8 +260,35 @@ impl SqlRun {
             }
             facts["rows"] =
                 json!(tables.iter().map(|(d, n)| (d.clone(), n.len())).collect::<BTreeMap<_, _>>());
-            let found = unique_rows::check_final(&ops, &tables);
+            let mut statements: BTreeMap<String, u64> = BTreeMap::new();
+            for (side, report) in &bulk {
+                let owner = self.servers[*side].owner(DATABASE);
+                let empty = BTreeSet::new();
+                let rows = tables.get(&owner).unwrap_or(&empty);
+                anomalies.extend(bulk_anomalies(&report.known, rows, &owner));
+                for (what, n) in &report.statements {
+                    *statements.entry(what.clone()).or_default() += n;
+                }
+            }
+            facts["bulk_statements"] = json!(statements);
+            // The history's checker knows the single-name clients' names only.
+            let single: BTreeMap<String, BTreeSet<String>> = tables
+                .iter()
+                .map(|(db, names)| {
+                    (db.clone(), names.iter().filter(|n| n.starts_with('u')).cloned().collect())
+                })
+                .collect();
+            let found = unique_rows::check_final(&ops, &single);
             anomalies.extend(found.iter().map(ToString::to_string));
+            // Across databases for the bulk names too (the checker saw only the others).
+            let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+            for (db, names) in &tables {
+                for name in names.iter().filter(|n| n.starts_with('b')) {
+                    if let Some(other) = seen.insert(name, db) {
+                        anomalies.push(format!("bulk: {name} is in both {other} and {db}"));
+                    }
+                }
+            }
             anomalies.extend(claims_match_rows(&self.servers[0], &tables)?);
             let (messages, found) = outbox_matches(&self.servers[0], &ops)?;
             facts["outbox_messages"] = json!(messages);
@@ -234,6 +296,31 @@ impl SqlRun {
         }
         Ok(Ending { anomalies, facts })
     }
+}
+
+/// Where a bulk client's table differs from what it knows: a name its last statement on it,
+/// acknowledged, inserted or deleted, that is now gone or there. Names last touched by a
+/// statement of unknown outcome are not judged.
+fn bulk_anomalies(
+    known: &BTreeMap<String, Option<bool>>,
+    rows: &BTreeSet<String>,
+    owner: &str,
+) -> Vec<String> {
+    known
+        .iter()
+        .filter_map(|(name, known)| {
+            let there = rows.contains(name);
+            let expected = (*known)?;
+            (expected != there).then(|| {
+                let should = if expected { "" } else { "not " };
+                let is = if there { "there" } else { "gone" };
+                format!(
+                    "bulk: {name} should {should}be in {owner} after its last statement, which \
+                     was acknowledged, but is {is}"
+                )
+            })
+        })
+        .collect()
 }
 
 /// Connects to a server that may still be restarting after a crash.
@@ -259,8 +346,8 @@ fn claims_match_rows(
     let mut db = reconnect(server)?;
     let deadline = Instant::now() + SETTLE;
     let mut anomalies = Vec::new();
-    for n in 0..NAMES {
-        let name = format!("u{n}");
+    let names = (0..NAMES).map(|n| format!("u{n}")).chain((0..BULK_NAMES).map(|n| format!("b{n}")));
+    for name in names {
         let expected = tables.iter().find(|(_, names)| names.contains(&name)).map(|(db, _)| db);
         loop {
             let actual = db
@@ -401,6 +488,56 @@ impl Client<'_> {
         }
     }
 
+    /// Inserts (two times in three) or deletes 2–20 names of its own pool in one autocommit
+    /// statement each, keeping what it knows of its table; reconnects after a statement of
+    /// unknown outcome.
+    fn bulk(mut self, server: &Server) -> Bulk {
+        let mut report = Bulk::default();
+        let settings = "SET tob.request_timeout = '3s'; SET tob.claim_wait_timeout = '2s'";
+        while !self.stopped() {
+            let Some(mut db) = connect(server, settings) else {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            };
+            while !self.stopped() {
+                think(&mut self.rng, self.mean_think * 4);
+                let size = self.rng.range(2, 21);
+                let names: BTreeSet<String> =
+                    (0..size).map(|_| format!("b{}", self.rng.range(0, BULK_NAMES))).collect();
+                let names: Vec<String> = names.into_iter().collect();
+                let insert = self.rng.range(0, 3) != 0;
+                let sql = if insert {
+                    "INSERT INTO users (name) SELECT unnest($1::text[])"
+                } else {
+                    "DELETE FROM users WHERE name = ANY($1)"
+                };
+                let done = db.execute(sql, &[&names]);
+                let (outcome, what) = match &done {
+                    Ok(_) => ("ok", "ok".to_owned()),
+                    Err(e) => match statement_error(e) {
+                        ("fail", value) => {
+                            ("fail", value["sqlstate"].as_str().unwrap_or("?").to_owned())
+                        }
+                        _ => ("info", "unknown".to_owned()),
+                    },
+                };
+                let kind = if insert { "insert" } else { "delete" };
+                *report.statements.entry(format!("{kind} {what}")).or_default() += 1;
+                for name in &names {
+                    match outcome {
+                        "ok" => drop(report.known.insert(name.clone(), Some(insert))),
+                        "fail" => drop(report.known.entry(name.clone()).or_insert(Some(false))),
+                        _ => drop(report.known.insert(name.clone(), None)),
+                    }
+                }
+                if outcome == "info" {
+                    break;
+                }
+            }
+        }
+        report
+    }
+
     /// Takes the lock through `lock_server`, makes five fenced writes to the ledger on
     /// `ledger_server`, unlocks; again until stopped.
     fn fenced_writes(mut self, lock_server: &Server, ledger_server: &Server) {
@@ -526,4 +663,34 @@ fn pause_worker(server: &Server, duration: Duration, stop: &AtomicBool) -> Vec<V
         done.push(json!({"at_ms": started.elapsed().as_millis() as u64, "server": server.name, "fault": "pause-background-worker 2.5s"}));
     }
     done
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bulk_client_finds_its_table_wrong_where_it_is_and_only_there() {
+        let known: BTreeMap<String, Option<bool>> = [
+            ("b1", Some(true)),  // inserted, acknowledged
+            ("b2", Some(false)), // deleted, acknowledged
+            ("b3", None),        // last touched by a statement of unknown outcome
+            ("b4", None),
+            ("b5", Some(true)),
+            ("b6", Some(false)),
+        ]
+        .into_iter()
+        .map(|(n, k)| (n.to_owned(), k))
+        .collect();
+        let right: BTreeSet<String> = ["b1", "b3", "b5"].map(String::from).into();
+        assert!(bulk_anomalies(&known, &right, "one/app").is_empty());
+        // b1 lost, b2 back; b3 and b4 may be either way.
+        let wrong: BTreeSet<String> = ["b2", "b4", "b5"].map(String::from).into();
+        let found = bulk_anomalies(&known, &wrong, "one/app");
+        assert_eq!(found.len(), 2, "{found:?}");
+        assert!(
+            found[0].starts_with("bulk: b1 should be in one/app") && found[0].ends_with("gone")
+        );
+        assert!(found[1].starts_with("bulk: b2 should not be in") && found[1].ends_with("there"));
+    }
 }
