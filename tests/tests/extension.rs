@@ -1293,16 +1293,28 @@ async fn a_name_deleted_and_written_again_in_one_transaction_stays_claimed() {
     }
     let rows = names(&db).await;
     assert_eq!(rows, ["alice", "carol", "erin", "frank", "hank"]);
-    for name in ["alice", "carol", "dave", "erin", "frank", "gina", "hank"] {
+    let names = ["alice", "carol", "dave", "erin", "frank", "gina", "hank"];
+    claims_follow_rows(&db, &other, &names, &rows).await;
+}
+
+/// Each of `names` is held (settled) exactly when `rows` has it, and `other` can insert it
+/// exactly when it is not there (23505 otherwise).
+async fn claims_follow_rows(
+    db: &tob_e2e::Client,
+    other: &tob_e2e::Client,
+    names: &[&str],
+    rows: &[String],
+) {
+    for &name in names {
         let there = rows.iter().any(|r| r == name);
         assert!(
             eventually(Duration::from_secs(10), || async {
-                let state = owner_state(&db, name).await;
+                let state = owner_state(db, name).await;
                 if there { state.as_deref() == Some("held") } else { state.is_none() }
             })
             .await,
             "{name}: row {there}, claim {:?}",
-            owner_state(&db, name).await
+            owner_state(db, name).await
         );
         let taken = other.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await;
         match taken {
@@ -1378,26 +1390,12 @@ async fn one_transaction_cannot_write_a_name_twice() {
     let admins = db.query("SELECT name FROM admins", &[]).await.unwrap();
     let admins: Vec<String> = admins.iter().map(|r| r.get(0)).collect();
     assert_eq!(admins, ["ned"]);
-    for name in [
+    let names = [
         "ann", "bob", "cy", "dee", "eve", "fay", "gus", "hal", "ivy", "jo", "kim", "lu", "max",
         "ned", "oz",
-    ] {
-        let there = rows.iter().chain(&admins).any(|r| r == name);
-        assert!(
-            eventually(Duration::from_secs(10), || async {
-                let state = owner_state(&db, name).await;
-                if there { state.as_deref() == Some("held") } else { state.is_none() }
-            })
-            .await,
-            "{name}: row {there}, claim {:?}",
-            owner_state(&db, name).await
-        );
-        let taken = other.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await;
-        match taken {
-            Err(e) => assert!(there && sqlstate(&e) == "23505", "{name}: {e:?}"),
-            Ok(_) => assert!(!there, "{name} is in both databases"),
-        }
-    }
+    ];
+    let written: Vec<String> = rows.iter().chain(&admins).cloned().collect();
+    claims_follow_rows(&db, &other, &names, &written).await;
 }
 
 async fn count(db: &tob_e2e::Client, sql: &str) -> i64 {

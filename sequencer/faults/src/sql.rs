@@ -46,6 +46,8 @@ const OUTBOX_INSERT: &str = "WITH i AS (INSERT INTO users (name) VALUES ($1) RET
                              SELECT tob_append_on_commit('outbox', $2) FROM i";
 const OUTBOX_DELETE: &str = "WITH d AS (DELETE FROM users WHERE name = $1 RETURNING 1) \
                              SELECT tob_append_on_commit('outbox', $2) FROM d";
+/// The `usernames` clients' settings: claims give up well within the run's statement timeout.
+const CLIENT_SETTINGS: &str = "SET tob.request_timeout = '3s'; SET tob.claim_wait_timeout = '2s'";
 /// The one resource of the `fencing` workload.
 const RESOURCE: &str = "job";
 const DATABASE: &str = "app";
@@ -444,9 +446,8 @@ impl Client<'_> {
     fn usernames(mut self, server: &Server) {
         let database = server.owner(DATABASE);
         let mut events = 0u64;
-        let settings = "SET tob.request_timeout = '3s'; SET tob.claim_wait_timeout = '2s'";
         while !self.stopped() {
-            let Some(mut db) = connect(server, settings) else {
+            let Some(mut db) = connect(server, CLIENT_SETTINGS) else {
                 std::thread::sleep(Duration::from_millis(200));
                 continue;
             };
@@ -493,9 +494,8 @@ impl Client<'_> {
     /// unknown outcome.
     fn bulk(mut self, server: &Server) -> Bulk {
         let mut report = Bulk::default();
-        let settings = "SET tob.request_timeout = '3s'; SET tob.claim_wait_timeout = '2s'";
         while !self.stopped() {
-            let Some(mut db) = connect(server, settings) else {
+            let Some(mut db) = connect(server, CLIENT_SETTINGS) else {
                 std::thread::sleep(Duration::from_millis(200));
                 continue;
             };
