@@ -30,6 +30,9 @@ pub enum TobError {
     NotConfigured(String),
     /// More than one transaction may do (messages staged for its commit).
     LimitExceeded(String),
+    /// `tob_read` from before the oldest message the cluster keeps (`--messages-retained`);
+    /// None when the node did not say which that is.
+    Compacted { first_kept: Option<u64> },
     /// The namespace was never created (`tob_create_namespace`); empty when not known here.
     UnknownNamespace(String),
     /// The cluster refused the request for another reason.
@@ -54,6 +57,9 @@ impl From<ClientError> for TobError {
             }
             ClientError::Refused { code: ErrorCode::UnknownNamespace, .. } => {
                 TobError::UnknownNamespace(String::new())
+            }
+            ClientError::Refused { code: ErrorCode::Compacted, message } => {
+                TobError::Compacted { first_kept: tob_proto::compacted_first_kept(&message) }
             }
             ClientError::Refused { code, message } => TobError::Refused { code, message },
             ClientError::Protocol(why) => {
@@ -100,6 +106,7 @@ impl TobError {
             TobError::NotConfigured(_) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             TobError::LimitExceeded(_) => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             TobError::UnknownNamespace(_) => ERRCODE_UNDEFINED_OBJECT,
+            TobError::Compacted { .. } => ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
             TobError::Refused { code: ErrorCode::Overloaded, .. } => ERRCODE_INSUFFICIENT_RESOURCES,
             TobError::Refused { code: ErrorCode::NotLeader | ErrorCode::Unavailable, .. } => {
                 ERRCODE_CONNECTION_FAILURE
@@ -147,6 +154,12 @@ impl TobError {
             TobError::UnknownNamespace(namespace) => {
                 format!("tob: namespace \"{namespace}\" does not exist")
             }
+            TobError::Compacted { first_kept: Some(first) } => {
+                format!("tob: the messages before seq {first} are no longer kept")
+            }
+            TobError::Compacted { first_kept: None } => {
+                "tob: the messages asked for are no longer kept".into()
+            }
             TobError::Refused { code, message } => {
                 format!("tob: the cluster refused the request: {message} ({code})")
             }
@@ -167,6 +180,9 @@ impl TobError {
             TobError::ClaimLost { .. } => Some(
                 "This instance's session with the cluster expired before commit, so the pending claims were released.".into(),
             ),
+            TobError::Compacted { .. } => Some(
+                "The cluster keeps only the latest messages (tob-sequencer --messages-retained) and trims older ones.".into(),
+            ),
             _ => None,
         }
     }
@@ -174,6 +190,9 @@ impl TobError {
     fn hint(&self) -> Option<String> {
         match self {
             TobError::ClaimLost { .. } => Some("Retry the transaction.".into()),
+            TobError::Compacted { first_kept: Some(first) } => Some(format!(
+                "Read on from seq {first}: SELECT * FROM tob_read({first}, ...). The messages before it are gone."
+            )),
             TobError::Unreachable(_) => {
                 Some("Check tob.cluster and that the sequencer nodes run.".into())
             }

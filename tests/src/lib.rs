@@ -63,10 +63,17 @@ struct Node {
 pub struct Sequencers {
     dir: PathBuf,
     nodes: Vec<Node>,
+    /// Flags every node gets beside its identity and peers.
+    flags: Vec<String>,
 }
 
 impl Sequencers {
     pub fn start() -> Sequencers {
+        Sequencers::start_with(&[])
+    }
+
+    /// Every node also gets `flags` (e.g. `--messages-retained 5`).
+    pub fn start_with(flags: &[&str]) -> Sequencers {
         let dir = scratch_dir("seq");
         let nodes = (1..)
             .zip(tob_faults::ports::node_ports(3))
@@ -78,7 +85,8 @@ impl Sequencers {
                 child: None,
             })
             .collect();
-        let mut cluster = Sequencers { dir, nodes };
+        let flags = flags.iter().map(|f| f.to_string()).collect();
+        let mut cluster = Sequencers { dir, nodes, flags };
         for i in 0..3 {
             cluster.spawn(i);
         }
@@ -96,6 +104,7 @@ impl Sequencers {
         for p in &peers {
             cmd.arg("--peer").arg(p);
         }
+        cmd.args(&self.flags);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         self.nodes[i].child = Some(cmd.spawn().unwrap());
     }

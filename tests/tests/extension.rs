@@ -533,6 +533,37 @@ async fn reads_from_two_databases_agree_on_the_order() {
 /// A transaction with more claims than the cluster takes in one batch (10,000 keys) commits:
 /// its claims are prepared in batches. (Sent whole, its COMMIT failed with 22001 after every
 /// claim had been made.) Deleting the rows in one transaction releases them all.
+/// A read from before the oldest message the cluster keeps fails with 22003, naming where
+/// to read on; from there on the kept messages come whole.
+#[tokio::test]
+async fn a_read_of_trimmed_messages_names_the_oldest_kept() {
+    let cluster = Sequencers::start_with(&["--messages-retained", "5"]);
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    wait_until_ready(&db).await;
+    let mut seqs = Vec::new();
+    for i in 0..8 {
+        let sql = "SELECT tob_append('events', $1)";
+        seqs.push(db.query_one(sql, &[&format!("e{i}")]).await.unwrap().get::<_, i64>(0));
+    }
+    let oldest_kept = seqs[3];
+    for from in [seqs[0], oldest_kept - 1] {
+        let err = db.query("SELECT * FROM tob_read($1)", &[&from]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "22003", "{err:?}");
+        let report = err.as_db_error().unwrap();
+        let named = format!("before seq {oldest_kept} are no longer kept");
+        assert!(report.message().contains(&named), "{}", report.message());
+        let hint = report.hint().unwrap_or_default();
+        assert!(hint.contains(&format!("tob_read({oldest_kept}, ...)")), "{hint}");
+    }
+    let sql = "SELECT seq, payload FROM tob_read($1, 100, 'events')";
+    let rows = db.query(sql, &[&oldest_kept]).await.unwrap();
+    let kept: Vec<(i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let expected: Vec<(i64, String)> =
+        seqs[3..].iter().zip(3..).map(|(&seq, i)| (seq, format!("e{i}"))).collect();
+    assert_eq!(kept, expected);
+}
+
 #[tokio::test]
 async fn a_transaction_with_more_claims_than_one_batch_commits() {
     let cluster = Sequencers::start();

@@ -655,6 +655,12 @@ impl Machine {
         Ok(self.messages_page(from, max, topic, usize::MAX)?.messages)
     }
 
+    /// The oldest message kept for reads (the next seq to be given if none is kept): reads
+    /// from before it get [`ErrorCode::Compacted`].
+    pub fn first_kept_seq(&self) -> Seq {
+        Seq(self.state.messages.front().map_or(self.state.last_seq + 1, |m| m.seq.0))
+    }
+
     /// Up to `max` messages from `from` on (optionally of one topic), and no more than fit in
     /// `budget` bytes (each counted as its payload plus [`MESSAGE_OVERHEAD_BYTES`]; at least
     /// one), and whether the page is the whole read: no further message of it exists now.
@@ -668,7 +674,7 @@ impl Machine {
         topic: Option<&str>,
         budget: usize,
     ) -> Result<MessagesPage, ErrorCode> {
-        let first = self.state.messages.front().map(|m| m.seq.0).unwrap_or(self.state.last_seq + 1);
+        let first = self.first_kept_seq().0;
         if from.0 < first && from.0 <= self.state.last_seq {
             return Err(ErrorCode::Compacted);
         }

@@ -255,6 +255,7 @@ fn trimmed_messages_are_reported_compacted() {
         machine.apply(index, &request.encode());
     }
     assert_eq!(machine.messages(Seq(1), 10, None), Err(ErrorCode::Compacted));
+    assert_eq!(machine.first_kept_seq(), Seq(2));
     assert_eq!(machine.messages(Seq(2), 10, None).unwrap().len(), 2);
     assert_eq!(machine.messages(Seq(4), 10, None).unwrap().len(), 0);
 }

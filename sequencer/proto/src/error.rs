@@ -78,3 +78,29 @@ impl std::fmt::Display for ErrorCode {
 }
 
 impl std::error::Error for ErrorCode {}
+
+/// The message of a [`ErrorCode::Compacted`] refusal. It names the oldest message kept, so a
+/// reader knows where to go on and how much it missed; [`compacted_first_kept`] reads it back.
+pub fn compacted_message(first_kept: u64) -> String {
+    format!(
+        "messages before seq {first_kept} were trimmed by retention; the oldest kept is seq {first_kept}"
+    )
+}
+
+/// The oldest seq kept, from a [`ErrorCode::Compacted`] refusal's message (None from a node
+/// that did not say: older nodes answered just "compacted").
+pub fn compacted_first_kept(message: &str) -> Option<u64> {
+    message.rsplit_once("the oldest kept is seq ")?.1.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_compacted_refusal_names_the_oldest_message_kept() {
+        assert_eq!(compacted_first_kept(&compacted_message(1001)), Some(1001));
+        assert_eq!(compacted_first_kept("compacted"), None);
+        assert_eq!(compacted_first_kept("the oldest kept is seq x"), None);
+    }
+}

@@ -16,7 +16,7 @@ pub use client::{
     Call, ClientRequest, ClientResponse, MessageRecord, NAMESPACES_LISTED_MAX, NodeStatus,
     ReadConsistency, Reply,
 };
-pub use error::ErrorCode;
+pub use error::{ErrorCode, compacted_first_kept, compacted_message};
 pub use limits::{LimitError, Limits};
 
 /// Dense, gap-free position of a message in the total order (1, 2, 3, … across all topics).

@@ -36,6 +36,7 @@ struct FileConfig {
     max_frame_bytes: Option<usize>,
     metrics_listen: Option<SocketAddr>,
     snapshot_entries: Option<u64>,
+    messages_retained: Option<usize>,
     max_requests_in_flight: Option<usize>,
     unsafe_no_fsync: Option<bool>,
     cpu_slice_us: Option<u64>,
@@ -77,6 +78,10 @@ pub struct Flags {
     /// Snapshot the state and compact the log after this many applied entries.
     #[arg(long, env = "TOB_SNAPSHOT_ENTRIES")]
     pub snapshot_entries: Option<u64>,
+    /// Messages kept for reads (default 1,000,000); a read of an older seq is refused
+    /// `compacted`. Give every node the same value: each trims its own copy.
+    #[arg(long, env = "TOB_MESSAGES_RETAINED")]
+    pub messages_retained: Option<usize>,
     /// Requests one client connection may have in flight before it gets `overloaded`.
     #[arg(long, env = "TOB_MAX_REQUESTS_IN_FLIGHT")]
     pub max_requests_in_flight: Option<usize>,
@@ -109,6 +114,7 @@ pub struct Config {
     pub max_frame_bytes: usize,
     pub metrics_listen: SocketAddr,
     pub snapshot_entries: u64,
+    pub messages_retained: usize,
     pub max_requests_in_flight: usize,
     pub unsafe_no_fsync: bool,
     /// `None`: the kernel's default slice.
@@ -171,6 +177,10 @@ impl Config {
                 .or(file.snapshot_entries)
                 .unwrap_or(10_000)
                 .max(1),
+            messages_retained: flags
+                .messages_retained
+                .or(file.messages_retained)
+                .unwrap_or(tob_machine::MachineConfig::default().messages_retained_max),
             max_requests_in_flight: flags
                 .max_requests_in_flight
                 .or(file.max_requests_in_flight)
@@ -202,6 +212,9 @@ impl Config {
         }
         if config.heartbeat_ticks == 0 || config.heartbeat_ticks >= config.election_ticks {
             return Err("heartbeat_ticks must be at least 1 and below election_ticks".into());
+        }
+        if config.messages_retained == 0 {
+            return Err("messages_retained must be at least 1".into());
         }
         if config.max_frame_bytes < 1024 {
             return Err("max_frame_bytes must be at least 1024".into());

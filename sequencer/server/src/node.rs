@@ -154,7 +154,8 @@ impl NodeActor {
         raft_config.election_ticks = config.election_ticks;
         raft_config.heartbeat_ticks = config.heartbeat_ticks;
         raft_config.snapshot_chunk_bytes = snapshot_chunk_bytes(&config);
-        let mut machine_config = MachineConfig::default();
+        let mut machine_config =
+            MachineConfig { messages_retained_max: config.messages_retained, ..Default::default() };
         match config.planted_bug.as_deref() {
             Some("read-without-quorum") => raft_config.bugs.read_without_quorum = true,
             Some("vote-without-log-check") => raft_config.bugs.vote_without_log_check = true,
@@ -358,7 +359,7 @@ impl NodeActor {
                     }
                     Reply::Messages(page.messages.into_iter().map(record).collect())
                 }
-                Err(code) => Reply::Error { code, message: code.name().into(), leader: None },
+                Err(code) => refused_read(machine, code),
             };
             let ended = matches!(reply, Reply::Error { .. });
             sub.connection.do_send(SendResponse(ClientResponse { id: sub.id, reply }));
@@ -455,9 +456,7 @@ impl NodeActor {
                                 Reply::Messages(records)
                             }
                         }
-                        Err(code) => {
-                            Reply::Error { code, message: code.name().into(), leader: None }
-                        }
+                        Err(code) => refused_read(&self.machine, code),
                     }
                 }
             };
@@ -773,6 +772,15 @@ impl NodeActor {
     fn machine_limits(&self) -> tob_proto::Limits {
         tob_proto::Limits::default()
     }
+}
+
+/// A read of messages the machine refused; a `compacted` one names the oldest message kept.
+fn refused_read(machine: &Machine, code: ErrorCode) -> Reply {
+    let message = match code {
+        ErrorCode::Compacted => tob_proto::compacted_message(machine.first_kept_seq().0),
+        _ => code.name().into(),
+    };
+    Reply::Error { code, message, leader: None }
 }
 
 /// A stored message as a reply carries it.

@@ -719,6 +719,7 @@ fn bad_configuration_is_refused_with_a_clear_message_and_sigterm_stops_cleanly()
         (format!("--node-id 4 {one_member}"), "node 4 is not among the peers"),
         ("--node-id 1 --cluster-id 1 --data-dir /tmp/x --peer 1=nonsense".to_owned(), "bad --peer"),
         (format!("--node-id 1 {one_member} --cpu-slice-us 50"), "cpu_slice_us must be 0"),
+        (format!("--node-id 1 {one_member} --messages-retained 0"), "messages_retained must be at"),
     ];
     let toml = std::env::temp_dir().join(format!("tob-bad-{}.toml", std::process::id()));
     std::fs::write(&toml, "node_id = 1\nnodeid = 2\n").unwrap();
@@ -843,6 +844,29 @@ fn a_read_larger_than_a_reply_comes_in_pages_and_whole() {
         tob_proto::Reply::Messages(records) => assert!(records.len() < 36 && records.len() > 1),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_read_of_trimmed_messages_is_refused_naming_the_oldest_kept() {
+    let cluster = Cluster::start_with(3, "retention", &["--messages-retained", "5"]);
+    cluster.leader(Duration::from_secs(10));
+    let mut client = cluster.client();
+    let seqs: Vec<Seq> =
+        (0..8).map(|i| client.append(Some("t"), format!("m{i}").as_bytes()).unwrap()).collect();
+    let oldest_kept = seqs[3];
+    for from in [seqs[0], seqs[2]] {
+        match client.read_messages(from, 100, None) {
+            Err(ClientError::Refused { code: ErrorCode::Compacted, message }) => {
+                assert_eq!(tob_proto::compacted_first_kept(&message), Some(oldest_kept.0));
+            }
+            other => panic!("a read from {from:?}: {other:?}"),
+        }
+    }
+    // From the oldest kept on, the five kept come whole; past the end, nothing.
+    let kept = client.read_messages(oldest_kept, 100, Some("t")).unwrap();
+    assert_eq!(kept.iter().map(|m| m.seq).collect::<Vec<_>>(), seqs[3..].to_vec());
+    assert_eq!(kept[0].payload, b"m3");
+    assert!(client.read_messages(Seq(seqs[7].0 + 1), 100, None).unwrap().is_empty());
 }
 
 #[test]
