@@ -460,14 +460,19 @@ impl UniqueColumn {
     /// Every non-NULL value of the column in the table itself, in its text form: with its
     /// partitions' rows for a partitioned table, without inheritance children otherwise (a
     /// TRUNCATE fires their own triggers).
+    ///
+    /// `format('%s', v)` calls the type's output function, as [`Self::value`] does. A cast to
+    /// text does not always: `char(n)` drops its padding, `bool` gives `true` for `t`, `inet`
+    /// adds the netmask (`10.0.0.1/32`); with the cast, a TRUNCATE released keys other than
+    /// those claimed, and the names stayed claimed for good (fixed 2026-12-07).
     fn values_in_table(&self, schema: &str, table: &str, partitioned: bool) -> Vec<String> {
         let query = format!(
-            "SELECT {column}::text FROM {only} {table} WHERE {column} IS NOT NULL",
+            "SELECT format('%s', {column}) FROM {only} {table} WHERE {column} IS NOT NULL",
             only = if partitioned { "" } else { "ONLY" },
             column = pgrx::spi::quote_identifier(&self.name),
             table = pgrx::spi::quote_qualified_identifier(schema, table),
         );
-        // The cast to text calls the same output function as `value`, so under the same settings.
+        // Under the same settings as `value`.
         with_fixed_output_settings(|| {
             Spi::connect(|client| {
                 let rows = client.select(&query, None, &[])?;
