@@ -344,6 +344,144 @@ fn tob_unique<'a>(
     Ok(trigger.new().or(trigger.old()))
 }
 
+/// Claims the values of the rows already in `table` when its `tob_unique` trigger was
+/// created, as the trigger claims a row written since: for this database, under the same key
+/// (the value's output form, under the trigger's fixed settings), pending until this
+/// transaction commits. A key this database already holds (a row written since the trigger,
+/// or an earlier run) counts as claimed, so running it again is harmless; a key another
+/// database holds fails with 23505, as does a value two rows share, and then nothing is
+/// claimed. Writers to the table wait until this transaction ends (`LOCK ... IN SHARE MODE`),
+/// so that no row slips between the read and the claims. Returns how many rows' values are
+/// claimed, one per row and trigger.
+#[pg_extern(volatile, parallel_unsafe)]
+fn tob_unique_claim_rows(table: Option<&str>) -> i64 {
+    let table = checked("table", table, KEY_BYTES_MAX);
+    let owner = backend::default_owner();
+    let found = Spi::connect_mut(|client| {
+        let relation = format!("{}::regclass", pgrx::spi::quote_literal(table));
+        let sql = format!(
+            "SELECT c.oid::bigint, c.relkind = 'p', n.nspname::text, c.relname::text
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid = {relation}"
+        );
+        let row = client.select(&sql, Some(1), &[])?.first();
+        let (oid, partitioned, schema, name) = (
+            row.get::<i64>(1)?.unwrap_or(0),
+            row.get::<bool>(2)?.unwrap_or(false),
+            row.get::<String>(3)?.unwrap_or_default(),
+            row.get::<String>(4)?.unwrap_or_default(),
+        );
+        let qualified = pgrx::spi::quote_qualified_identifier(&schema, &name);
+        client.update(&format!("LOCK TABLE {qualified} IN SHARE MODE"), None, &[])?;
+        // Its enabled row triggers; TRUNCATE's statement trigger has the same arguments.
+        let sql = format!(
+            "SELECT t.tgargs FROM pg_trigger t
+               JOIN pg_proc p ON p.oid = t.tgfoid AND p.proname = 'tob_unique'
+               JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid
+                               AND d.deptype = 'e'
+               JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'tob'
+              WHERE t.tgrelid = {oid} AND t.tgenabled <> 'D' AND t.tgnargs = 2
+                AND (t.tgtype & 1) = 1
+              ORDER BY t.tgname"
+        );
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        for row in client.select(&sql, None, &[])? {
+            let args = row.get::<Vec<u8>>(1)?.unwrap_or_default();
+            let args: Vec<String> =
+                args.split(|&b| b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            if let [namespace, column, ..] = args.as_slice() {
+                let pair = (namespace.clone(), column.clone());
+                if !pairs.contains(&pair) {
+                    pairs.push(pair);
+                }
+            }
+        }
+        Ok::<_, pgrx::spi::Error>((oid, partitioned, qualified, pairs))
+    });
+    let (oid, partitioned, qualified, pairs) =
+        found.unwrap_or_else(|e| TobError::BadArgument(format!("table {table:?}: {e}")).raise());
+    if pairs.is_empty() {
+        TobError::NotConfigured(format!(
+            "table {table:?} has no enabled tob_unique row trigger: create it first, then claim the rows it does not cover"
+        ))
+        .raise()
+    }
+    let mut claimed = 0i64;
+    for (namespace, column) in &pairs {
+        let namespace = checked("namespace", Some(namespace), NAME_BYTES_MAX);
+        claimed += claim_rows(oid, partitioned, &qualified, namespace, column, &owner);
+    }
+    xact::send_row_ops();
+    claimed
+}
+
+/// Claims `column`'s value of each row of `qualified` (with its partitions' rows if
+/// `partitioned`) in `namespace`; see [`tob_unique_claim_rows`].
+fn claim_rows(
+    oid: i64,
+    partitioned: bool,
+    qualified: &str,
+    namespace: &str,
+    column: &str,
+    owner: &str,
+) -> i64 {
+    let query = format!(
+        "SELECT c.tableoid::bigint, c.ctid::text, format('%s', c.{column})
+           FROM {only} {qualified} c WHERE c.{column} IS NOT NULL",
+        column = pgrx::spi::quote_identifier(column),
+        only = if partitioned { "" } else { "ONLY" },
+    );
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut claimed = 0i64;
+    let read = with_fixed_output_settings(|| {
+        Spi::connect(|client| {
+            let mut cursor = client.open_cursor(&query, &[]);
+            loop {
+                let mut batch: Vec<(i64, String, String)> = Vec::new();
+                for row in cursor.fetch(1000)? {
+                    batch.push((
+                        row.get::<i64>(1)?.unwrap_or(oid),
+                        row.get::<String>(2)?.unwrap_or_default(),
+                        row.get::<String>(3)?.unwrap_or_default(),
+                    ));
+                }
+                // SPI keeps every fetched batch until the end of the call otherwise.
+                unsafe {
+                    pg_sys::SPI_freetuptable(pg_sys::SPI_tuptable);
+                    pg_sys::SPI_tuptable = std::ptr::null_mut();
+                }
+                if batch.is_empty() {
+                    return Ok::<_, pgrx::spi::Error>(());
+                }
+                for (relation, ctid, value) in batch {
+                    let key = checked("key", Some(&value), KEY_BYTES_MAX);
+                    if !seen.insert(key.to_owned()) {
+                        TobError::TakenInTransaction {
+                            namespace: namespace.into(),
+                            key: key.into(),
+                        }
+                        .raise()
+                    }
+                    xact::hold_existing_row(namespace, key, owner, parse_row_id(relation, &ctid));
+                    claimed += 1;
+                }
+            }
+        })
+    });
+    read.unwrap_or_else(|e| TobError::BadArgument(format!("reading {qualified}: {e}")).raise());
+    claimed
+}
+
+/// A row's id from its table's oid and its `ctid` text, `(block,offset)`.
+fn parse_row_id(relation: i64, ctid: &str) -> xact::RowId {
+    let (block, offset) = ctid
+        .trim_matches(|c| c == '(' || c == ')')
+        .split_once(',')
+        .and_then(|(b, o)| Some((b.parse().ok()?, o.parse().ok()?)))
+        .unwrap_or((0, 0));
+    xact::RowId { relation: relation as u32, block, offset }
+}
+
 /// The row version a trigger fires for: its table and `ctid`.
 fn row_id(data: &pg_sys::TriggerData, tuple: pg_sys::HeapTuple) -> xact::RowId {
     // SAFETY: a row trigger's relation and tuple are valid for the call.
@@ -539,12 +677,14 @@ REVOKE ALL ON FUNCTION tob_claim(text, text, text), tob_release(text, text, text
     tob_owner(text, text), tob_append(text, text), tob_append_on_commit(text, text),
     tob_read(bigint, integer, text),
     tob_sync(), tob_next(text), tob_lock(text), tob_unlock(text), tob_status(),
-    tob_fence(text, bigint), tob_unique(), tob_namespaces() FROM PUBLIC;
+    tob_fence(text, bigint), tob_unique(), tob_unique_claim_rows(text), tob_namespaces()
+    FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION tob_claim(text, text, text), tob_release(text, text, text),
     tob_owner(text, text), tob_append(text, text), tob_append_on_commit(text, text),
     tob_read(bigint, integer, text),
     tob_sync(), tob_next(text), tob_lock(text), tob_unlock(text), tob_status(),
-    tob_fence(text, bigint), tob_unique(), tob_namespaces() TO tob_user;
+    tob_fence(text, bigint), tob_unique(), tob_unique_claim_rows(text), tob_namespaces()
+    TO tob_user;
 GRANT SELECT, INSERT, UPDATE ON tob_fences TO tob_user;
 -- Declaring a namespace is part of defining a schema, not of using it: not for tob_user.
 REVOKE ALL ON FUNCTION tob_create_namespace(text) FROM PUBLIC;

@@ -292,7 +292,18 @@ struct RowOp {
     owner: String,
     /// The row claimed for; None for a release.
     claim_for: Option<RowId>,
+    /// A row that was in the table before its trigger (`tob_unique_claim_rows`): a key this
+    /// database already holds is its own, claimed when the row was written or by an earlier
+    /// run, and is taken as claimed rather than refused.
+    adopt_held: bool,
     subxact: pg_sys::SubTransactionId,
+}
+
+impl RowOp {
+    /// Whether a claim refused with `current` is one this op takes as already made.
+    fn adopts(&self, current: &tob_proto::OwnerInfo) -> bool {
+        self.adopt_held && current.owner == self.owner && current.state == ClaimState::Held
+    }
 }
 
 thread_local! {
@@ -309,6 +320,17 @@ const ROW_OPS_HELD_MAX: usize = 1_000;
 /// a DELETE or a TRUNCATE instead of one per row. Errors (23505, 55P03, …) come at the end
 /// of the statement.
 pub fn hold_row_op(namespace: &str, key: &str, owner: &str, claim_for: Option<RowId>) {
+    hold(namespace, key, owner, claim_for, false);
+}
+
+/// Claims `key` for a row that was in its table before the table's `tob_unique` trigger,
+/// as [`hold_row_op`] does for a row written, except that a key this database (`owner`)
+/// already holds is taken as claimed (see [`RowOp::adopt_held`]).
+pub fn hold_existing_row(namespace: &str, key: &str, owner: &str, row: RowId) {
+    hold(namespace, key, owner, Some(row), true);
+}
+
+fn hold(namespace: &str, key: &str, owner: &str, claim_for: Option<RowId>, adopt_held: bool) {
     let subxact = unsafe { pg_sys::GetCurrentSubTransactionId() };
     let full = ROW_OPS.with(|cell| {
         let mut held = cell.borrow_mut();
@@ -317,6 +339,7 @@ pub fn hold_row_op(namespace: &str, key: &str, owner: &str, claim_for: Option<Ro
             key: key.into(),
             owner: owner.into(),
             claim_for,
+            adopt_held,
             subxact,
         };
         held.push(op);
@@ -343,7 +366,9 @@ pub fn send_row_ops() {
 /// A row op on its own, as [`claim`] or [`release`] makes it.
 fn one_row_op(op: &RowOp) {
     match op.claim_for {
-        Some(row) => drop(claim(&op.namespace, &op.key, &op.owner, Some(row))),
+        Some(row) => {
+            let _ = claim_or_adopt(&op.namespace, &op.key, &op.owner, Some(row), op.adopt_held);
+        }
         None => drop(release(&op.namespace, &op.key, &op.owner)),
     }
 }
@@ -417,16 +442,23 @@ fn pipeline_row_ops(held: Vec<RowOp>) {
                 Err(tob_client::ClientError::Interrupted) => Err(TobError::Cancelled),
                 Err(_) => Ok(None),
             });
-            let again: Vec<usize> = match &outcomes {
-                Some(outcomes) => (0..run.len())
-                    .filter(|&i| match run[i].0.claim_for {
-                        Some(_) => !matches!(outcomes[i], Outcome::Claimed { .. }),
-                        None => outcomes[i] != Outcome::ReleaseScheduled,
-                    })
-                    .collect(),
-                None => (0..run.len()).collect(),
-            };
-            unrecord(base, &again);
+            // Not done: made again on its own. Adopted: done, but not this transaction's claim,
+            // so not released at its abort.
+            let mut again = Vec::new();
+            let mut adopted = Vec::new();
+            for (i, (row_op, _)) in run.iter().enumerate() {
+                match (row_op.claim_for, outcomes.as_ref().map(|o| &o[i])) {
+                    (Some(_), Some(Outcome::Claimed { .. })) => {}
+                    (Some(_), Some(Outcome::Taken { current })) if row_op.adopts(current) => {
+                        adopted.push(i)
+                    }
+                    (None, Some(Outcome::ReleaseScheduled)) => {}
+                    _ => again.push(i),
+                }
+            }
+            let mut undone: Vec<usize> = again.iter().chain(&adopted).copied().collect();
+            undone.sort_unstable();
+            unrecord(base, &undone);
             for i in again {
                 one_row_op(run[i].0);
             }
@@ -473,6 +505,18 @@ fn release_scheduled(full_xid: u64, key: &ClaimKey) -> bool {
 /// this transaction has the key (a `tob_claim` of a key this transaction holds returns its
 /// token again).
 pub fn claim(namespace: &str, key: &str, owner: &str, row: Option<RowId>) -> FencingToken {
+    claim_or_adopt(namespace, key, owner, row, false)
+}
+
+/// [`claim`], and with `adopt_held` a key `owner` already holds is taken as claimed: its
+/// token is returned and nothing is recorded (see [`RowOp::adopt_held`]).
+fn claim_or_adopt(
+    namespace: &str,
+    key: &str,
+    owner: &str,
+    row: Option<RowId>,
+    adopt_held: bool,
+) -> FencingToken {
     send_row_ops();
     require_preloaded("tob_claim");
     let (full_xid, holder) = current_holder(c"tob_claim()");
@@ -525,6 +569,12 @@ pub fn claim(namespace: &str, key: &str, owner: &str, row: Option<RowId>) -> Fen
                     backend::sleep(Duration::from_millis(pause as u64));
                 }
                 return token;
+            }
+            Outcome::Taken { current }
+                if adopt_held && current.owner == owner && current.state == ClaimState::Held =>
+            {
+                unrecord(base, &[0]);
+                return current.token;
             }
             Outcome::Taken { current }
                 if current.holder == holder || current.state == ClaimState::Held =>

@@ -1789,6 +1789,98 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
     }
 }
 
+/// Rows in a table before its `tob_unique` trigger are claimed by `tob_unique_claim_rows`,
+/// under the keys the trigger gives them, as one transaction: pending until it commits,
+/// released if it rolls back, refused whole for a value two rows share or another database
+/// holds, and harmless to run again.
+#[tokio::test]
+async fn rows_already_in_a_table_are_claimed_by_tob_unique_claim_rows() {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    let other = pg.create_app_database("other").await;
+    wait_until_ready(&db).await;
+    db.batch_execute(
+        "CREATE TABLE legacy (name text, code char(6));
+         INSERT INTO legacy SELECT 'old_' || i, 'c' || i FROM generate_series(1, 2500) AS i;
+         INSERT INTO legacy VALUES (NULL, NULL);",
+    )
+    .await
+    .unwrap();
+    fails_with(
+        &db,
+        &[
+            ("SELECT tob_unique_claim_rows('legacy')", "55000"),
+            ("SELECT tob_unique_claim_rows(NULL)", "22023"),
+            ("SELECT tob_unique_claim_rows('no_such_table')", "42P01"),
+        ],
+    )
+    .await;
+    db.batch_execute(
+        "CREATE TRIGGER legacy_name AFTER INSERT OR UPDATE OR DELETE ON legacy
+             FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');
+         CREATE TRIGGER legacy_code AFTER INSERT OR UPDATE OR DELETE ON legacy
+             FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'code');
+         INSERT INTO legacy VALUES ('new_1', 'n1');",
+    )
+    .await
+    .unwrap();
+    assert!(owner_state(&other, "new_1").await.is_some(), "the trigger claims new rows");
+    assert!(owner_state(&other, "old_7").await.is_none(), "and not the rows before it");
+
+    // In a transaction: pending for everyone else until it ends; rolled back, released.
+    let claim_rows = "SELECT tob_unique_claim_rows('legacy')";
+    db.batch_execute("BEGIN").await.unwrap();
+    let claimed: i64 = db.query_one(claim_rows, &[]).await.unwrap().get(0);
+    assert_eq!(claimed, 2 * 2501, "two triggers, 2,501 rows with values");
+    assert_eq!(owner_state(&other, "old_7").await.as_deref(), Some("pending"));
+    db.batch_execute("ROLLBACK").await.unwrap();
+    assert!(state_becomes(&other, "old_7", None, 10).await, "released with the rollback");
+    assert!(owner_state(&other, "new_1").await.is_some(), "a row's own claim stays");
+
+    // Committed: every value held, under the trigger's key (`char(6)` keeps its padding);
+    // run again, nothing changes. The rows then live as if written since the trigger.
+    let claimed: i64 = db.query_one(claim_rows, &[]).await.unwrap().get(0);
+    assert_eq!(claimed, 2 * 2501);
+    for key in ["old_1", "old_2500", "c1    ", "c2500 ", "new_1", "n1    "] {
+        assert!(state_becomes(&other, key, Some("held"), 10).await, "{key:?} held");
+    }
+    let err = other.execute("INSERT INTO users (name) VALUES ('old_42')", &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "23505");
+    let again: i64 = db.query_one(claim_rows, &[]).await.unwrap().get(0);
+    assert_eq!(again, claimed, "a key this database holds counts as claimed");
+    db.batch_execute("DELETE FROM legacy WHERE name = 'old_5'").await.unwrap();
+    assert!(state_becomes(&other, "old_5", None, 10).await, "a deleted row's name is freed");
+
+    // A value two rows share, or one another database holds: 23505, nothing claimed.
+    let without_trigger = |sql: &str| {
+        format!(
+            "ALTER TABLE legacy DISABLE TRIGGER legacy_name; ALTER TABLE legacy DISABLE TRIGGER legacy_code;
+             {sql};
+             ALTER TABLE legacy ENABLE TRIGGER legacy_name; ALTER TABLE legacy ENABLE TRIGGER legacy_code;"
+        )
+    };
+    db.batch_execute(&without_trigger("INSERT INTO legacy VALUES ('old_9', 'dup_a')"))
+        .await
+        .unwrap();
+    let err = db.query_one(claim_rows, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "23505", "{err:?}");
+    let message = err.as_db_error().map(|e| e.message().to_owned()).unwrap_or_default();
+    assert!(message.contains("old_9"), "{message}");
+    assert!(state_becomes(&other, "dup_a ", None, 10).await, "nothing of the failed call stays");
+    other.execute("INSERT INTO users (name) VALUES ('elsewhere')", &[]).await.unwrap();
+    db.batch_execute(&without_trigger(
+        "DELETE FROM legacy WHERE code = 'dup_a'; INSERT INTO legacy VALUES ('elsewhere', 'e1')",
+    ))
+    .await
+    .unwrap();
+    let err = db.query_one(claim_rows, &[]).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "23505", "{err:?}");
+    let detail = err.as_db_error().and_then(|e| e.detail()).unwrap_or_default().to_owned();
+    assert!(detail.contains("/other"), "names the holder: {detail}");
+    assert!(state_becomes(&other, "e1    ", None, 10).await, "nothing of the failed call stays");
+}
+
 /// Crashes the server whose WAL writer is stopped (killed first, so nothing more reaches the
 /// disk), restarts it, and returns a new connection to `app` with how many of its `users` rows
 /// hold `name`.
