@@ -183,7 +183,15 @@ impl Worker {
             return;
         }
         self.settle_due = None;
-        let queued = shmem::drain_settles();
+        self.settle_entries(&shmem::drain_settles());
+    }
+
+    /// Settles drained queue entries in their order, the order of their commits. False if the
+    /// cluster refused or did not answer: the worker is then out of sync.
+    fn settle_entries(&mut self, queued: &[shmem::SettleEntry]) -> bool {
+        if queued.is_empty() {
+            return true;
+        }
         flush_commits_up_to(queued.iter().map(|e| e.commit_lsn).max().unwrap_or(0));
         for batch in queued.chunks(shmem::SETTLE_BATCH_MAX) {
             let (committed, aborted): (Vec<&shmem::SettleEntry>, Vec<&shmem::SettleEntry>) =
@@ -196,9 +204,10 @@ impl Worker {
                 warn_once(&format!("tob: settling finished transactions failed: {e}"));
                 self.in_sync = false;
                 self.last_reconcile = None;
-                return;
+                return false;
             }
         }
+        true
     }
 
     /// Settles every in-flight holder of this instance whose transaction has ended, in the
@@ -286,6 +295,25 @@ impl Worker {
                     "tob: transaction {xid} is too old for pg_xact_status; its claims stay in flight"
                 ),
             }
+        }
+        if self.in_sync {
+            // The queue first, in commit order, then what only the commit log knows of (a
+            // PREPAREd transaction, say). A queued transaction's entry was queued before any
+            // transaction that began after it had started, so this keeps commit order whether
+            // or not the listing has every holder. Settled from the listing in transaction-id
+            // order instead, the queued ones kept their order only if the listing had them
+            // all: in a fault run a listing lacked a holder in flight that had committed
+            // before three listed ones began (why is not found yet), and those three's
+            // messages entered the total order before its own.
+            let queued = shmem::drain_settles();
+            self.settle_due = None;
+            if !self.settle_entries(&queued) {
+                return false;
+            }
+            let settled: std::collections::HashSet<String> =
+                queued.iter().map(|e| holder_of(e.full_xid)).collect();
+            committed.retain(|h| !settled.contains(h));
+            aborted.retain(|h| !settled.contains(h));
         }
         if !committed.is_empty() {
             // Their commit records were written before pg_xact_status saw them committed.
