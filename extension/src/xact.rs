@@ -400,7 +400,8 @@ fn pipeline_row_ops(held: Vec<RowOp>) {
             let key = claim_key(&row_op.namespace, &row_op.key);
             let alone = keys.contains(&key)
                 || row_op.claim_for.is_some_and(|row| {
-                    another_row_has(full_xid, &key, row) || release_scheduled(full_xid, &key)
+                    another_row_has(full_xid, &key, row)
+                        || release_scheduled(full_xid, &key).is_some()
                 });
             if alone {
                 break;
@@ -490,13 +491,12 @@ fn unrecord(base: usize, positions: &[usize]) {
     });
 }
 
-/// Whether this transaction has scheduled the release of `key` (see [`Txn::releases`]).
-fn release_scheduled(full_xid: u64, key: &ClaimKey) -> bool {
+/// The owner whose release of `key` this transaction has scheduled, if any (see
+/// [`Txn::releases`]).
+fn release_scheduled(full_xid: u64, key: &ClaimKey) -> Option<String> {
     TXN.with(|cell| {
         let slot = cell.borrow();
-        slot.as_ref()
-            .filter(|t| t.full_xid == full_xid)
-            .is_some_and(|t| t.release_wanted(key).is_some())
+        slot.as_ref().filter(|t| t.full_xid == full_xid).and_then(|t| t.release_wanted(key))
     })
 }
 
@@ -607,12 +607,7 @@ fn claim_again(
     owner: &str,
     row: Option<RowId>,
 ) -> Option<FencingToken> {
-    let scheduled = TXN.with(|cell| {
-        let slot = cell.borrow();
-        let txn = slot.as_ref().filter(|t| t.full_xid == full_xid)?;
-        txn.release_wanted(key)
-    });
-    if scheduled.as_deref() != Some(owner) {
+    if release_scheduled(full_xid, key).as_deref() != Some(owner) {
         return None;
     }
     // Recorded before the withdrawal is sent: if a call below fails and its savepoint is rolled
