@@ -1879,6 +1879,24 @@ async fn rows_already_in_a_table_are_claimed_by_tob_unique_claim_rows() {
     let detail = err.as_db_error().and_then(|e| e.detail()).unwrap_or_default().to_owned();
     assert!(detail.contains("/other"), "names the holder: {detail}");
     assert!(state_becomes(&other, "e1    ", None, 10).await, "nothing of the failed call stays");
+
+    // A partitioned table: its partitions' rows, each under its partition's row id (a DELETE
+    // through the cloned trigger then frees the name).
+    db.batch_execute(
+        "CREATE TABLE parted (name text) PARTITION BY HASH (name);
+         CREATE TABLE parted_0 PARTITION OF parted FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+         CREATE TABLE parted_1 PARTITION OF parted FOR VALUES WITH (MODULUS 2, REMAINDER 1);
+         INSERT INTO parted SELECT 'part_' || i FROM generate_series(1, 20) AS i;
+         CREATE TRIGGER t AFTER INSERT OR UPDATE OR DELETE ON parted
+             FOR EACH ROW EXECUTE FUNCTION tob_unique('usernames', 'name');",
+    )
+    .await
+    .unwrap();
+    let sql = "SELECT tob_unique_claim_rows('parted')";
+    assert_eq!(db.query_one(sql, &[]).await.unwrap().get::<_, i64>(0), 20);
+    assert!(state_becomes(&other, "part_17", Some("held"), 10).await);
+    db.batch_execute("DELETE FROM parted WHERE name = 'part_17'").await.unwrap();
+    assert!(state_becomes(&other, "part_17", None, 10).await, "freed through the partition");
 }
 
 /// Crashes the server whose WAL writer is stopped (killed first, so nothing more reaches the
