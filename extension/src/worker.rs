@@ -225,27 +225,23 @@ impl Worker {
             }
         };
         // All of them first: the cluster lists holders in the order of their text, in which
-        // transaction 1000 comes before 999.
-        let mut holders: Vec<(TransactionHolder, String)> = Vec::new();
-        let mut after = None;
-        loop {
-            let page = match self.client().in_flight_holders(&prefix, after.clone(), 1000) {
-                Ok(page) => page,
-                Err(e) => {
-                    warn_once(&format!("tob: reconciler cannot list in-flight claims: {e}"));
-                    return false;
-                }
-            };
-            let Some(last) = page.last().cloned() else { break };
-            holders.extend(page.into_iter().filter_map(|h| Some((transaction_of_holder(&h)?, h))));
-            if holders.len() >= RECONCILE_HOLDERS_MAX {
-                warn_once(&format!(
-                    "tob: over {RECONCILE_HOLDERS_MAX} transactions in flight; reconciling the first of them"
-                ));
-                break;
+        // transaction 1000 comes before 999. In one read whenever they fit (see
+        // `collect_pages`): read page by page, a holder could be missed while younger ones
+        // were listed, and settling those would put their messages before its own.
+        let listed = match self.client().all_in_flight_holders(&prefix, RECONCILE_HOLDERS_MAX) {
+            Ok(listed) => listed,
+            Err(e) => {
+                warn_once(&format!("tob: reconciler cannot list in-flight claims: {e}"));
+                return false;
             }
-            after = Some(last);
+        };
+        if listed.len() >= RECONCILE_HOLDERS_MAX {
+            warn_once(&format!(
+                "tob: over {RECONCILE_HOLDERS_MAX} transactions in flight; reconciling the first of them"
+            ));
         }
+        let mut holders: Vec<(TransactionHolder, String)> =
+            listed.into_iter().filter_map(|h| Some((transaction_of_holder(&h)?, h))).collect();
         holders.sort();
         for chunk in holders.chunks(1000) {
             if !self.settle_ended(&registry, current, chunk) {
@@ -302,9 +298,9 @@ impl Worker {
             // transaction that began after it had started, so this keeps commit order whether
             // or not the listing has every holder. Settled from the listing in transaction-id
             // order instead, the queued ones kept their order only if the listing had them
-            // all: in a fault run a listing lacked a holder in flight that had committed
-            // before three listed ones began (why is not found yet), and those three's
-            // messages entered the total order before its own.
+            // all: in a fault run a listing read in two pages lacked a holder in flight that
+            // had committed before three listed ones began (see `collect_pages`), and those
+            // three's messages entered the total order before its own.
             let queued = shmem::drain_settles();
             self.settle_due = None;
             if !self.settle_entries(&queued) {

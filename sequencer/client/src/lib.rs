@@ -351,6 +351,18 @@ impl Client {
         }
     }
 
+    /// Every holder starting with `prefix` that has claims or staged messages in flight (at
+    /// most about `limit`), from one state of the cluster whenever they fit in one page of
+    /// [`tob_proto::HOLDERS_LISTED_MAX`] — see [`collect_pages`].
+    pub fn all_in_flight_holders(
+        &mut self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<String>, ClientError> {
+        let page = tob_proto::HOLDERS_LISTED_MAX;
+        collect_pages(page, limit, |after| self.in_flight_holders(prefix, after, page as u32))
+    }
+
     /// Holders starting with `prefix` that have claims in flight (linearizable read).
     pub fn in_flight_holders(
         &mut self,
@@ -700,4 +712,84 @@ impl Client {
 
 pub fn claim_key(namespace: &str, key: &str) -> ClaimKey {
     ClaimKey { namespace: namespace.into(), key: key.into() }
+}
+
+/// Reads pages of `page` ids in order, each after the last one's end, until one is shorter than
+/// `page` (the last there is) or `limit` ids are in. Every page is read at its own moment, so
+/// only a listing that fits in the first page is of one state: an id that appeared between
+/// two reads below the first page's end is in neither. (Until 2026-12-07 the reconciler read
+/// on until an empty page, 1,000 at a time: its second, empty-looking read came a second
+/// later under a network delay, after ids had appeared on both sides of the first page's
+/// end, and it listed the younger ones without an older one — whose messages then went
+/// after theirs.)
+pub fn collect_pages<E>(
+    page: usize,
+    limit: usize,
+    mut fetch: impl FnMut(Option<String>) -> Result<Vec<String>, E>,
+) -> Result<Vec<String>, E> {
+    let mut all: Vec<String> = Vec::new();
+    loop {
+        let got = fetch(all.last().cloned())?;
+        let short = got.len() < page;
+        all.extend(got);
+        if short || all.len() >= limit {
+            return Ok(all);
+        }
+    }
+}
+
+#[cfg(test)]
+mod pages_tests {
+    use super::collect_pages;
+
+    /// Pages of `page` ids from `ids` (sorted), after `after`; every call is logged.
+    fn pages_of(
+        ids: &[&str],
+        page: usize,
+        calls: &mut Vec<Option<String>>,
+        after: Option<String>,
+    ) -> Result<Vec<String>, ()> {
+        calls.push(after.clone());
+        Ok(ids
+            .iter()
+            .filter(|id| after.as_deref().is_none_or(|a| **id > a))
+            .take(page)
+            .map(|id| id.to_string())
+            .collect())
+    }
+
+    #[test]
+    fn a_listing_that_fits_in_a_page_is_read_once() {
+        let mut calls = Vec::new();
+        let ids = ["a", "b", "c"];
+        let all = collect_pages(5, 100, |after| pages_of(&ids, 5, &mut calls, after)).unwrap();
+        assert_eq!(all, ["a", "b", "c"]);
+        assert_eq!(calls, [None], "no second read: it could see another state");
+    }
+
+    #[test]
+    fn full_pages_are_followed_after_their_last_id_up_to_the_limit() {
+        let ids = ["a", "b", "c", "d", "e", "f", "g"];
+        let mut calls = Vec::new();
+        let all = collect_pages(3, 100, |after| pages_of(&ids, 3, &mut calls, after)).unwrap();
+        assert_eq!(all, ids);
+        assert_eq!(calls, [None, Some("c".to_string()), Some("f".to_string())]);
+        // Exactly full pages: one more read finds nothing.
+        let mut calls = Vec::new();
+        let all = collect_pages(3, 100, |after| pages_of(&ids[..6], 3, &mut calls, after)).unwrap();
+        assert_eq!((all.len(), calls.len()), (6, 3));
+        let mut calls = Vec::new();
+        let all = collect_pages(3, 4, |after| pages_of(&ids, 3, &mut calls, after)).unwrap();
+        assert_eq!((all.len(), calls.len()), (6, 2), "stops once the limit is reached");
+    }
+
+    #[test]
+    fn an_error_ends_the_listing() {
+        let mut n = 0;
+        let got = collect_pages(1, 100, |_| {
+            n += 1;
+            if n == 2 { Err("lost") } else { Ok(vec![format!("id{n}")]) }
+        });
+        assert_eq!(got, Err("lost"));
+    }
 }

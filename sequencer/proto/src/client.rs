@@ -45,8 +45,9 @@ pub enum Call {
     /// This node's view of the cluster (answered by any node).
     Status,
     /// Holders starting with `prefix` that have claims in flight (pending, prepared, or
-    /// scheduled for release), in order, after `after`, at most `max`; after a ReadIndex.
-    /// What a PostgreSQL instance's reconciler asks after a crash.
+    /// scheduled for release) or staged messages, in order, after `after`, at most `max`
+    /// (and at most [`HOLDERS_LISTED_MAX`]); after a ReadIndex. What a PostgreSQL instance's
+    /// reconciler asks.
     InFlightHolders { prefix: String, after: Option<String>, max: u32 },
     /// The declared namespaces in order, at most [`NAMESPACES_LISTED_MAX`], after a ReadIndex.
     Namespaces,
@@ -60,6 +61,10 @@ pub enum Call {
 
 /// Most namespaces one `Namespaces` call lists (about 2.5 MiB of names at most).
 pub const NAMESPACES_LISTED_MAX: usize = 10_000;
+
+/// Most holders one `InFlightHolders` call lists (a few hundred KiB of ids). A page shorter
+/// than asked holds every holder there was after `after`.
+pub const HOLDERS_LISTED_MAX: usize = 10_000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientRequest {

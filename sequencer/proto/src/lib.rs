@@ -13,8 +13,8 @@ pub mod frame;
 mod limits;
 
 pub use client::{
-    Call, ClientRequest, ClientResponse, MessageRecord, NAMESPACES_LISTED_MAX, NodeStatus,
-    ReadConsistency, Reply,
+    Call, ClientRequest, ClientResponse, HOLDERS_LISTED_MAX, MessageRecord, NAMESPACES_LISTED_MAX,
+    NodeStatus, ReadConsistency, Reply,
 };
 pub use error::{ErrorCode, compacted_first_kept, compacted_message};
 pub use limits::{LimitError, Limits};

@@ -439,7 +439,7 @@ impl NodeActor {
                         .collect(),
                 ),
                 ReadRequest::Holders { prefix, after, max } => {
-                    let max = (max as usize).min(READ_MESSAGES_MAX);
+                    let max = (max as usize).min(tob_proto::HOLDERS_LISTED_MAX);
                     Reply::Holders(self.machine.in_flight_holders(&prefix, after.as_deref(), max))
                 }
                 ReadRequest::Messages { from, max, topic, paged } => {
