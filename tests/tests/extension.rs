@@ -51,6 +51,17 @@ async fn state_becomes(db: &tob_e2e::Client, key: &str, expected: Option<&str>, 
     .await
 }
 
+/// A 3-node cluster and one PostgreSQL server with two databases, `app` and `other`, once the
+/// cluster answers. Keep the first two alive: dropped, they stop.
+async fn one_server_two_databases() -> (Sequencers, Postgres, tob_e2e::Client, tob_e2e::Client) {
+    let cluster = Sequencers::start();
+    let pg = Postgres::start(&cluster.addresses(), &[]);
+    let db = pg.create_app_database("app").await;
+    let other = pg.create_app_database("other").await;
+    wait_until_ready(&db).await;
+    (cluster, pg, db, other)
+}
+
 /// Two servers, two databases each racing to insert the same usernames through the trigger:
 /// every name ends up in exactly one database, and its claim is held.
 #[tokio::test]
@@ -566,11 +577,7 @@ async fn a_read_of_trimmed_messages_names_the_oldest_kept() {
 
 #[tokio::test]
 async fn a_transaction_with_more_claims_than_one_batch_commits() {
-    let cluster = Sequencers::start();
-    let pg = Postgres::start(&cluster.addresses(), &[]);
-    let db = pg.create_app_database("app").await;
-    let other = pg.create_app_database("other").await;
-    wait_until_ready(&db).await;
+    let (_cluster, _pg, db, other) = one_server_two_databases().await;
     db.batch_execute(
         "BEGIN;
          INSERT INTO users (name) SELECT 'many' || i FROM generate_series(1, 10050) AS i;
@@ -1292,11 +1299,7 @@ async fn messages_appended_on_commit_follow_their_transaction() {
 /// and savepoints rolled back in between. Each name ends claimed exactly when its row exists.
 #[tokio::test]
 async fn a_name_deleted_and_written_again_in_one_transaction_stays_claimed() {
-    let cluster = Sequencers::start();
-    let pg = Postgres::start(&cluster.addresses(), &[]);
-    let db = pg.create_app_database("app").await;
-    let other = pg.create_app_database("other").await;
-    wait_until_ready(&db).await;
+    let (_cluster, _pg, db, other) = one_server_two_databases().await;
     for name in ["alice", "dave", "erin", "frank", "hank"] {
         db.execute("INSERT INTO users (name) VALUES ($1)", &[&name]).await.unwrap();
     }
@@ -1362,11 +1365,7 @@ async fn claims_follow_rows(
 /// declared twice fires twice for one row: that is one row, not two.
 #[tokio::test]
 async fn one_transaction_cannot_write_a_name_twice() {
-    let cluster = Sequencers::start();
-    let pg = Postgres::start(&cluster.addresses(), &[]);
-    let db = pg.create_app_database("app").await;
-    let other = pg.create_app_database("other").await;
-    wait_until_ready(&db).await;
+    let (_cluster, _pg, db, other) = one_server_two_databases().await;
     db.batch_execute(
         "CREATE TABLE admins (id bigserial PRIMARY KEY, name text NOT NULL);
          CREATE TRIGGER admins_unique AFTER INSERT OR UPDATE OR DELETE ON admins
@@ -1441,11 +1440,7 @@ async fn count(db: &tob_e2e::Client, sql: &str) -> i64 {
 /// for, as for a single row, and a rolled-back DELETE keeps its names.
 #[tokio::test]
 async fn the_rows_of_one_statement_are_claimed_together_and_exactly() {
-    let cluster = Sequencers::start();
-    let pg = Postgres::start(&cluster.addresses(), &[]);
-    let db = pg.create_app_database("app").await;
-    let other = pg.create_app_database("other").await;
-    wait_until_ready(&db).await;
+    let (_cluster, pg, db, other) = one_server_two_databases().await;
     let names_a = "INSERT INTO users (name) SELECT 'a' || g FROM generate_series(1, 2500) g";
     other.batch_execute("INSERT INTO users (name) VALUES ('a1700')").await.unwrap();
     let err = db.batch_execute(names_a).await.unwrap_err();
@@ -1524,11 +1519,7 @@ async fn the_rows_of_one_statement_are_claimed_together_and_exactly() {
 /// BEFORE TRUNCATE trigger it releases every value of the table when the TRUNCATE commits.
 #[tokio::test]
 async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
-    let cluster = Sequencers::start();
-    let pg = Postgres::start(&cluster.addresses(), &[]);
-    let db = pg.create_app_database("app").await;
-    let other = pg.create_app_database("other").await;
-    wait_until_ready(&db).await;
+    let (_cluster, _pg, db, other) = one_server_two_databases().await;
 
     // Each wrong declaration, on a table of its own: the first write says what is wrong.
     let wrong = [
@@ -1795,11 +1786,7 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
 /// holds, and harmless to run again.
 #[tokio::test]
 async fn rows_already_in_a_table_are_claimed_by_tob_unique_claim_rows() {
-    let cluster = Sequencers::start();
-    let pg = Postgres::start(&cluster.addresses(), &[]);
-    let db = pg.create_app_database("app").await;
-    let other = pg.create_app_database("other").await;
-    wait_until_ready(&db).await;
+    let (_cluster, _pg, db, other) = one_server_two_databases().await;
     db.batch_execute(
         "CREATE TABLE legacy (name text, code char(6));
          INSERT INTO legacy SELECT 'old_' || i, 'c' || i FROM generate_series(1, 2500) AS i;
