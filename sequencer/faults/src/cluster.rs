@@ -2,9 +2,11 @@
 //! the process faults: kill -9, restart, SIGSTOP/SIGCONT.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::proxy::Proxy;
 
@@ -30,9 +32,78 @@ pub struct Cluster {
     log: std::fs::File,
 }
 
+/// How many times a cluster is started on fresh ports before giving up.
+const START_ATTEMPTS: usize = 3;
+
 impl Cluster {
-    /// Starts `size` nodes, each with `flags` on its command line.
+    /// Starts `size` nodes, each with `flags` on its command line, and waits until every
+    /// node listens. A node that exits at once is started again with the others on fresh
+    /// ports: a port picked here is free when picked, but another process (a second test
+    /// binary, a client's outgoing connection) can take it before the node binds it, and a
+    /// new cluster missing a node never elects a leader (seen twice with two fault runs side
+    /// by side: "cluster not reachable in 30 s").
     pub fn start(
+        binary: &Path,
+        dir: &Path,
+        size: usize,
+        flags: &[String],
+    ) -> std::io::Result<Cluster> {
+        let mut attempt = 1;
+        loop {
+            let mut cluster = Cluster::start_on_fresh_ports(binary, dir, size, flags)?;
+            match cluster.wait_listening(Duration::from_secs(10)) {
+                Ok(()) => return Ok(cluster),
+                Err(e) if attempt < START_ATTEMPTS => {
+                    let mut log = cluster.log.try_clone()?;
+                    let _ = writeln!(log, "tob-faults: {e}; starting the cluster again");
+                    drop(cluster);
+                    for i in 1..=size {
+                        let _ = std::fs::remove_dir_all(dir.join(format!("n{i}")));
+                    }
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until every node accepts connections on its client port and, a moment later,
+    /// still runs (a node that cannot bind one of its ports exits right after the others).
+    fn wait_listening(&mut self, within: Duration) -> std::io::Result<()> {
+        let deadline = Instant::now() + within;
+        let mut listening = vec![false; self.nodes.len()];
+        loop {
+            for (i, node) in self.nodes.iter().enumerate() {
+                if !listening[i] {
+                    let timeout = Duration::from_millis(100);
+                    listening[i] = TcpStream::connect_timeout(&node.client, timeout).is_ok();
+                }
+            }
+            if listening.iter().all(|l| *l) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            if let Some(i) = (0..self.nodes.len()).find(|&i| self.exited(i)) {
+                return Err(std::io::Error::other(format!(
+                    "node {} exited at start (see nodes.log)",
+                    self.nodes[i].id
+                )));
+            }
+            if listening.iter().all(|l| *l) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other("a node did not listen within 10 s"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether node `i`'s process has ended on its own.
+    fn exited(&mut self, i: usize) -> bool {
+        self.nodes[i].child.as_mut().is_some_and(|child| matches!(child.try_wait(), Ok(Some(_))))
+    }
+
+    fn start_on_fresh_ports(
         binary: &Path,
         dir: &Path,
         size: usize,
@@ -61,7 +132,9 @@ impl Cluster {
         }
         let client_links =
             nodes.iter().map(|n| Proxy::start(n.client)).collect::<std::io::Result<Vec<_>>>()?;
-        let log = std::fs::File::create(dir.join("nodes.log"))?;
+        // Appended to: a start tried again keeps what the failed one logged.
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(dir.join("nodes.log"))?;
         let mut cluster = Cluster {
             binary: binary.to_owned(),
             dir: dir.to_owned(),
