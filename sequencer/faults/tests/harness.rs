@@ -110,7 +110,6 @@ fn a_node_that_cannot_start_fails_the_cluster_start_with_its_log() {
     // Every node refuses this flag and exits at once: each attempt fails, then the start does,
     // where a lost port used to surface only as a cluster that never elects a leader.
     let flags = ["--messages-retained".to_string(), "0".to_string()];
-    let started = std::time::Instant::now();
     let error = match Cluster::start(&sequencer(), &dir, 3, &flags) {
         Ok(_) => panic!("a cluster of nodes that cannot start started"),
         Err(e) => e.to_string(),
@@ -119,6 +118,5 @@ fn a_node_that_cannot_start_fails_the_cluster_start_with_its_log() {
     let log = std::fs::read_to_string(dir.join("nodes.log")).unwrap();
     assert_eq!(log.matches("starting the cluster again").count(), 2, "{log}");
     assert!(log.contains("messages_retained must be at least 1"), "{log}");
-    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
 }
