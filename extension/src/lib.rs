@@ -426,11 +426,14 @@ fn claim_rows(
     owner: &str,
 ) -> i64 {
     let query = format!(
-        "SELECT c.tableoid::bigint, c.ctid::text, format('%s', c.{column})
+        "SELECT c.tableoid::bigint, c.ctid::text, {key}
            FROM {only} {qualified} c WHERE c.{column} IS NOT NULL",
+        key = key_text_sql(&format!("c.{}", pgrx::spi::quote_identifier(column))),
         column = pgrx::spi::quote_identifier(column),
         only = if partitioned { "" } else { "ONLY" },
     );
+    // A key this database holds already is taken as claimed and not recorded as a row's, so
+    // the transaction's own check would not see a second row with it: checked here.
     let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut claimed = 0i64;
     let read = with_fixed_output_settings(|| {
@@ -470,6 +473,14 @@ fn claim_rows(
     });
     read.unwrap_or_else(|e| TobError::BadArgument(format!("reading {qualified}: {e}")).raise());
     claimed
+}
+
+/// The SQL expression for the key of `value` (a column reference) as the row trigger takes
+/// it: the type's output function, through `format('%s', …)`, under
+/// [`with_fixed_output_settings`]. Not a cast to text, which for `char(n)`, `bool` and `inet`
+/// gives another text (see [`UniqueColumn::values_in_table`]).
+fn key_text_sql(value: &str) -> String {
+    format!("format('%s', {value})")
 }
 
 /// A row's id from its table's oid and its `ctid` text, `(block,offset)`.
@@ -605,7 +616,8 @@ impl UniqueColumn {
     /// those claimed, and the names stayed claimed for good (fixed 2026-12-07).
     fn values_in_table(&self, schema: &str, table: &str, partitioned: bool) -> Vec<String> {
         let query = format!(
-            "SELECT format('%s', {column}) FROM {only} {table} WHERE {column} IS NOT NULL",
+            "SELECT {key} FROM {only} {table} WHERE {column} IS NOT NULL",
+            key = key_text_sql(&pgrx::spi::quote_identifier(&self.name)),
             only = if partitioned { "" } else { "ONLY" },
             column = pgrx::spi::quote_identifier(&self.name),
             table = pgrx::spi::quote_qualified_identifier(schema, table),

@@ -1786,7 +1786,7 @@ async fn tob_unique_is_declared_right_or_refused_and_truncate_releases() {
 /// holds, and harmless to run again.
 #[tokio::test]
 async fn rows_already_in_a_table_are_claimed_by_tob_unique_claim_rows() {
-    let (_cluster, _pg, db, other) = one_server_two_databases().await;
+    let (_cluster, pg, db, other) = one_server_two_databases().await;
     db.batch_execute(
         "CREATE TABLE legacy (name text, code char(6));
          INSERT INTO legacy SELECT 'old_' || i, 'c' || i FROM generate_series(1, 2500) AS i;
@@ -1821,6 +1821,11 @@ async fn rows_already_in_a_table_are_claimed_by_tob_unique_claim_rows() {
     let claimed: i64 = db.query_one(claim_rows, &[]).await.unwrap().get(0);
     assert_eq!(claimed, 2 * 2501, "two triggers, 2,501 rows with values");
     assert_eq!(owner_state(&other, "old_7").await.as_deref(), Some("pending"));
+    // Writers wait for it (`LOCK ... IN SHARE MODE`): no row slips in unclaimed.
+    let writer = pg.connect("app").await;
+    let sql = "SET lock_timeout = '200ms'; INSERT INTO legacy VALUES ('during', 'd1')";
+    let err = writer.batch_execute(sql).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "55P03", "{err:?}");
     db.batch_execute("ROLLBACK").await.unwrap();
     assert!(state_becomes(&other, "old_7", None, 10).await, "released with the rollback");
     assert!(owner_state(&other, "new_1").await.is_some(), "a row's own claim stays");
